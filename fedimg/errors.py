@@ -1,0 +1,46 @@
+"""Error hierarchy for fedimg.
+
+Every error a user can cause (a bad config value, a missing data folder, an
+unknown model) is a :class:`FedimgError`. Each subclass carries a distinct exit
+code so scripts and service managers can tell failures apart, in the spirit of
+Flower's ``flwr.common.exit`` codes. Messages state the bad value, the valid
+options and the fix.
+"""
+
+from __future__ import annotations
+
+
+class FedimgError(Exception):
+    """Base class of all user-facing fedimg errors."""
+
+    exit_code: int = 1
+
+
+class ConfigError(FedimgError):
+    """A config value is unknown, out of range or inconsistent."""
+
+    exit_code = 2
+
+
+class DataError(FedimgError):
+    """A dataset is missing, corrupt or cannot be partitioned as asked."""
+
+    exit_code = 3
+
+
+class ModelError(FedimgError):
+    """A model cannot be built or its weights cannot be loaded."""
+
+    exit_code = 4
+
+
+class UpdateError(FedimgError):
+    """A client update is malformed (wrong shape, dtype, NaN or Inf)."""
+
+    exit_code = 5
+
+
+class PrivacyBudgetExhausted(FedimgError):
+    """A client's next round would exceed its differential-privacy budget."""
+
+    exit_code = 6

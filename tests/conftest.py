@@ -1,0 +1,29 @@
+"""Shared pytest fixtures: the real-data root and small synthetic tensors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_root() -> Path | None:
+    env = os.environ.get("FEDIMG_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared" / "data")
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data root (../shared/data or $FEDIMG_DATA); skips the test if absent."""
+    root = _shared_data_root()
+    if root is None:
+        pytest.skip("real data not found: set FEDIMG_DATA or place ../shared/data")
+    return root
