@@ -1,0 +1,26 @@
+"""Pretrained image models: a name-keyed zoo, head replacement and freezing.
+
+The facade of the package; import from here::
+
+    from fedimg.models import MODELS, build_model, imagenet_model, list_models
+
+``MODELS`` maps each ``model`` config value to a :class:`ModelSpec`.
+:func:`build_model` builds the ImageNet network, swaps its head for
+``num_classes`` outputs, optionally loads a saved task model and applies a
+:class:`~fedimg.config.TransferConfig` (which blocks train, frozen BatchNorm).
+This package never imports flwr, ray or opacus.
+"""
+
+from fedimg.models.transfer import apply_transfer, count_parameters, freeze_batchnorm
+from fedimg.models.zoo import MODELS, ModelSpec, build_model, imagenet_model, list_models
+
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "apply_transfer",
+    "build_model",
+    "count_parameters",
+    "freeze_batchnorm",
+    "imagenet_model",
+    "list_models",
+]
