@@ -1,0 +1,26 @@
+"""Local training of one client, in plain PyTorch (no flwr, ray or opacus here).
+
+* :mod:`~fedimg.training.loop`: :func:`train_local` (one round, optional FedProx
+  term) and :func:`evaluate`.
+* :mod:`~fedimg.training.metrics`: accuracy, balanced accuracy, macro-F1, AUC, top-5.
+* :mod:`~fedimg.training.optim`: the ``OPTIMIZERS`` and ``SCHEDULES`` registries.
+* :mod:`~fedimg.training.device`: ``train.device`` -> :class:`torch.device`, AMP dtype.
+"""
+
+from fedimg.training.device import resolve_device
+from fedimg.training.loop import TrainingDiverged, TrainResult, evaluate, train_local
+from fedimg.training.metrics import classification_metrics
+from fedimg.training.optim import OPTIMIZERS, SCHEDULES, build_optimizer, scheduled_lr
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TrainResult",
+    "TrainingDiverged",
+    "build_optimizer",
+    "classification_metrics",
+    "evaluate",
+    "resolve_device",
+    "scheduled_lr",
+    "train_local",
+]

@@ -1,0 +1,100 @@
+"""Classification metrics of a set of logits, computed with scikit-learn.
+
+Each value is a plain Python float, so it can go straight into a Flower
+``MetricRecord`` or a JSON file. Federated evaluation sees small, label-skewed
+client test sets, where some classes are missing; the choices below keep every
+metric defined in that case:
+
+* ``accuracy``: fraction of argmax predictions equal to the label.
+* ``balanced_accuracy``: mean recall over the classes present in ``labels``
+  (scikit-learn's ``balanced_accuracy_score``).
+* ``macro_f1``: unweighted mean F1 over the classes present in ``labels`` or in
+  the predictions; a class with no true and no predicted sample is left out,
+  and an undefined precision or recall counts as 0 (``zero_division=0``).
+* ``auc``: area under the ROC curve. Binary: ``roc_auc_score(y, p1)`` with
+  ``p1`` the softmax probability of class 1. Multi-class: one-vs-rest binary AUC
+  of each class present in ``labels`` (scored by its softmax column), averaged
+  with equal weights. With every class present this equals scikit-learn's
+  ``roc_auc_score(..., multi_class="ovr", average="macro")``. NaN when fewer
+  than two classes are present, where no ROC curve exists.
+* ``top5``: the label is among the 5 highest logits (only when
+  ``num_classes >= 5``; with exactly 5 classes it is always 1).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    roc_auc_score,
+    top_k_accuracy_score,
+)
+
+from fedimg.errors import DataError, ModelError
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, *, num_classes: int
+) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro-F1, AUC (and top-5) of ``logits`` (N, K)."""
+    _check_shapes(logits, labels, num_classes=num_classes)
+    y_pred = logits.detach().argmax(dim=1).cpu().numpy()  # (N,)
+    probs = torch.softmax(logits.detach().double(), dim=1).cpu().numpy()  # (N, K)
+    y_true = labels.detach().cpu().numpy()  # (N,)
+    present = np.union1d(y_true, y_pred)  # classes seen as label or prediction
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected on skewed clients.
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(y_true, y_pred)
+    metrics = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+        ),
+        "auc": _macro_auc(y_true, probs),
+    }
+    if num_classes >= 5:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # k == num_classes: trivially 1
+            metrics["top5"] = float(
+                top_k_accuracy_score(y_true, probs, k=5, labels=np.arange(num_classes))
+            )
+    return metrics
+
+
+def _macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest ROC AUC averaged over the classes present in ``y_true``."""
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y_true, probs[:, 1]))
+    per_class = [roc_auc_score(y_true == k, probs[:, k]) for k in present]
+    return float(np.mean(per_class))
+
+
+def _check_shapes(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> None:
+    """Raise a helpful error when the head or the labels do not fit ``num_classes``."""
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ModelError(
+            f"the model outputs logits of shape {tuple(logits.shape)} but the dataset "
+            f"has {num_classes} classes (expected (N, {num_classes})); fix: build the "
+            "model's head with the dataset's number of classes"
+        )
+    if labels.shape != (logits.shape[0],):
+        raise DataError(
+            f"labels have shape {tuple(labels.shape)}, expected ({logits.shape[0]},): "
+            "one int64 class index per image; fix: squeeze the label column"
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"labels span {int(labels.min())}..{int(labels.max())}, outside the valid "
+            f"range 0..{num_classes - 1}; fix: remap the labels or set num_classes"
+        )

@@ -1,0 +1,191 @@
+"""train_local and evaluate on a tiny, linearly separable image problem."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from fedimg.config import TrainConfig
+from fedimg.errors import DataError
+from fedimg.training import TrainResult, evaluate, train_local
+from fedimg.training import loop
+from fedimg.training.loop import TrainingDiverged
+
+CPU = torch.device("cpu")
+PIXELS = 3 * 4 * 4  # images are (3, 4, 4)
+
+
+def _batches(num_batches: int = 3, batch_size: int = 8, seed: int = 0) -> list:
+    """Class 0 images are about -1 everywhere, class 1 images about +1 (plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        y = torch.arange(batch_size) % 2  # (B,) 0,1,0,1,...
+        noise = 0.3 * torch.randn(batch_size, 3, 4, 4, generator=g)
+        x = (2.0 * y - 1.0).view(-1, 1, 1, 1) + noise  # (B, 3, 4, 4)
+        batches.append((x, y))
+    return batches
+
+
+def _linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, 2))
+
+
+def _cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_loss_falls_on_a_separable_problem():
+    # Arrange
+    model, cfg = _cnn(), TrainConfig(local_epochs=5, lr=0.05)
+
+    # Act
+    result = train_local(model, _batches(), cfg=cfg, lr=cfg.lr, device=CPU)
+
+    # Assert: first/last loss are means over the first and the fifth epoch.
+    assert isinstance(result, TrainResult)
+    assert result.last_loss < 0.5 * result.first_loss
+    assert (result.steps, result.num_examples) == (5 * 3, 5 * 3 * 8)
+    assert result.first_loss >= result.loss >= result.last_loss
+    assert 0.0 <= result.accuracy <= 1.0 and result.seconds > 0
+
+
+def test_local_steps_runs_exactly_that_many_optimizer_steps():
+    # Arrange: 3 batches per epoch, 7 steps -> 2 full epochs plus 1 batch.
+    steps_seen = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps_seen.append(1))
+    cfg = TrainConfig(local_epochs=99, local_steps=7)
+
+    # Act
+    try:
+        result = train_local(_linear(), _batches(), cfg=cfg, lr=0.01, device=CPU)
+    finally:
+        handle.remove()
+
+    # Assert
+    assert len(steps_seen) == 7
+    assert (result.steps, result.num_examples) == (7, 7 * 8)
+
+
+def test_fedprox_with_large_mu_stays_near_the_global_weights():
+    # Arrange: plain SGD; lr * mu = 0.5 pulls half of the drift back every step.
+    cfg = TrainConfig(local_steps=20, momentum=0.0, weight_decay=0.0)
+    plain, prox = _linear(), _linear()
+    start = _flat(plain)
+
+    # Act
+    train_local(plain, _batches(), cfg=cfg, lr=0.1, device=CPU, proximal_mu=0.0)
+    train_local(prox, _batches(), cfg=cfg, lr=0.1, device=CPU, proximal_mu=5.0)
+
+    # Assert
+    drift_plain = (_flat(plain) - start).norm()
+    drift_prox = (_flat(prox) - start).norm()
+    assert drift_prox < 0.5 * drift_plain
+
+
+def test_frozen_parameters_do_not_change():
+    # Arrange: freeze the conv layer; weight decay and momentum would move it if included.
+    model = _cnn()
+    conv = model[0]
+    conv.requires_grad_(False)
+    conv_before = [p.clone() for p in conv.parameters()]
+    head_before = model[5].weight.clone()
+    cfg = TrainConfig(local_steps=5, weight_decay=0.1, momentum=0.9)
+
+    # Act
+    train_local(model, _batches(), cfg=cfg, lr=0.1, device=CPU)
+
+    # Assert
+    assert all(torch.equal(a, b) for a, b in zip(conv_before, conv.parameters()))
+    assert not torch.equal(head_before, model[5].weight)
+
+
+def test_nan_loss_raises_training_diverged_naming_step_and_lr():
+    # Arrange: the second batch contains a NaN pixel.
+    batches = _batches()
+    batches[1][0][0, 0, 0, 0] = float("nan")
+    cfg = TrainConfig(local_steps=3)
+
+    # Act / Assert
+    with pytest.raises(TrainingDiverged, match=r"step 2 with lr=0.01.*train.lr") as info:
+        train_local(_linear(), batches, cfg=cfg, lr=0.01, device=CPU)
+    assert info.value.exit_code == 7
+
+
+def test_empty_training_loader_is_a_data_error():
+    with pytest.raises(DataError, match="no batches"):
+        train_local(_linear(), [], cfg=TrainConfig(), lr=0.01, device=CPU)
+
+
+def test_evaluate_on_a_perfect_classifier():
+    # Arrange: logits = (-48w, +48w) for x = +1 and the reverse for x = -1, so the
+    # correct class always leads by 96w = ln 3 and the loss is ln(1 + 1/3) = ln(4/3).
+    model = _linear()
+    w = math.log(3) / 96
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([-w * torch.ones(PIXELS), w * torch.ones(PIXELS)]))
+        model[1].bias.zero_()
+    y = torch.tensor([0, 1, 0, 1])
+    batches = [((2.0 * y - 1.0).view(-1, 1, 1, 1).expand(-1, 3, 4, 4), y)] * 2
+    model.train()
+
+    # Act
+    metrics = evaluate(model, batches, device=CPU, num_classes=2)
+
+    # Assert
+    assert metrics["accuracy"] == 1.0 and metrics["auc"] == 1.0
+    assert metrics["balanced_accuracy"] == 1.0 and metrics["macro_f1"] == 1.0
+    assert metrics["loss"] == pytest.approx(math.log(4 / 3), rel=1e-5)
+    assert metrics["num_examples"] == 8
+    assert model.training  # mode restored
+
+
+def test_evaluate_empty_loader():
+    assert evaluate(_linear(), [], device=CPU, num_classes=2) == {"num_examples": 0}
+
+
+def test_bf16_autocast_and_channels_last_code_path_runs_when_forced_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # Arrange: these speed-ups are CUDA-only; force them on to exercise the code path.
+    monkeypatch.setattr(loop, "amp_dtype", lambda device, enabled: torch.bfloat16)
+    monkeypatch.setattr(loop, "use_channels_last", lambda device, enabled: True)
+    model, cfg = _cnn(), TrainConfig(local_steps=4)
+
+    # Act
+    result = train_local(model, _batches(), cfg=cfg, lr=0.05, device=CPU)
+
+    # Assert
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert result.steps == 4 and math.isfinite(result.loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_and_channels_last_smoke():
+    # Arrange
+    device = torch.device("cuda")
+    model = _cnn()
+    cfg = TrainConfig(local_steps=6, amp=True, channels_last=True, lr=0.05)
+
+    # Act
+    result = train_local(model, _batches(), cfg=cfg, lr=cfg.lr, device=device)
+    metrics = evaluate(model, _batches(seed=1), device=device, num_classes=2, amp=True)
+
+    # Assert
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert result.steps == 6 and math.isfinite(result.loss)
+    assert metrics["num_examples"] == 24 and 0.0 <= metrics["accuracy"] <= 1.0
