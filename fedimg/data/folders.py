@@ -1,0 +1,135 @@
+"""Image-folder datasets: ``<dir>/<split>/<class>/<image>`` plus optional CSVs.
+
+* ``metadata.csv``: a ``path`` column (relative to ``<dir>``) and any other
+  columns, which become :attr:`ImageSet.metadata` aligned with the images (as
+  strings; images without a row get ``""``). The class folder gives the label.
+* ``classes.csv``: ``class_id,name`` mapping folder names to readable names.
+
+The class list is the sorted union of class folders over all splits, so a class
+missing from one split does not shift the labels of the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedimg.data.decode import decode_files
+from fedimg.data.types import ImageSet, RawSplits
+from fedimg.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif",
+                              ".tif", ".tiff", ".webp"})
+SPLITS = ("train", "val", "test")
+MetadataHook = Callable[[dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
+
+
+def list_split(split_dir: Path) -> list[tuple[Path, str]]:
+    """(image path, class folder name) for every image of one split, sorted."""
+    items = []
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    for name in classes:
+        files = sorted(e.name for e in os.scandir(split_dir / name)
+                       if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+        items.extend((split_dir / name / f, name) for f in files)
+    return items
+
+
+def read_class_names(directory: Path, folders: list[str]) -> tuple[str, ...]:
+    """Readable class names for ``folders`` from ``classes.csv`` (else the folder names)."""
+    path = directory / "classes.csv"
+    if not path.is_file():
+        return tuple(folders)
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"class_id", "name"} <= set(rows[0]):
+        raise DataError(f"{path} must have columns class_id,name; found "
+                        f"{list(rows[0]) if rows else 'no rows'}. Fix the file or delete it.")
+    by_id = {_norm_id(r["class_id"]): r["name"] for r in rows}
+    return tuple(by_id.get(_norm_id(f), f) for f in folders)
+
+
+def _norm_id(value: str) -> str:
+    value = value.strip()
+    return str(int(value)) if value.isdigit() else value
+
+
+def read_metadata(directory: Path, relpaths: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """Columns of ``metadata.csv`` aligned with ``relpaths``; also the count of rows missing."""
+    path = directory / "metadata.csv"
+    if not path.is_file():
+        return {}, 0
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c for c in (reader.fieldnames or []) if c != "path"]
+        if "path" not in (reader.fieldnames or []):
+            raise DataError(f"{path} has no 'path' column (columns: {reader.fieldnames}). "
+                            "Fix: add a 'path' column relative to the dataset folder.")
+        rows = {row["path"].replace("\\", "/"): row for row in reader}
+    missing = sum(1 for rel in relpaths if rel not in rows)
+    empty: dict[str, str] = {}
+    meta = {c: np.array([rows.get(rel, empty).get(c, "") or "" for rel in relpaths], dtype=str)
+            for c in columns}
+    return meta, missing
+
+
+def _split_sets(directory: Path) -> dict[str, list[tuple[Path, str]]]:
+    splits = {s: list_split(directory / s) for s in SPLITS if (directory / s).is_dir()}
+    if "train" not in splits or "test" not in splits:
+        raise DataError(f"image folder {directory} needs train/ and test/ sub-folders "
+                        f"(found: {sorted(splits) or 'none'}). Fix: arrange it as "
+                        "<split>/<class>/<image> with split in train, val, test.")
+    for split, items in splits.items():
+        if not items:
+            raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under "
+                            f"{directory / split}/<class>/. Fix: check the folder layout.")
+    return splits
+
+
+def load_image_folder(directory: Path, *, image_size: int,
+                      metadata_hook: MetadataHook | None = None) -> RawSplits:
+    """Decode an image-folder dataset (cached, see :mod:`fedimg.data.decode`)."""
+    splits = _split_sets(directory)
+    folders = sorted({name for items in splits.values() for _, name in items})
+    index = {name: i for i, name in enumerate(folders)}
+    all_paths = [p for items in splits.values() for p, _ in items]
+    images = decode_files(all_paths, directory=directory, image_size=image_size)
+    sets: dict[str, ImageSet] = {}
+    start, warnings = 0, []
+    for split, items in splits.items():
+        rel = [f"{split}/{name}/{p.name}" for p, name in items]
+        meta, missing = read_metadata(directory, rel)
+        if missing and meta:
+            warnings.append(f"{missing} {split} images have no row in {directory}/metadata.csv")
+        if metadata_hook is not None:
+            meta = metadata_hook(meta, rel)
+        labels = torch.tensor([index[name] for _, name in items], dtype=torch.int64)
+        sets[split] = ImageSet(images=images[start:start + len(items)], labels=labels,
+                               metadata=meta)
+        start += len(items)
+    return RawSplits(classes=read_class_names(directory, folders),
+                     channels=int(images.shape[1]), train=sets["train"], test=sets["test"],
+                     val=sets.get("val"), location=str(directory), warnings=tuple(warnings))
+
+
+def gtsrb_track_ids(meta: dict[str, np.ndarray], relpaths: list[str]) -> dict[str, np.ndarray]:
+    """Make GTSRB's ``track`` a global sign id ``<class>_<track>``.
+
+    GTSRB numbers tracks per class (``00000``, ``00001`` in every class folder),
+    so the raw column would merge different physical signs. The raw value is kept
+    as ``track_in_class``; rows without a track (the test split) stay ``""``.
+    """
+    if "track" not in meta:
+        return meta
+    raw = meta["track"]
+    classes = [rel.split("/")[1] for rel in relpaths]
+    track = np.array([f"{c}_{t}" if t else "" for c, t in zip(classes, raw)], dtype=str)
+    return {**meta, "track": track, "track_in_class": raw}
