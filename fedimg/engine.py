@@ -1,0 +1,63 @@
+"""The simulation engine: the only module that imports ``flwr.simulation`` and ``ray``.
+
+It runs a prepared run on Flower's simulation runtime with the Ray backend. Each
+simulated client gets ``sim.num_cpus_per_client`` CPUs and a (possibly fractional)
+``sim.num_gpus_per_client`` GPU; Ray packs as many worker actors as fit, and each
+actor serves many clients in turn, reusing its cached task environment.
+
+With ``sim.ray_address`` the run joins an existing Ray cluster instead of starting
+one, so the simulation can span machines: ``ray start --head`` on one machine,
+``ray start --address=HEAD:6379`` on the others, then run with
+``sim.ray_address=auto`` (or ``HEAD:6379``) on the head.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from fedimg.config import SimConfig
+from fedimg.federation.client_app import app as client_app
+from fedimg.federation.server import PreparedRun
+from fedimg.federation.server_app import make_server_app
+
+log = logging.getLogger(__name__)
+
+
+def backend_config(sim: SimConfig) -> dict[str, Any]:
+    """Flower's ``backend_config`` for the Ray backend."""
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    else:
+        if sim.ray_num_cpus is not None:
+            init_args["num_cpus"] = sim.ray_num_cpus
+        if sim.ray_num_gpus is not None:
+            init_args["num_gpus"] = sim.ray_num_gpus
+    return {"client_resources": {"num_cpus": sim.num_cpus_per_client,
+                                 "num_gpus": sim.num_gpus_per_client},
+            "init_args": init_args}
+
+
+def simulate(prepared: PreparedRun) -> dict[str, Any]:
+    """Run all rounds of ``prepared`` on the Ray simulation engine; return the results."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+    from flwr.simulation import run_simulation
+
+    results: dict[str, Any] = {}
+    server_app = make_server_app(prepared, results.update)
+    config = backend_config(prepared.cfg.sim)
+    log.info("starting Flower simulation: %d clients, resources per client %s, ray %s",
+             prepared.cfg.clients, config["client_resources"],
+             prepared.cfg.sim.ray_address or "local")
+    try:
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=prepared.cfg.clients, backend_config=config)
+    finally:
+        if ray.is_initialized() and not prepared.cfg.sim.ray_address:
+            ray.shutdown()
+    return results

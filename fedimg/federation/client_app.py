@@ -1,0 +1,81 @@
+"""The Flower ClientApp: thin handlers over :class:`fedimg.task.TaskEnvironment`.
+
+Each handler reads the run config from the message, gets this process's cached
+task environment, loads the global weights, runs plain-PyTorch training or
+evaluation, and replies with the update and metrics. Only weights and metrics
+leave the client. Used unchanged by simulation (``python -m fedimg.simulate``),
+``flwr run .`` and deployed SuperNodes.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedimg.config import FedimgConfig
+from fedimg.errors import DataError
+from fedimg.federation.records import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    PROXIMAL_MU_KEY,
+    ROUND_KEY,
+    config_from_record,
+    metric_record,
+    record_to_state_dict,
+    reply_content,
+    state_dict_to_record,
+)
+from fedimg.task import TaskEnvironment, environment
+
+app = ClientApp()
+
+
+def _threads(cfg: FedimgConfig) -> int:
+    return cfg.train.num_threads or max(1, int(cfg.sim.num_cpus_per_client))
+
+
+def _partition_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise DataError("this node has no 'partition-id' in its node config; pass "
+                        "--node-config 'partition-id=0 num-partitions=N'")
+    return int(context.node_config["partition-id"])
+
+
+def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, RecordDict]:
+    config = msg.content["config"]
+    cfg = config_from_record(config)
+    env = environment(str(config[CONFIG_KEY]), _threads(cfg))
+    if ARRAYS_KEY in msg.content.array_records:
+        env.load_state(record_to_state_dict(msg.content[ARRAYS_KEY], env.reference))
+    return env, _partition_id(context), config
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Report this client's partition id and split sizes (and build its environment)."""
+    env, pid, _ = _setup(msg, context)
+    data = env.client(pid)
+    info = MetricRecord({"partition-id": pid, "num-train": data.num_train,
+                         "num-val": data.num_val})
+    return Message(RecordDict({"metrics": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on the local partition."""
+    env, pid, config = _setup(msg, context)
+    metrics, num_examples = env.train(
+        pid, server_round=int(config[ROUND_KEY]),
+        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
+    content = reply_content(metrics=metric_record(metrics, num_examples=num_examples),
+                            arrays=state_dict_to_record(env.state()))
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on the local validation split."""
+    env, pid, _ = _setup(msg, context)
+    metrics, num_examples = env.evaluate_client(pid)
+    return Message(reply_content(metrics=metric_record(metrics, num_examples=num_examples)),
+                   reply_to=msg)

@@ -1,0 +1,109 @@
+"""Console output: logging setup, the round progress bar and the summary table.
+
+fedimg logs through :mod:`logging` only. The console shows fedimg's own messages
+and everyone's warnings; ``run.log`` in the run directory keeps everything at
+INFO, Flower's per-round chatter included.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes log lines above an active progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class _NotOurs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(("fedimg", "flwr"))
+
+
+def setup_logging(run_dir: Path | None = None, *, verbose: bool = False) -> None:
+    """Console for fedimg (INFO) and all warnings; ``run.log`` for everything."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        if getattr(handler, "_fedimg", False):
+            root.removeHandler(handler)
+    ours = logging.getLogger("fedimg")
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.handlers = [h for h in ours.handlers if not getattr(h, "_fedimg", False)]
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    console._fedimg = True  # type: ignore[attr-defined]
+    ours.addHandler(console)
+    others = _TqdmHandler()
+    others.setLevel(logging.WARNING)
+    others.addFilter(_NotOurs())
+    others._fedimg = True  # type: ignore[attr-defined]
+    root.addHandler(others)
+    for handler in logging.getLogger("flwr").handlers:  # Flower's own console handler
+        handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if run_dir is not None:
+        file_handler = logging.FileHandler(Path(run_dir) / "run.log")
+        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        file_handler._fedimg = True  # type: ignore[attr-defined]
+        root.addHandler(file_handler)
+
+
+class RoundProgress:
+    """A progress bar over rounds with an ETA and the latest key metrics."""
+
+    def __init__(self, total: int, *, enabled: bool = True, desc: str = "rounds") -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="round", disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, postfix: dict[str, float]) -> None:
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()
+                              if isinstance(v, float) and not math.isnan(v)})
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+_COLUMNS = (("round", "round"), ("train loss", "train/loss"), ("val acc", "val/accuracy"),
+            ("test loss", "test/loss"), ("test acc", "test/accuracy"),
+            ("test auc", "test/auc"), ("clients", "clients_ok"), ("wall s", "wall_s"))
+
+
+def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> str:
+    """A plain-text table of the run, one row per round, plus the headline numbers."""
+    rows = [[_fmt(r.get(key)) for _, key in _COLUMNS] for r in rounds]
+    header = [name for name, _ in _COLUMNS]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    final, best = results.get("final", {}), results.get("best", {})
+    out.append("")
+    out.append(f"final  test acc {_fmt(final.get('test/accuracy'))}  "
+               f"auc {_fmt(final.get('test/auc'))}  (round {results.get('rounds')})")
+    out.append(f"best   test acc {_fmt(best.get('test/accuracy'))}  "
+               f"(round {best.get('round')})")
+    out.append(f"data   {results.get('data', {}).get('source')} "
+               f"{results.get('data', {}).get('location', '')}")
+    out.append(f"run    {results.get('run_dir')}")
+    return "\n".join(out)

@@ -1,0 +1,111 @@
+"""The run directory: resolved config, per-round metrics, results and checkpoints.
+
+Layout of ``<run_dir>``::
+
+    config.yaml        resolved config (also config.json), seed and library versions
+    partitions.npz     client index lists; partitions.json: label counts per client
+    metrics.jsonl      one JSON object per round (round 0 = the initial model)
+    results.json       final and best metrics, data provenance, timings, versions
+    checkpoints/       final.pt and best.pt (state dict + metadata)
+    plots/             PNG figures drawn from the files above
+    run.log            the full log, Flower's included
+
+Files that are replaced (results, checkpoints) are written atomically: a crash
+while writing never leaves a half-written file in place of the last good one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fedimg.config import FedimgConfig, to_dict
+
+_LIBRARIES = ("fedimg", "flwr", "ray", "torch", "torchvision", "opacus", "numpy",
+              "flwr-datasets", "hydra-core")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a result depends on."""
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON (NaN written as null)."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True)
+    _atomic_write(path, lambda h: h.write(text.encode()))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class RunRecorder:
+    """Writes everything a run leaves behind into its own directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def write_config(self, cfg: FedimgConfig) -> None:
+        resolved = to_dict(cfg)
+        meta = {"seed": cfg.seed, "versions": library_versions()}
+        (self.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(resolved, sort_keys=False) + "\n# " + json.dumps(meta) + "\n")
+        write_json(self.run_dir / "config.json", {"config": resolved, **meta})
+        self.metrics_path.write_text("")
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(_finite(record), sort_keys=True) + "\n")
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def save_checkpoint(self, name: str, state: dict[str, torch.Tensor],
+                        meta: dict[str, Any]) -> Path:
+        path = self.run_dir / "checkpoints" / f"{name}.pt"
+        payload = {"state_dict": state, "meta": _finite(meta)}
+        _atomic_write(path, lambda h: torch.save(payload, h))
+        return path
+
+    def write_results(self, results: dict[str, Any]) -> Path:
+        path = self.run_dir / "results.json"
+        write_json(path, results)
+        return path

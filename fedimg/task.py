@@ -1,0 +1,165 @@
+"""The learning task behind every client and the server's evaluator: plain PyTorch.
+
+A :class:`TaskEnvironment` holds what a worker process needs to serve any client
+of one run: the decoded dataset, the partitions, one model object and the
+loaders. It is built once per process and per run config (:func:`environment`),
+so a simulated worker that serves many clients in many rounds decodes the data
+and builds the network once; each call then only loads the incoming global
+weights into the existing model. Nothing here imports flwr, ray or opacus: the
+benchmark in ``bench/`` runs the very same steps without Flower.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedimg.config import FedimgConfig, from_json
+from fedimg.data import (
+    ClientPartition,
+    Dataset,
+    InMemoryLoader,
+    build_transform,
+    load_dataset,
+    load_partitions,
+    partition_dataset,
+)
+from fedimg.errors import DataError
+from fedimg.models import build_model
+from fedimg.training import evaluate, resolve_device, scheduled_lr, train_local
+
+log = logging.getLogger(__name__)
+
+PARTITIONS_FILE = "partitions.npz"
+
+
+def make_partitions(cfg: FedimgConfig, dataset: Dataset) -> list[ClientPartition]:
+    """Partitions of the pooled train split, read from the run dir when the server wrote them."""
+    path = Path(cfg.output.run_dir or ".") / PARTITIONS_FILE
+    if cfg.output.run_dir and path.is_file():
+        parts = load_partitions(path)
+        if len(parts) == cfg.clients:
+            return parts
+    return partition_dataset(dataset.train, cfg=cfg.data, num_clients=cfg.clients,
+                             seed=cfg.seed)
+
+
+@dataclass
+class ClientData:
+    """One client's loaders over its partition."""
+
+    train: InMemoryLoader
+    val: InMemoryLoader
+    num_train: int
+    num_val: int
+
+
+class TaskEnvironment:
+    """Dataset, partitions and one reusable model for a run config, in one process."""
+
+    def __init__(self, cfg: FedimgConfig, *, num_threads: int | None = None) -> None:
+        started = time.perf_counter()
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.cfg = cfg
+        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
+        self.partitions = make_partitions(cfg, self.dataset)
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, num_classes=self.dataset.num_classes,
+                                 weights="none", transfer=cfg.transfer).to(self.device)
+        self.reference = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        self._clients: dict[int, ClientData] = {}
+        self._train_tf = build_transform(cfg.data.augment, image_size=cfg.data.image_size,
+                                         train=True)
+        self._eval_tf = build_transform("none", image_size=cfg.data.image_size, train=False)
+        log.info("task environment ready in %.1fs (%d clients, %s)",
+                 time.perf_counter() - started, len(self.partitions), self.device)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def client(self, partition_id: int) -> ClientData:
+        """Loaders of client ``partition_id`` (built on first use, then cached)."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise DataError(f"partition id {partition_id} is out of range: this run has "
+                            f"{len(self.partitions)} clients")
+        if partition_id not in self._clients:
+            part, train = self.partitions[partition_id], self.dataset.train
+            tcfg, seed = self.cfg.train, self.cfg.seed * 1000 + partition_id
+            self._clients[partition_id] = ClientData(
+                train=InMemoryLoader(train.images, train.labels, indices=part.train_indices,
+                                     batch_size=tcfg.batch_size, transform=self._train_tf,
+                                     shuffle=True, seed=seed),
+                val=InMemoryLoader(train.images, train.labels, indices=part.val_indices,
+                                   batch_size=tcfg.eval_batch_size, transform=self._eval_tf,
+                                   shuffle=False, seed=seed),
+                num_train=len(part.train_indices), num_val=len(part.val_indices))
+        return self._clients[partition_id]
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite every parameter and buffer of the shared model."""
+        self.model.load_state_dict(state, strict=True)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The model's state dict on the CPU."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def train(self, partition_id: int, *, server_round: int,
+              proximal_mu: float = 0.0) -> tuple[dict[str, float], int]:
+        """Local training of client ``partition_id`` from the loaded weights."""
+        data = self.client(partition_id)
+        torch.manual_seed(self.cfg.seed * 1_000_003 + server_round * 1009 + partition_id)
+        lr = scheduled_lr(self.cfg.train, server_round=server_round,
+                          total_rounds=self.cfg.rounds)
+        result = train_local(self.model, data.train, cfg=self.cfg.train, lr=lr,
+                             device=self.device, proximal_mu=proximal_mu)
+        metrics = {"train/loss": result.loss, "train/accuracy": result.accuracy,
+                   "train/first_loss": result.first_loss, "train/last_loss": result.last_loss,
+                   "train/steps": float(result.steps), "train/seconds": result.seconds,
+                   "train/lr": lr}
+        return metrics, data.num_train
+
+    def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
+        """Metrics of the loaded weights on client ``partition_id``'s validation split."""
+        data = self.client(partition_id)
+        metrics = evaluate(self.model, data.val, device=self.device,
+                           num_classes=self.num_classes, amp=self.cfg.train.amp)
+        return {f"val/{k}": v for k, v in metrics.items() if k != "num_examples"}, data.num_val
+
+
+class CentralEvaluator:
+    """Evaluates global weights on the held-out test split (server side)."""
+
+    def __init__(self, cfg: FedimgConfig, dataset: Dataset) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.num_classes = dataset.num_classes
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, num_classes=dataset.num_classes,
+                                 weights="none", transfer=cfg.transfer).to(self.device)
+        test = dataset.test
+        self.loader = InMemoryLoader(
+            test.images, test.labels, indices=np.arange(len(test.labels)),
+            batch_size=cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed,
+            transform=build_transform("none", image_size=cfg.data.image_size, train=False))
+
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        self.model.load_state_dict(state, strict=True)
+        metrics = evaluate(self.model, self.loader, device=self.device,
+                           num_classes=self.num_classes, amp=self.cfg.train.amp)
+        return {f"test/{k}": v for k, v in metrics.items() if k != "num_examples"}
+
+
+@functools.lru_cache(maxsize=2)
+def environment(config_json: str, num_threads: int | None = None) -> TaskEnvironment:
+    """The process-wide TaskEnvironment of a run config (keyed by its canonical JSON)."""
+    return TaskEnvironment(from_json(config_json), num_threads=num_threads)
