@@ -117,7 +117,10 @@ class TaskEnvironment:
               proximal_mu: float = 0.0) -> tuple[dict[str, float], int]:
         """Local training of client ``partition_id`` from the loaded weights."""
         data = self.client(partition_id)
+        # Seed by (run, round, client), not by call order: which worker serves a client
+        # varies between runs, and a resumed run must replay the same batches.
         torch.manual_seed(self.cfg.seed * 1_000_003 + server_round * 1009 + partition_id)
+        data.train.epoch = (server_round - 1) * self.cfg.train.local_epochs
         lr = scheduled_lr(self.cfg.train, server_round=server_round,
                           total_rounds=self.cfg.rounds)
         result = train_local(self.model, data.train, cfg=self.cfg.train, lr=lr,
