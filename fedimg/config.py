@@ -193,7 +193,8 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _check(d.quantity_skew >= 0, f"data.quantity_skew={d.quantity_skew} must be >= 0")
     _check(d.classes_per_client >= 1, "data.classes_per_client must be >= 1")
     _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    _check(d.min_partition_size >= 1, "data.min_partition_size must be >= 1")
+    _check(d.min_partition_size >= 2, f"data.min_partition_size={d.min_partition_size} "
+           "must be >= 2 (BatchNorm cannot train on a single sample)")
     _check(8 <= d.image_size <= 1024, f"data.image_size={d.image_size} must be in [8, 1024]")
     _check(d.source in ("auto", "strict", "synthetic"), f"data.source='{d.source}' is "
            "unknown; valid: auto, strict, synthetic")
@@ -226,14 +227,24 @@ def _validate_values(cfg: FedimgConfig) -> None:
            f"{fl.min_evaluate_clients} must be between 0 and clients={cfg.clients}")
     _check(fl.proximal_mu >= 0, "fl.proximal_mu must be >= 0")
     _check(fl.server_lr is None or fl.server_lr > 0, "fl.server_lr must be > 0 or null")
+    _check(fl.tau > 0, f"fl.tau={fl.tau} must be > 0")
+    _check(0 <= fl.beta_1 < 1 and 0 <= fl.beta_2 < 1, "fl.beta_1 and fl.beta_2 must be in [0, 1)")
     _check(0 <= fl.trim_beta < 0.5, f"fl.trim_beta={fl.trim_beta} must be in [0, 0.5)")
     _check(fl.num_malicious >= 0, "fl.num_malicious must be >= 0")
     _check(fl.timeout_s > 0, "fl.timeout_s must be > 0")
     _check(sim.num_cpus_per_client > 0, f"sim.num_cpus_per_client="
            f"{sim.num_cpus_per_client} must be > 0")
-    _check(0 <= sim.num_gpus_per_client <= 1 or float(sim.num_gpus_per_client).is_integer(),
-           f"sim.num_gpus_per_client={sim.num_gpus_per_client} must be a fraction in "
-           "[0, 1] or a whole number of GPUs")
+    gpus = sim.num_gpus_per_client
+    _check(gpus >= 0 and (gpus <= 1 or float(gpus).is_integer()),
+           f"sim.num_gpus_per_client={gpus} must be a fraction in [0, 1] or a whole "
+           "number of GPUs")
+    _check(not (t.device.startswith("cuda") and gpus == 0), f"train.device={t.device} "
+           "but sim.num_gpus_per_client=0: Ray hides GPUs from clients given none; set "
+           "sim.num_gpus_per_client (e.g. 0.25 = four clients per GPU) or train.device=auto")
+    for name in ("ray_num_cpus", "ray_num_gpus"):
+        value = getattr(sim, name)
+        _check(value is None or value >= (1 if name == "ray_num_cpus" else 0),
+               f"sim.{name}={value} is impossible")
 
 
 def _validate_names(cfg: FedimgConfig) -> None:

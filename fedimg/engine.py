@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from fedimg.config import SimConfig
+from fedimg.errors import ConfigError
 from fedimg.federation.client_app import app as client_app
 from fedimg.federation.server import PreparedRun
 from fedimg.federation.server_app import make_server_app
@@ -40,14 +42,42 @@ def backend_config(sim: SimConfig) -> dict[str, Any]:
             "init_args": init_args}
 
 
+def start_ray(sim: SimConfig) -> None:
+    """Start (or join) Ray and check that one client's resources fit in the cluster.
+
+    Flower's backend would start Ray itself, but a request that fits no worker leaves
+    its actor pool empty while the ServerApp thread waits for replies for up to
+    ``fl.timeout_s``; checking here turns that hang into a one-line ConfigError.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        package_parent = str(Path(__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join(p for p in (package_parent,
+                                                 os.environ.get("PYTHONPATH")) if p)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                 logging_level=logging.WARNING, **backend_config(sim)["init_args"])
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if sim.num_cpus_per_client > cpus:
+        raise ConfigError(f"sim.num_cpus_per_client={sim.num_cpus_per_client} but the Ray "
+                          f"cluster has {cpus:g} CPUs; lower it or add machines")
+    if sim.num_gpus_per_client > gpus:
+        raise ConfigError(f"sim.num_gpus_per_client={sim.num_gpus_per_client} but the Ray "
+                          f"cluster has {gpus:g} GPUs; set sim.num_gpus_per_client=0 on a "
+                          "CPU-only machine")
+    log.info("Ray: %g CPUs, %g GPUs -> up to %d clients at a time", cpus, gpus,
+             int(min(cpus / sim.num_cpus_per_client,
+                     gpus / sim.num_gpus_per_client if sim.num_gpus_per_client else 1e9)))
+
+
 def simulate(prepared: PreparedRun) -> dict[str, Any]:
     """Run all rounds of ``prepared`` on the Ray simulation engine; return the results."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
     from flwr.simulation import run_simulation
 
+    start_ray(prepared.cfg.sim)
     results: dict[str, Any] = {}
     server_app = make_server_app(prepared, results.update)
     config = backend_config(prepared.cfg.sim)

@@ -40,6 +40,12 @@ class UpdateError(FedimgError):
     exit_code = 5
 
 
+class TrainingDiverged(FedimgError):
+    """The training loss became NaN or infinite (usually: the learning rate is too high)."""
+
+    exit_code = 7
+
+
 class PrivacyBudgetExhausted(FedimgError):
     """A client's next round would exceed its differential-privacy budget."""
 

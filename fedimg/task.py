@@ -113,14 +113,20 @@ class TaskEnvironment:
         """The model's state dict on the CPU."""
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
+    def epochs_per_round(self, loader: InMemoryLoader) -> int:
+        """Passes over the local data in one round (``local_steps`` may span several)."""
+        steps = self.cfg.train.local_steps
+        return -(-steps // max(1, len(loader))) if steps else self.cfg.train.local_epochs
+
     def train(self, partition_id: int, *, server_round: int,
               proximal_mu: float = 0.0) -> tuple[dict[str, float], int]:
         """Local training of client ``partition_id`` from the loaded weights."""
         data = self.client(partition_id)
         # Seed by (run, round, client), not by call order: which worker serves a client
         # varies between runs, and a resumed run must replay the same batches.
-        torch.manual_seed(self.cfg.seed * 1_000_003 + server_round * 1009 + partition_id)
-        data.train.epoch = (server_round - 1) * self.cfg.train.local_epochs
+        torch.manual_seed(int(np.random.SeedSequence(
+            [self.cfg.seed, server_round, partition_id]).generate_state(1)[0]))
+        data.train.epoch = (server_round - 1) * self.epochs_per_round(data.train)
         lr = scheduled_lr(self.cfg.train, server_round=server_round,
                           total_rounds=self.cfg.rounds)
         result = train_local(self.model, data.train, cfg=self.cfg.train, lr=lr,

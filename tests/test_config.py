@@ -75,3 +75,14 @@ def test_malformed_scenario_file_is_a_config_error(tmp_path) -> None:
 def test_json_round_trip_is_exact(tmp_path) -> None:
     cfg = compose_config("medical", [f"hydra.run.dir={tmp_path}", "data.alpha=0.25"])
     assert from_json(to_json(cfg)) == cfg
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["sim.num_gpus_per_client=-1"], r"num_gpus_per_client=-1.0 must be"),
+    (["train.device=cuda"], r"Ray hides GPUs"),
+    (["fl.tau=0"], r"fl.tau=0.0 must be > 0"),
+    (["data.min_partition_size=1"], r"BatchNorm cannot train on a single sample"),
+])
+def test_more_impossible_values(overrides, message, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compose_config("medical", [*overrides, f"hydra.run.dir={tmp_path}"])

@@ -50,13 +50,20 @@ class InMemoryLoader:
 
     def __len__(self) -> int:
         n = len(self.indices)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last:
+            return n // self.batch_size
+        batches = math.ceil(n / self.batch_size)
+        # A trailing batch of one sample joins the previous batch: BatchNorm in train
+        # mode cannot normalise a single sample (it would fail on 1x1 feature maps).
+        return batches - 1 if batches > 1 and n % self.batch_size == 1 else batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
         self.epoch += 1
+        last = len(self) - 1
         for b in range(len(self)):
-            idx = torch.from_numpy(order[b * self.batch_size:(b + 1) * self.batch_size])
+            stop = len(order) if b == last and not self.drop_last else (b + 1) * self.batch_size
+            idx = torch.from_numpy(order[b * self.batch_size:stop])
             yield self.transform(self.images[idx]), self.labels[idx]

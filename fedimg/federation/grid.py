@@ -25,7 +25,7 @@ import torch
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedimg.errors import UpdateError
+from fedimg.errors import FedimgError, UpdateError
 from fedimg.federation.records import ARRAYS_KEY, check_arrays, record_bytes
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,10 @@ class InstrumentedGrid(Grid):
         for exchange in pending.values():  # no reply within the timeout
             exchange.status, exchange.reason = "timeout", "no reply before fl.timeout_s"
             self.exchanges.append(exchange)
-        return kept
+        # Replies arrive in completion order; aggregating them in partition order keeps
+        # the float sums, and so the run, identical for the same seed.
+        return sorted(kept, key=lambda r: (self.partition_of(r.metadata.src_node_id),
+                                           r.metadata.src_node_id))
 
     def drain(self) -> list[ClientExchange]:
         """Exchanges recorded since the last call."""
@@ -148,30 +151,64 @@ class InstrumentedGrid(Grid):
     def _check_update(self, content: RecordDict) -> None:
         if ARRAYS_KEY not in content.array_records:
             raise UpdateError("training reply carries no model update")
+        _, num_examples = _metrics_of(content)
+        if num_examples <= 0:
+            raise UpdateError(f"update claims {num_examples} training examples; FedAvg "
+                              "weights need a positive count")
         arrays = {k: v.numpy() for k, v in content[ARRAYS_KEY].items()}
         check_arrays(arrays, self.reference)
 
 
-def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict,
-                        timeout: float) -> dict[int, dict[str, float]]:
+def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout: float,
+                        expected_sizes: list[int]) -> dict[int, dict[str, float]]:
     """Ask every node for its partition id and sizes (a Flower ``query`` message).
 
     Also warms the workers up: each builds its task environment (data, model) here,
-    so start-up cost is not charged to round 1.
+    so start-up cost is not charged to round 1. Raises FedimgError unless every
+    partition answered with the training-set size the server computed for it, so
+    a worker that cannot read the data stops the run before round 1.
     """
     started = time.perf_counter()
-    nodes = list(grid.inner.get_node_ids())
+    nodes = _wait_for_nodes(grid.inner, len(expected_sizes), timeout=timeout)
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
     info: dict[int, dict[str, float]] = {}
+    failures = []
     for reply in grid.inner.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            log.warning("node %d failed to describe itself: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
+            failures.append(str(reply.error.reason).strip().splitlines()[-1:])
             continue
         metrics, _ = _metrics_of(reply.content)
         grid.node_to_partition[reply.metadata.src_node_id] = int(metrics["partition-id"])
         info[int(metrics["partition-id"])] = metrics
     log.info("%d of %d clients ready in %.1fs", len(info), len(nodes),
              time.perf_counter() - started)
+    _check_discovery(info, expected_sizes, failures)
     return info
+
+
+def _wait_for_nodes(grid: Grid, count: int, *, timeout: float) -> list[int]:
+    """Node ids once ``count`` nodes are connected (they register after the ServerApp starts)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise FedimgError(f"only {len(nodes)} of {count} clients connected within "
+                              f"{timeout:.0f}s (fl.timeout_s)")
+        time.sleep(0.1)
+    return nodes
+
+
+def _check_discovery(info: dict[int, dict[str, float]], expected_sizes: list[int],
+                     failures: list[list[str]]) -> None:
+    missing = sorted(set(range(len(expected_sizes))) - set(info))
+    if missing:
+        first = f"; first failure: {failures[0]}" if failures else ""
+        raise FedimgError(f"clients {missing[:10]} did not start ({len(failures)} "
+                          f"failed){first}")
+    wrong = [(pid, int(m["num-train"]), expected_sizes[pid]) for pid, m in info.items()
+             if int(m["num-train"]) != expected_sizes[pid]]
+    if wrong:
+        pid, got, want = wrong[0]
+        raise FedimgError(f"client {pid} sees {got} training samples but the server "
+                          f"partitioned {want} for it: the workers read different data "
+                          "(check FEDIMG_DATA / data.root on every machine)")

@@ -12,6 +12,7 @@ per-client metrics and bytes, checkpoints and the progress bar.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -21,8 +22,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedimg.config import FedimgConfig
+from fedimg.config import FedimgConfig, to_dict
+from fedimg.errors import FedimgError
 from fedimg.data import (
     ClientPartition,
     Dataset,
@@ -55,7 +58,31 @@ class PreparedRun:
     dataset: Dataset
     partitions: list[ClientPartition]
     recorder: RunRecorder
+    initial_state: dict[str, torch.Tensor]
+    strategy: Strategy
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def client_cfg(self) -> FedimgConfig:
+        """The config sent to clients: where the server read real data, so must they.
+
+        A worker that cannot find the data then fails loudly instead of silently
+        training on the synthetic fallback while results.json says "real".
+        """
+        if self.dataset.provenance.source != "real":
+            return self.cfg
+        return dataclasses.replace(self.cfg,
+                                   data=dataclasses.replace(self.cfg.data, source="strict"))
+
+
+def initial_model(cfg: FedimgConfig, num_classes: int) -> tuple[dict[str, torch.Tensor],
+                                                                frozenset[str]]:
+    """The starting global weights (pretrained or not) and the names of the buffers."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=num_classes, weights=cfg.weights,
+                        transfer=cfg.transfer)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return state, frozenset(name for name, _ in model.named_buffers())
 
 
 def prepare_run(cfg: FedimgConfig) -> PreparedRun:
@@ -76,7 +103,12 @@ def prepare_run(cfg: FedimgConfig) -> PreparedRun:
              dataset.name, len(dataset.train.labels), len(dataset.test.labels),
              dataset.num_classes, len(partitions),
              [len(p.train_indices) for p in partitions])
-    return PreparedRun(cfg=cfg, dataset=dataset, partitions=partitions, recorder=recorder)
+    # Model and strategy errors (bad weights file, krum too few clients) surface here,
+    # before any worker starts.
+    state, buffers = initial_model(cfg, dataset.num_classes)
+    return PreparedRun(cfg=cfg, dataset=dataset, partitions=partitions, recorder=recorder,
+                       initial_state=state,
+                       strategy=build_strategy(cfg, buffer_keys=buffers))
 
 
 def _summarise(exchanges: list[ClientExchange], phase: str) -> dict[str, float]:
@@ -116,6 +148,9 @@ class RoundTracker:
         self.round_started = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        # Flower samples clients with Python's `random`; seeding per round keeps the
+        # sample of round r+1 independent of anything else drawn in between.
+        random.seed(f"{self.cfg.seed}-{server_round + 1}")
         state = record_to_state_dict(arrays, self.reference)
         eval_started = time.perf_counter()
         test = self.evaluator(state) if self.evaluator else {}
@@ -133,6 +168,11 @@ class RoundTracker:
             "clients": _clients(exchanges)}
         self.prepared.recorder.append_round(record)
         self.rounds.append(record)
+        if server_round > 0 and record["clients_ok"] == 0:
+            reasons = [e.reason for e in exchanges if e.status != "ok"]
+            raise FedimgError(f"round {server_round}: no client returned a usable update "
+                              f"({len(reasons)} failed); first reason: "
+                              f"{reasons[0].splitlines()[-1] if reasons else 'none'}")
         self.last_state = state
         self._maybe_best(record, state)
         if server_round > 0:
@@ -142,8 +182,12 @@ class RoundTracker:
         return MetricRecord({k: v for k, v in test.items() if v == v}) if test else None
 
     def score(self, record: dict[str, Any]) -> float:
-        """Model-selection score: central test accuracy, else federated val accuracy."""
-        value = record.get("test/accuracy", record.get("val/accuracy", float("nan")))
+        """Model-selection score: federated validation accuracy (never the test split).
+
+        Without federated evaluation it falls back to the train accuracy, so that the
+        test split stays untouched by model selection.
+        """
+        value = record.get("val/accuracy", record.get("train/accuracy", float("nan")))
         return float("-inf") if value is None or value != value else float(value)
 
     def _maybe_best(self, record: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -151,8 +195,16 @@ class RoundTracker:
             return
         self.best = {k: v for k, v in record.items() if k != "clients"}
         if self.cfg.output.checkpoints:
-            self.prepared.recorder.save_checkpoint("best", state, {"round": record["round"],
-                                                                   "model": self.cfg.model})
+            self.prepared.recorder.save_checkpoint("best", state,
+                                                   checkpoint_meta(self.prepared, record))
+
+
+def checkpoint_meta(prepared: PreparedRun, record: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint needs to be reused: config, classes, seed, round, metrics."""
+    return {"round": record.get("round"), "model": prepared.cfg.model,
+            "classes": list(prepared.dataset.classes), "seed": prepared.cfg.seed,
+            "config": to_dict(prepared.cfg),
+            "metrics": {k: v for k, v in record.items() if k != "clients"}}
 
 
 def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> dict[str, Any]:
@@ -180,28 +232,24 @@ def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> 
 
 def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     """Run all rounds of ``prepared`` on ``grid``; return the results dict."""
-    cfg = prepared.cfg
-    random.seed(cfg.seed)  # Flower's node sampling draws from Python's `random`
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes=prepared.dataset.num_classes,
-                        weights=cfg.weights, transfer=cfg.transfer)
-    initial = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    cfg, client_cfg, initial = prepared.cfg, prepared.client_cfg, prepared.initial_state
     igrid = InstrumentedGrid(grid, reference=initial)
-    discover_partitions(igrid, content=RecordDict({"config": config_record(cfg)}),
-                        timeout=cfg.fl.timeout_s)
+    discover_partitions(igrid, content=RecordDict({"config": config_record(client_cfg)}),
+                        timeout=cfg.fl.timeout_s,
+                        expected_sizes=[len(p.train_indices) for p in prepared.partitions])
     igrid.drain()
     startup_s = time.perf_counter() - prepared.started
     tracker = RoundTracker(prepared, igrid, initial)
     try:
-        build_strategy(cfg).start(
+        prepared.strategy.start(
             grid=igrid, initial_arrays=state_dict_to_record(initial), num_rounds=cfg.rounds,
-            timeout=cfg.fl.timeout_s, train_config=config_record(cfg),
-            evaluate_config=config_record(cfg), evaluate_fn=tracker)
+            timeout=cfg.fl.timeout_s, train_config=config_record(client_cfg),
+            evaluate_config=config_record(client_cfg), evaluate_fn=tracker)
     finally:
         tracker.progress.close()
     if cfg.output.checkpoints and tracker.last_state:
         prepared.recorder.save_checkpoint("final", tracker.last_state,
-                                          {"round": cfg.rounds, "model": cfg.model})
+                                          checkpoint_meta(prepared, tracker.rounds[-1]))
     results = _results(prepared, tracker, startup_s)
     prepared.recorder.write_results(results)
     return results

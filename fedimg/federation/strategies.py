@@ -14,13 +14,20 @@ arguments and a NaN-aware metric aggregator.
 * ``fedmedian``: coordinate-wise median, Yin et al. 2018.
 * ``fedtrimmedavg``: coordinate-wise trimmed mean, Yin et al. 2018.
 * ``krum``: Blanchard et al. 2017.
+
+Server optimisers (FedAvgM, FedAdam, FedYogi) treat every array as a parameter.
+BatchNorm running statistics are not: an Adam step moves ``running_var`` by about
+``eta`` whatever its scale and can make it negative (NaN outputs). Those three are
+therefore built with :class:`PlainBufferAveraging`, which gives buffers the plain
+example-weighted mean and leaves the optimiser's step to the parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -32,16 +39,45 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedimg.config import FedimgConfig
+from fedimg.errors import ConfigError
 from fedimg.federation.records import aggregate_metrics
 from fedimg.registry import Registry
 
-StrategyBuilder = Callable[[FedimgConfig], Strategy]
+StrategyBuilder = Callable[[FedimgConfig, frozenset[str]], Strategy]
 STRATEGIES: Registry[StrategyBuilder] = Registry("strategy", config_key="strategy")
 
 # Server learning rates that suit each family when fl.server_lr is left unset.
 _SERVER_LR_DEFAULTS = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+
+
+class PlainBufferAveraging:
+    """Mixin for server-optimiser strategies: buffers get the plain weighted mean."""
+
+    buffer_keys: frozenset[str] = frozenset()
+    weighted_by_key: str
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        contents = [m.content for m in replies if not m.has_error()]
+        if arrays is None or not contents or not self.buffer_keys:
+            return arrays, metrics
+        plain = aggregate_arrayrecords(contents, self.weighted_by_key)
+        for key in self.buffer_keys & set(arrays.keys()):
+            arrays[key] = plain[key]  # in place: FedAvgM keeps this record as its state
+        return arrays, metrics
+
+
+def _with_plain_buffers(cls: type[Strategy], buffer_keys: frozenset[str],
+                        **kwargs: Any) -> Strategy:
+    strategy_cls = type(cls.__name__, (PlainBufferAveraging, cls), {})
+    strategy = strategy_cls(**kwargs)
+    strategy.buffer_keys = buffer_keys
+    return strategy
 
 
 def common_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
@@ -66,19 +102,23 @@ def server_lr(cfg: FedimgConfig) -> float:
 
 
 @STRATEGIES.register()
-def fedavg(cfg: FedimgConfig) -> Strategy:
+def fedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedAvg: example-weighted mean of the client models."""
     return FedAvg(**common_kwargs(cfg))
 
 
 @STRATEGIES.register()
-def fedprox(cfg: FedimgConfig) -> Strategy:
+def fedprox(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedProx: FedAvg plus the proximal term the client adds to its loss."""
     return FedProx(**common_kwargs(cfg), proximal_mu=cfg.fl.proximal_mu)
 
 
 @STRATEGIES.register()
-def fedavgm(cfg: FedimgConfig) -> Strategy:
-    return FedAvgM(**common_kwargs(cfg), server_learning_rate=server_lr(cfg),
-                   server_momentum=cfg.fl.server_momentum)
+def fedavgm(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedAvgM: FedAvg with server momentum."""
+    return _with_plain_buffers(FedAvgM, buffer_keys, **common_kwargs(cfg),
+                               server_learning_rate=server_lr(cfg),
+                               server_momentum=cfg.fl.server_momentum)
 
 
 def _fedopt_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
@@ -88,30 +128,47 @@ def _fedopt_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
 
 
 @STRATEGIES.register()
-def fedadam(cfg: FedimgConfig) -> Strategy:
-    return FedAdam(**common_kwargs(cfg), **_fedopt_kwargs(cfg))
+def fedadam(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedAdam: Adam on the server over the averaged update."""
+    return _with_plain_buffers(FedAdam, buffer_keys, **common_kwargs(cfg),
+                               **_fedopt_kwargs(cfg))
 
 
 @STRATEGIES.register()
-def fedyogi(cfg: FedimgConfig) -> Strategy:
-    return FedYogi(**common_kwargs(cfg), **_fedopt_kwargs(cfg))
+def fedyogi(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedYogi: Yogi on the server over the averaged update."""
+    return _with_plain_buffers(FedYogi, buffer_keys, **common_kwargs(cfg),
+                               **_fedopt_kwargs(cfg))
 
 
 @STRATEGIES.register()
-def fedmedian(cfg: FedimgConfig) -> Strategy:
+def fedmedian(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedMedian: coordinate-wise median of the client models."""
     return FedMedian(**common_kwargs(cfg))
 
 
 @STRATEGIES.register()
-def fedtrimmedavg(cfg: FedimgConfig) -> Strategy:
+def fedtrimmedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedTrimmedAvg: coordinate-wise mean without the fl.trim_beta tails."""
     return FedTrimmedAvg(**common_kwargs(cfg), beta=cfg.fl.trim_beta)
 
 
 @STRATEGIES.register()
-def krum(cfg: FedimgConfig) -> Strategy:
+def krum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """Krum: the client model closest to its neighbours."""
+    sampled = max(int(cfg.clients * cfg.fl.fraction_train), cfg.fl.min_train_clients)
+    if sampled < 2 * cfg.fl.num_malicious + 3:
+        raise ConfigError(f"krum with fl.num_malicious={cfg.fl.num_malicious} needs at "
+                          f"least {2 * cfg.fl.num_malicious + 3} clients per round, but "
+                          f"{sampled} are sampled; raise clients/fl.fraction_train or lower "
+                          "fl.num_malicious (Blanchard et al. 2017: n > 2f + 2)")
     return Krum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious)
 
 
-def build_strategy(cfg: FedimgConfig) -> Strategy:
-    """The Flower strategy named by ``cfg.strategy``."""
-    return STRATEGIES.get(cfg.strategy)(cfg)
+def build_strategy(cfg: FedimgConfig, *, buffer_keys: Iterable[str] = ()) -> Strategy:
+    """The Flower strategy named by ``cfg.strategy``.
+
+    ``buffer_keys`` names the model's non-parameter arrays (BatchNorm statistics),
+    which server optimisers must average rather than step.
+    """
+    return STRATEGIES.get(cfg.strategy)(cfg, frozenset(buffer_keys))

@@ -96,6 +96,8 @@ def load_state_dict_file(model: nn.Module, path: str, *, model_name: str) -> Non
             f"weights='{path}' cannot be read as a PyTorch state dict "
             f"({_first_line(exc)}); fix: save it with torch.save(model.state_dict(), path)"
         ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a fedimg checkpoint: {"state_dict", "meta"}
     if not isinstance(state, dict):
         raise ModelError(
             f"weights='{path}' holds a {type(state).__name__}, not a state dict; "

@@ -102,7 +102,8 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
     out.append(f"final  test acc {_fmt(final.get('test/accuracy'))}  "
                f"auc {_fmt(final.get('test/auc'))}  (round {results.get('rounds')})")
     out.append(f"best   test acc {_fmt(best.get('test/accuracy'))}  "
-               f"(round {best.get('round')})")
+               f"(round {best.get('round')}, chosen on federated val acc "
+               f"{_fmt(best.get('val/accuracy'))})")
     out.append(f"data   {results.get('data', {}).get('source')} "
                f"{results.get('data', {}).get('location', '')}")
     out.append(f"run    {results.get('run_dir')}")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedimg.config import TrainConfig
-from fedimg.errors import DataError, FedimgError
+from fedimg.errors import DataError, TrainingDiverged
 from fedimg.training.device import amp_dtype, autocast, use_channels_last
 from fedimg.training.metrics import classification_metrics
 from fedimg.training.optim import build_optimizer
@@ -41,12 +41,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # x float32 (B, C, S, S), y int64 (B,
 Loader = Iterable[Batch]  # re-iterable, one pass = one epoch, has len()
 
 _CHECK_EVERY = 10  # look for a non-finite loss every this many steps (one GPU sync)
-
-
-class TrainingDiverged(FedimgError):
-    """The training loss became NaN or infinite."""
-
-    exit_code = 7
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,12 @@ def test_loader_drop_last_and_subset_indices() -> None:
     assert torch.cat([y for _, y in loader]).tolist() == [7, 2, 5]
     with pytest.raises(ConfigError, match="indices span"):
         make_loader(indices=np.array([0, 10]))
+
+
+def test_loader_never_yields_a_single_sample_batch() -> None:
+    # 9 samples in batches of 4 would end with a batch of 1, which BatchNorm cannot
+    # normalise in train mode: it joins the previous batch instead (4 + 5).
+    loader = make_loader(indices=np.arange(9))
+    assert len(loader) == 2
+    assert [len(y) for _, y in loader] == [4, 5]
+    assert [len(y) for _, y in make_loader(indices=np.arange(1))] == [1]

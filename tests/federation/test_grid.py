@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -81,3 +82,15 @@ def test_node_ids_are_ordered_by_partition() -> None:
                             reference=REFERENCE)
     grid.node_to_partition = {30: 0, 10: 2, 20: 1}
     assert list(grid.get_node_ids()) == [30, 20, 10]
+
+
+def test_discovery_refuses_missing_clients_and_mismatched_data() -> None:
+    from fedimg.errors import FedimgError
+    from fedimg.federation.grid import _check_discovery
+
+    info = {0: {"num-train": 10.0}, 1: {"num-train": 12.0}}
+    _check_discovery(info, [10, 12], [])  # all present, sizes agree: no error
+    with pytest.raises(FedimgError, match=r"clients \[2\] did not start.*DataError"):
+        _check_discovery(info, [10, 12, 7], [["DataError: not found"]])
+    with pytest.raises(FedimgError, match="client 1 sees 12 training samples but the server"):
+        _check_discovery(info, [10, 11], [])
