@@ -59,6 +59,21 @@ class ClientData:
     val: InMemoryLoader
     num_train: int
     num_val: int
+    class_weights: torch.Tensor | None = None
+
+
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """n / (k * n_c) for each of the k classes present locally (1 for absent ones).
+
+    Each present class then carries the same total weight in the local loss, and the
+    mean weight per sample stays 1 (the "balanced" heuristic of King & Zeng 2001, as
+    in scikit-learn's ``compute_class_weight``). It needs only the client's own labels.
+    """
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    present = counts > 0
+    weights = torch.ones(num_classes, dtype=torch.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.float()
 
 
 class TaskEnvironment:
@@ -102,16 +117,22 @@ class TaskEnvironment:
                 val=InMemoryLoader(train.images, train.labels, indices=part.val_indices,
                                    batch_size=tcfg.eval_batch_size, transform=self._eval_tf,
                                    shuffle=False, seed=seed),
-                num_train=len(part.train_indices), num_val=len(part.val_indices))
+                num_train=len(part.train_indices), num_val=len(part.val_indices),
+                class_weights=self._class_weights(train.labels[part.train_indices]))
         return self._clients[partition_id]
+
+    def _class_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.train.class_weighting == "balanced":
+            return balanced_class_weights(labels, self.num_classes)
+        return None
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Overwrite every parameter and buffer of the shared model."""
         self.model.load_state_dict(state, strict=True)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The model's state dict on the CPU."""
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """A copy of the model's state dict on the CPU (never aliasing the live model)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def epochs_per_round(self, loader: InMemoryLoader) -> int:
         """Passes over the local data in one round (``local_steps`` may span several)."""
@@ -130,7 +151,8 @@ class TaskEnvironment:
         lr = scheduled_lr(self.cfg.train, server_round=server_round,
                           total_rounds=self.cfg.rounds)
         result = train_local(self.model, data.train, cfg=self.cfg.train, lr=lr,
-                             device=self.device, proximal_mu=proximal_mu)
+                             device=self.device, proximal_mu=proximal_mu,
+                             class_weights=data.class_weights)
         metrics = {"train/loss": result.loss, "train/accuracy": result.accuracy,
                    "train/first_loss": result.first_loss, "train/last_loss": result.last_loss,
                    "train/steps": float(result.steps), "train/seconds": result.seconds,
