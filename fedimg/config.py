@@ -68,6 +68,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "constant"  # constant | cosine | step (over rounds)
+    class_weighting: str = "none"  # none | balanced (inverse local class frequency)
     local_epochs: int = 1
     local_steps: Optional[int] = None  # if set, overrides local_epochs
     batch_size: int = 32
@@ -211,6 +212,8 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _check(cfg.transfer.bn in ("train", "frozen"), f"transfer.bn='{cfg.transfer.bn}' "
            "is unknown; valid: train, frozen")
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(t.class_weighting in ("none", "balanced"), f"train.class_weighting="
+           f"'{t.class_weighting}' is unknown; valid: none, balanced")
     _check(0 <= t.momentum < 1, f"train.momentum={t.momentum} must be in [0, 1)")
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     _check(t.local_epochs >= 1, f"train.local_epochs={t.local_epochs} must be >= 1")

@@ -65,6 +65,7 @@ def train_local(
     device: torch.device,
     proximal_mu: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``loader`` for one round and report how it went.
 
@@ -72,6 +73,7 @@ def train_local(
     ``cfg.local_steps`` optimizer steps (cycling through the loader) when that is
     set. A fresh optimizer (``cfg.optimizer``) is built unless ``optimizer`` is
     given, e.g. a differentially private one; its learning rate is set to ``lr``.
+    ``class_weights`` (K,) weights each sample's cross-entropy by its class.
     Raises :class:`TrainingDiverged` when the loss stops being finite.
     """
     total_steps = _count_steps(loader, cfg)
@@ -86,6 +88,7 @@ def train_local(
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     w_global = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
+    weight = class_weights.to(device) if class_weights is not None else None
 
     step_loss = torch.zeros(total_steps, device=device)  # (T,) mean CE of each step
     step_size = torch.zeros(total_steps, dtype=torch.long)  # (T,) batch sizes, on CPU
@@ -97,7 +100,7 @@ def train_local(
         with autocast(device, dtype):
             logits = model(x)  # (B, K)
             # sum / B rather than mean: a batch of size 0 (Poisson sampling) gives 0, not NaN
-            loss = F.cross_entropy(logits, y, reduction="sum") / max(len(y), 1)
+            loss = F.cross_entropy(logits, y, weight=weight, reduction="sum") / max(len(y), 1)
         objective = loss
         if w_global is not None:
             objective = loss + proximal_mu / 2 * _squared_distance(trainable, w_global)
