@@ -97,6 +97,7 @@ class FederationConfig:
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
     num_malicious: int = 0  # Krum: assumed Byzantine clients
     timeout_s: float = 3600.0  # how long the server waits for replies
+    connect_timeout_s: float = 300.0  # how long it waits for all clients to connect
 
 
 @dataclass
@@ -234,7 +235,8 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _check(0 <= fl.beta_1 < 1 and 0 <= fl.beta_2 < 1, "fl.beta_1 and fl.beta_2 must be in [0, 1)")
     _check(0 <= fl.trim_beta < 0.5, f"fl.trim_beta={fl.trim_beta} must be in [0, 0.5)")
     _check(fl.num_malicious >= 0, "fl.num_malicious must be >= 0")
-    _check(fl.timeout_s > 0, "fl.timeout_s must be > 0")
+    _check(fl.timeout_s > 0 and fl.connect_timeout_s > 0,
+           "fl.timeout_s and fl.connect_timeout_s must be > 0")
     _check(sim.num_cpus_per_client > 0, f"sim.num_cpus_per_client="
            f"{sim.num_cpus_per_client} must be > 0")
     gpus = sim.num_gpus_per_client

@@ -160,6 +160,7 @@ class InstrumentedGrid(Grid):
 
 
 def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout: float,
+                        connect_timeout: float,
                         expected_sizes: list[int]) -> dict[int, dict[str, float]]:
     """Ask every node for its partition id and sizes (a Flower ``query`` message).
 
@@ -169,7 +170,7 @@ def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout:
     a worker that cannot read the data stops the run before round 1.
     """
     started = time.perf_counter()
-    nodes = _wait_for_nodes(grid.inner, len(expected_sizes), timeout=timeout)
+    nodes = _wait_for_nodes(grid.inner, len(expected_sizes), timeout=connect_timeout)
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
     info: dict[int, dict[str, float]] = {}
@@ -193,7 +194,8 @@ def _wait_for_nodes(grid: Grid, count: int, *, timeout: float) -> list[int]:
     while len(nodes := list(grid.get_node_ids())) < count:
         if time.monotonic() > deadline:
             raise FedimgError(f"only {len(nodes)} of {count} clients connected within "
-                              f"{timeout:.0f}s (fl.timeout_s)")
+                              f"{timeout:.0f}s (fl.connect_timeout_s); under `flwr run` pass "
+                              f"--federation-config 'num-supernodes={count}'")
         time.sleep(0.1)
     return nodes
 

@@ -235,7 +235,7 @@ def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     cfg, client_cfg, initial = prepared.cfg, prepared.client_cfg, prepared.initial_state
     igrid = InstrumentedGrid(grid, reference=initial)
     discover_partitions(igrid, content=RecordDict({"config": config_record(client_cfg)}),
-                        timeout=cfg.fl.timeout_s,
+                        timeout=cfg.fl.timeout_s, connect_timeout=cfg.fl.connect_timeout_s,
                         expected_sizes=[len(p.train_indices) for p in prepared.partitions])
     igrid.drain()
     startup_s = time.perf_counter() - prepared.started
