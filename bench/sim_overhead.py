@@ -87,11 +87,17 @@ def main(argv: list[str]) -> None:
     results = simulate(prepared)
     sim_rounds = results["timing"]["rounds_s"]
     pure_all = pure["train_s"] + pure["eval_s"]
+    trained = [r for r in prepared.recorder.read_rounds() if r["round"] > 0]
+    client_train = sum(c["train"]["train/seconds"] for r in trained
+                       for c in r["clients"].values() if "train" in c)
+    central = sum(r["central_eval_s"] for r in trained)
     lines = [
         f"scenario={cfg.name} model={cfg.model} clients={cfg.clients} rounds={cfg.rounds} "
         f"image_size={cfg.data.image_size} cpus/client={cfg.sim.num_cpus_per_client}",
         f"pure compute: training {pure['train_s']:.1f}s, evaluations {pure['eval_s']:.1f}s",
         f"simulation:   rounds {sim_rounds:.1f}s, start-up {results['timing']['startup_s']:.1f}s",
+        f"  inside the rounds: client training {client_train:.1f}s summed over clients "
+        f"(in parallel workers), central evaluation {central:.1f}s",
         f"ratio sim rounds / pure training             = {sim_rounds / pure['train_s']:.3f}",
         f"ratio sim rounds / (pure training + evals)   = {sim_rounds / pure_all:.3f}",
         f"final test accuracy (simulation) = {results['final'].get('test/accuracy', float('nan')):.4f}",

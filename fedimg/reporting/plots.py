@@ -19,14 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedimg.reporting.run_dir import read_jsonl  # noqa: E402
+
 log = logging.getLogger(__name__)
-
-
-def _rounds(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -108,7 +103,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    rounds = _rounds(run_dir)
+    rounds = read_jsonl(run_dir / "metrics.jsonl")
     written = []
     if rounds:
         _accuracy_loss(run_dir, rounds, plots / "accuracy_loss.png")

@@ -74,6 +74,13 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (empty if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class RunRecorder:
     """Writes everything a run leaves behind into its own directory."""
 
@@ -95,8 +102,7 @@ class RunRecorder:
             handle.write(json.dumps(_finite(record), sort_keys=True) + "\n")
 
     def read_rounds(self) -> list[dict[str, Any]]:
-        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_jsonl(self.metrics_path)
 
     def save_checkpoint(self, name: str, state: dict[str, torch.Tensor],
                         meta: dict[str, Any]) -> Path:
