@@ -185,11 +185,7 @@ def _check_fraction(name: str, value: float, *, allow_zero: bool = False) -> Non
            f"{'[0, 1]' if allow_zero else '(0, 1]'}")
 
 
-def _validate_values(cfg: FedimgConfig) -> None:
-    """Range checks that need no registry."""
-    d, t, fl, sim = cfg.data, cfg.train, cfg.fl, cfg.sim
-    _check(cfg.rounds >= 1, f"rounds={cfg.rounds} is impossible: run at least 1 round")
-    _check(cfg.clients >= 1, f"clients={cfg.clients} is impossible: need at least 1 client")
+def _validate_data(d: DataConfig) -> None:
     _check(d.alpha > 0, f"data.alpha={d.alpha} is impossible: the Dirichlet "
            "concentration must be > 0 (small = more skew, e.g. 0.1; large = near iid)")
     _check(d.quantity_skew >= 0, f"data.quantity_skew={d.quantity_skew} must be >= 0")
@@ -207,6 +203,10 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _check(s.num_classes >= 2 and s.train_size >= 1 and s.test_size >= 1,
            "data.synthetic needs num_classes >= 2 and positive sizes")
     _check(s.channels in (1, 3), f"data.synthetic.channels={s.channels} must be 1 or 3")
+
+
+def _validate_training(cfg: FedimgConfig) -> None:
+    t = cfg.train
     _check(cfg.transfer.mode in ("full", "head", "last_k"), f"transfer.mode="
            f"'{cfg.transfer.mode}' is unknown; valid: full, head, last_k")
     _check(cfg.transfer.last_k >= 1, "transfer.last_k must be >= 1")
@@ -223,6 +223,10 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _check(t.num_threads >= 0, "train.num_threads must be >= 0")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"train.device='{t.device}' is unknown; valid: auto, cpu, cuda, cuda:N")
+
+
+def _validate_federation(cfg: FedimgConfig) -> None:
+    fl, sim = cfg.fl, cfg.sim
     _check_fraction("fl.fraction_train", fl.fraction_train)
     _check_fraction("fl.fraction_evaluate", fl.fraction_evaluate, allow_zero=True)
     _check(1 <= fl.min_train_clients <= cfg.clients, f"fl.min_train_clients="
@@ -243,13 +247,23 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _check(gpus >= 0 and (gpus <= 1 or float(gpus).is_integer()),
            f"sim.num_gpus_per_client={gpus} must be a fraction in [0, 1] or a whole "
            "number of GPUs")
-    _check(not (t.device.startswith("cuda") and gpus == 0), f"train.device={t.device} "
+    device = cfg.train.device
+    _check(not (device.startswith("cuda") and gpus == 0), f"train.device={device} "
            "but sim.num_gpus_per_client=0: Ray hides GPUs from clients given none; set "
            "sim.num_gpus_per_client (e.g. 0.25 = four clients per GPU) or train.device=auto")
     for name in ("ray_num_cpus", "ray_num_gpus"):
         value = getattr(sim, name)
         _check(value is None or value >= (1 if name == "ray_num_cpus" else 0),
                f"sim.{name}={value} is impossible")
+
+
+def _validate_values(cfg: FedimgConfig) -> None:
+    """Range checks that need no registry."""
+    _check(cfg.rounds >= 1, f"rounds={cfg.rounds} is impossible: run at least 1 round")
+    _check(cfg.clients >= 1, f"clients={cfg.clients} is impossible: need at least 1 client")
+    _validate_data(cfg.data)
+    _validate_training(cfg)
+    _validate_federation(cfg)
 
 
 def _validate_names(cfg: FedimgConfig) -> None:
