@@ -37,12 +37,15 @@ def user_cache_dir() -> Path:
 
 
 def resolve_data_root(root: str | None) -> Path:
-    """The data root: ``root`` (``data.root``), else ``$FEDIMG_DATA``, else the cache dir."""
+    """The data root: ``root`` (``data.root``), else ``$FEDIMG_DATA``, else the cache dir.
+
+    Returned absolute, so results.json records where the data really was.
+    """
     if root:
-        return Path(root).expanduser()
+        return Path(root).expanduser().resolve()
     env = os.environ.get("FEDIMG_DATA")
     if env:
-        return Path(env).expanduser()
+        return Path(env).expanduser().resolve()
     return _xdg_cache()
 
 
