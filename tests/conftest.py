@@ -27,3 +27,12 @@ def shared_data() -> Path:
     if root is None:
         pytest.skip("real data not found: set FEDIMG_DATA or place ../shared/data")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> list[str]:
+    """Overrides for a seconds-long run: 2 clients, synthetic 32 px images, 1 round."""
+    return ["rounds=1", "clients=2", "data.source=synthetic", "data.image_size=32",
+            "data.synthetic.train_size=96", "data.synthetic.test_size=32",
+            "data.min_partition_size=8", "data.partitioner=iid", "data.quantity_skew=0",
+            "output.progress=false"]

@@ -19,14 +19,11 @@ def test_balanced_class_weights_by_hand() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
+def tiny_cfg(tmp_path_factory, tiny_overrides):
     run_dir = tmp_path_factory.mktemp("task")
-    return compose_config("medical", [
-        f"hydra.run.dir={run_dir}", "clients=2", "data.source=synthetic",
-        "data.partitioner=iid", "data.quantity_skew=0", "data.image_size=32",
-        "data.synthetic.train_size=96", "data.synthetic.test_size=32",
-        "data.min_partition_size=8", "train.batch_size=16", "train.lr=0.02",
-        "train.class_weighting=balanced"])
+    return compose_config("medical", [f"hydra.run.dir={run_dir}", *tiny_overrides,
+                                      "train.batch_size=16", "train.lr=0.02",
+                                      "train.class_weighting=balanced"])
 
 
 def test_environment_is_built_once_per_config(tiny_cfg) -> None:
@@ -57,6 +54,6 @@ def test_same_round_and_client_give_the_same_update(tiny_cfg) -> None:
     updates = []
     for _ in range(2):
         env.load_state(start)
-        env.train(1, server_round=2)
+        env.train(1, server_round=1)
         updates.append(env.state())
     assert all(torch.equal(updates[0][k], updates[1][k]) for k in start)

@@ -15,16 +15,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr CLI not on PATH")
-def test_flwr_run_local_simulation_writes_a_run_directory(tmp_path) -> None:
+def test_flwr_run_local_simulation_writes_a_run_directory(tmp_path, tiny_overrides) -> None:
     # Arrange: a private FLWR_HOME, so the local SuperLink's database lives in tmp_path.
     home, run_dir = tmp_path / "flwr_home", tmp_path / "run"
     home.mkdir()
     env = {**os.environ, "FLWR_HOME": str(home),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    overrides = (f"hydra.run.dir={run_dir} rounds=1 clients=2 data.source=synthetic "
-                 "data.image_size=32 data.synthetic.train_size=96 data.synthetic.test_size=32 "
-                 "data.min_partition_size=8 data.partitioner=iid output.progress=false")
+    overrides = " ".join([f"hydra.run.dir={run_dir}", *tiny_overrides])
     cmd = ["flwr", "run", ".", "local", "--stream",
            "--federation-config", "num-supernodes=2",
            "--run-config", f'scenario="medical" overrides="{overrides}"']

@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(shutil.which("ray") is None, reason="ray CLI not on PATH")
-def test_simulation_joins_a_running_ray_cluster(tmp_path) -> None:
+def test_simulation_joins_a_running_ray_cluster(tmp_path, tiny_overrides) -> None:
     # Arrange: the head of a cluster, as on the first machine of a multi-machine run.
     port = _free_port()
     subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=2",
@@ -29,11 +29,8 @@ def test_simulation_joins_a_running_ray_cluster(tmp_path) -> None:
                    check=True, capture_output=True, timeout=120)
     try:
         # Act
-        results = run([f"hydra.run.dir={tmp_path}", "rounds=1", "clients=2",
-                       f"sim.ray_address=127.0.0.1:{port}", "data.source=synthetic",
-                       "data.image_size=32", "data.synthetic.train_size=96",
-                       "data.synthetic.test_size=32", "data.min_partition_size=8",
-                       "data.partitioner=iid", "output.progress=false"])
+        results = run([f"hydra.run.dir={tmp_path}", f"sim.ray_address=127.0.0.1:{port}",
+                       *tiny_overrides])
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
     # Assert: both clients trained on the cluster's workers.
