@@ -39,3 +39,22 @@ def test_two_rounds_two_clients_through_ray(tmp_path) -> None:
     assert rounds[2]["train/last_loss"] < rounds[1]["train/first_loss"]
     assert results["data"]["source"] == "synthetic"
     assert json.loads((run_dir / "results.json").read_text())["final"]["round"] == 2
+
+
+def test_client_sampling_is_seeded(tmp_path, tiny_overrides) -> None:
+    # Arrange: 4 clients, half of them sampled per round, same seed twice.
+    def sampled(run_dir) -> list[list[str]]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [sorted(c for c, v in json.loads(x)["clients"].items() if "train" in v)
+                for x in lines[1:]]
+
+    argv = [*tiny_overrides, "rounds=3", "clients=4", "fl.fraction_train=0.5",
+            "fl.fraction_evaluate=0.5", "data.synthetic.train_size=128"]
+    # Act
+    run([*argv, f"hydra.run.dir={tmp_path / 'a'}"])
+    run([*argv, f"hydra.run.dir={tmp_path / 'b'}"])
+    # Assert: 2 of 4 clients per round, the same ones in both runs
+    first, second = sampled(tmp_path / "a"), sampled(tmp_path / "b")
+    assert all(len(r) == 2 for r in first)
+    assert first == second
+    assert len({tuple(r) for r in first}) > 1  # reseeded per round, not one fixed pair
