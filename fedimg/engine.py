@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,23 @@ def start_ray(sim: SimConfig) -> None:
                      gpus / sim.num_gpus_per_client if sim.num_gpus_per_client else 1e9)))
 
 
+class _NotRunSimulationDeprecation(logging.Filter):
+    """Hide Flower's console notice that ``run_simulation`` is deprecated.
+
+    fedimg calls it on purpose (``flwr run`` is supported separately, see README); the
+    notice still reaches ``run.log``, whose handler is not filtered.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def simulate(prepared: PreparedRun) -> dict[str, Any]:
     """Run all rounds of ``prepared`` on the Ray simulation engine; return the results."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+    for handler in logging.getLogger("flwr").handlers:
+        handler.addFilter(_NotRunSimulationDeprecation())
     import ray
     from flwr.simulation import run_simulation
 
