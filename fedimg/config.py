@@ -117,6 +117,7 @@ class OutputConfig:
 
     run_dir: Optional[str] = None  # set from hydra.run.dir; default runs/<name>/<time>
     checkpoints: bool = True
+    select_metric: str = "val/balanced_accuracy"  # picks best.pt; never a test/ metric
     plots: bool = True
     progress: bool = True
 
@@ -259,6 +260,9 @@ def _validate_federation(cfg: FedimgConfig) -> None:
 
 def _validate_values(cfg: FedimgConfig) -> None:
     """Range checks that need no registry."""
+    _check(cfg.output.select_metric.startswith(("val/", "train/")),
+           f"output.select_metric='{cfg.output.select_metric}' must be a val/ or train/ "
+           "metric (e.g. val/balanced_accuracy): the test split must not select models")
     _check(cfg.rounds >= 1, f"rounds={cfg.rounds} is impossible: run at least 1 round")
     _check(cfg.clients >= 1, f"clients={cfg.clients} is impossible: need at least 1 client")
     _validate_data(cfg.data)

@@ -86,3 +86,9 @@ def test_json_round_trip_is_exact(tmp_path) -> None:
 def test_more_impossible_values(overrides, message, tmp_path) -> None:
     with pytest.raises(ConfigError, match=message):
         compose_config("medical", [*overrides, f"hydra.run.dir={tmp_path}"])
+
+
+def test_model_selection_may_not_use_the_test_split(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="the test split must not select models"):
+        compose_config("medical", ["output.select_metric=test/accuracy",
+                                   f"hydra.run.dir={tmp_path}"])

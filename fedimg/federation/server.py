@@ -182,12 +182,14 @@ class RoundTracker:
         return MetricRecord({k: v for k, v in test.items() if v == v}) if test else None
 
     def score(self, record: dict[str, Any]) -> float:
-        """Model-selection score: federated validation accuracy (never the test split).
+        """Model-selection score: ``output.select_metric`` (never a test-split metric).
 
-        Without federated evaluation it falls back to the train accuracy, so that the
-        test split stays untouched by model selection.
+        The default, federated validation balanced accuracy, does not reward a model
+        for predicting the majority class of imbalanced local splits. Without federated
+        evaluation it falls back to the train accuracy.
         """
-        value = record.get("val/accuracy", record.get("train/accuracy", float("nan")))
+        value = record.get(self.cfg.output.select_metric,
+                           record.get("train/accuracy", float("nan")))
         return float("-inf") if value is None or value != value else float(value)
 
     def _maybe_best(self, record: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -215,6 +217,7 @@ def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> 
     return {
         "name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "model": cfg.model,
         "strategy": cfg.strategy, "run_dir": str(prepared.recorder.run_dir),
+        "select_metric": cfg.output.select_metric,
         "final": final, "best": tracker.best, "initial": rounds[0] if rounds else {},
         "data": {"dataset": prepared.dataset.name, "source": prov.source,
                  "location": prov.location, "fallback_reason": prov.fallback_reason,

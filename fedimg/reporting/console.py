@@ -101,9 +101,10 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
     out.append("")
     out.append(f"final  test acc {_fmt(final.get('test/accuracy'))}  "
                f"auc {_fmt(final.get('test/auc'))}  (round {results.get('rounds')})")
+    metric = results.get("select_metric", "val/balanced_accuracy")
     out.append(f"best   test acc {_fmt(best.get('test/accuracy'))}  "
-               f"(round {best.get('round')}, chosen on federated val acc "
-               f"{_fmt(best.get('val/accuracy'))})")
+               f"(round {best.get('round')}, chosen on {metric} "
+               f"{_fmt(best.get(metric))})")
     out.append(f"data   {results.get('data', {}).get('source')} "
                f"{results.get('data', {}).get('location', '')}")
     out.append(f"run    {results.get('run_dir')}")
