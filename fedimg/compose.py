@@ -37,6 +37,12 @@ def list_scenarios() -> list[str]:
     return sorted(p.stem for p in scenarios_dir().glob("*.yaml"))
 
 
+# Config groups whose presets live in scenarios/<group>/<name>.yaml: ``privacy=dp_sgd``
+# selects scenarios/privacy/dp_sgd.yaml (Hydra's ``+group=option``), merged after the
+# scenario itself so that the preset's settings (e.g. frozen BatchNorm) win.
+PRESET_GROUPS = ("privacy",)
+
+
 def split_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
     """Separate ``scenario=NAME`` from the other ``key=value`` overrides."""
     scenario, overrides = DEFAULT_SCENARIO, []
@@ -98,6 +104,10 @@ def compose_config(
 
     path = _scenario_file(scenario)
     _register_schema()
+    # ``privacy=NAME`` is the Hydra group override ``+privacy=NAME`` (a preset file).
+    overrides = [f"+{o}" if o.split("=", 1)[0] in PRESET_GROUPS else o for o in overrides]
+    if path.parent != scenarios_dir() and any(o.startswith("+privacy=") for o in overrides):
+        overrides = [*overrides, f"hydra.searchpath=[file://{scenarios_dir()}]"]
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
             raw = compose(config_name=path.stem, overrides=list(overrides),

@@ -123,6 +123,31 @@ class OutputConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy: sample-level DP-SGD at clients, or client-level DP at the server.
+
+    ``privacy=dp_sgd`` / ``privacy=client_dp`` on the command line also apply the
+    presets in ``scenarios/privacy/`` (e.g. frozen BatchNorm for DP-SGD).
+    """
+
+    mode: str = "none"  # none | dp_sgd (Opacus, per client) | client_dp (server-side)
+    target_epsilon: float = 8.0  # per client (dp_sgd) or for the federation (client_dp)
+    target_delta: Optional[float] = None  # None: 0.1/N for N samples (dp_sgd) / N clients
+    client_epsilons: Optional[list[float]] = None  # dp_sgd: one budget per client
+    noise_multiplier: Optional[float] = None  # sigma; None: calibrated once from the budget
+    max_grad_norm: float = 1.0  # dp_sgd: per-sample clipping norm C
+    accountant: str = "prv"  # prv | rdp; the other one is reported as a cross-check
+    poisson: bool = True  # dp_sgd: Poisson sampling of each logical batch
+    physical_batch_size: Optional[int] = None  # dp_sgd: None = train.batch_size
+    grad_sample_mode: str = "auto"  # auto (per model) | hooks | functorch | ew
+    clipping: str = "fixed"  # client_dp: fixed | adaptive (Andrew et al. 2021)
+    clipping_norm: float = 1.0  # client_dp: clip of each update's L2 norm (initial if adaptive)
+    target_clipped_quantile: float = 0.5  # client_dp adaptive
+    clip_norm_lr: float = 0.2  # client_dp adaptive
+    clipped_count_stddev: Optional[float] = None  # client_dp adaptive; None = clients / 20
+
+
+@dataclass
 class FedimgConfig:
     """A whole fedimg run."""
 
@@ -140,6 +165,7 @@ class FedimgConfig:
     fl: FederationConfig = field(default_factory=FederationConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -258,6 +284,40 @@ def _validate_federation(cfg: FedimgConfig) -> None:
                f"sim.{name}={value} is impossible")
 
 
+def _validate_privacy(cfg: FedimgConfig) -> None:
+    p, private = cfg.privacy, cfg.privacy.mode != "none"
+    _check(p.target_epsilon > 0, f"privacy.target_epsilon={p.target_epsilon} must be > 0 "
+           "(for no privacy use privacy=none)")
+    _check(p.target_delta is None or 0 < p.target_delta < 1,
+           f"privacy.target_delta={p.target_delta} must be in (0, 1)")
+    _check(p.noise_multiplier is None or p.noise_multiplier > 0,
+           f"privacy.noise_multiplier={p.noise_multiplier} must be > 0 or null")
+    _check(p.max_grad_norm > 0 and p.clipping_norm > 0,
+           "privacy.max_grad_norm and privacy.clipping_norm must be > 0")
+    _check(p.accountant in ("prv", "rdp"), f"privacy.accountant='{p.accountant}' is "
+           "unknown; valid: prv, rdp")
+    _check(p.grad_sample_mode in ("auto", "hooks", "functorch", "ew"),
+           f"privacy.grad_sample_mode='{p.grad_sample_mode}' is unknown; valid: auto, "
+           "hooks, functorch, ew")
+    _check(p.physical_batch_size is None or p.physical_batch_size >= 1,
+           "privacy.physical_batch_size must be >= 1 or null")
+    _check(p.clipping in ("fixed", "adaptive"), f"privacy.clipping='{p.clipping}' is "
+           "unknown; valid: fixed, adaptive")
+    _check(0 < p.target_clipped_quantile < 1, "privacy.target_clipped_quantile must be in (0, 1)")
+    budgets = p.client_epsilons
+    _check(budgets is None or (len(budgets) == cfg.clients and min(budgets) > 0),
+           f"privacy.client_epsilons needs {cfg.clients} positive values (one per client)")
+    _check(not private or cfg.transfer.bn == "frozen", f"privacy.mode={p.mode} needs "
+           "transfer.bn=frozen (the privacy= presets set it): BatchNorm statistics computed "
+           "on private data are not covered by the clipping bound, in train mode they mix "
+           "the samples of a batch, and noise can make a running variance negative; "
+           "GroupNorm instead would lose the pretrained features")
+    if p.mode == "dp_sgd":
+        _check(cfg.strategy != "fedprox", "strategy=fedprox with privacy.mode=dp_sgd is "
+               "not supported: Opacus replaces the gradient by the noisy per-sample sum, "
+               "which drops the proximal term; use fedavg")
+
+
 def _validate_values(cfg: FedimgConfig) -> None:
     """Range checks that need no registry."""
     _check(cfg.output.select_metric.startswith(("val/", "train/")),
@@ -268,6 +328,7 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_data(cfg.data)
     _validate_training(cfg)
     _validate_federation(cfg)
+    _validate_privacy(cfg)
 
 
 def _validate_names(cfg: FedimgConfig) -> None:
@@ -277,6 +338,7 @@ def _validate_names(cfg: FedimgConfig) -> None:
     from fedimg.data import AUGMENTATIONS, DATASETS, PARTITIONERS
     from fedimg.federation.strategies import STRATEGIES
     from fedimg.models import MODELS
+    from fedimg.privacy import PRIVACY_MODES
     from fedimg.training import OPTIMIZERS, SCHEDULES
 
     for registry, value in (
@@ -287,6 +349,7 @@ def _validate_names(cfg: FedimgConfig) -> None:
         (AUGMENTATIONS, cfg.data.augment),
         (OPTIMIZERS, cfg.train.optimizer),
         (SCHEDULES, cfg.train.schedule),
+        (PRIVACY_MODES, cfg.privacy.mode),
     ):
         registry.get(value)
 

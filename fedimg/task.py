@@ -92,6 +92,7 @@ class TaskEnvironment:
                                  weights="none", transfer=cfg.transfer).to(self.device)
         self.reference = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         self._clients: dict[int, ClientData] = {}
+        self._private: torch.nn.Module | None = None
         self._train_tf = build_transform(cfg.data.augment, image_size=cfg.data.image_size,
                                          train=True)
         self._eval_tf = build_transform("none", image_size=cfg.data.image_size, train=False)
@@ -125,6 +126,18 @@ class TaskEnvironment:
         if self.cfg.train.class_weighting == "balanced":
             return balanced_class_weights(labels, self.num_classes)
         return None
+
+    def private_model(self) -> torch.nn.Module:
+        """The shared model with in-place ops rewritten, for Opacus' per-sample hooks.
+
+        It shares every parameter and buffer with :attr:`model`, so loading global
+        weights into one loads them into both.
+        """
+        if self._private is None:
+            from fedimg.models import make_inplace_free
+
+            self._private = make_inplace_free(self.model)
+        return self._private
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Overwrite every parameter and buffer of the shared model."""

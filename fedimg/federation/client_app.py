@@ -9,7 +9,10 @@ leave the client. Used unchanged by simulation (``python -m fedimg.simulate``),
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import json
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedimg.config import FedimgConfig
@@ -17,6 +20,7 @@ from fedimg.errors import DataError
 from fedimg.federation.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    DECLINED_KEY,
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     config_from_record,
@@ -25,7 +29,12 @@ from fedimg.federation.records import (
     reply_content,
     state_dict_to_record,
 )
+from fedimg.privacy import PRIVACY_MODES
 from fedimg.task import TaskEnvironment, environment
+
+# A client's DP ledger lives in its Flower context.state between rounds: a fresh
+# accountant every round would restart epsilon at zero.
+LEDGER_KEY = "fedimg-privacy-ledger"
 
 app = ClientApp()
 
@@ -60,15 +69,31 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": info}), reply_to=msg)
 
 
+def _ledger(context: Context) -> dict[str, Any] | None:
+    record = context.state.config_records.get(LEDGER_KEY)
+    return json.loads(str(record["json"])) if record is not None else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on the local partition."""
+    """Train the received global model on the local partition (privately if configured).
+
+    Under DP-SGD a client whose budget cannot cover the round replies with its
+    privacy metrics and the reason instead of an update.
+    """
     env, pid, config = _setup(msg, context)
-    metrics, num_examples = env.train(
-        pid, server_round=int(config[ROUND_KEY]),
-        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
-    content = reply_content(metrics=metric_record(metrics, num_examples=num_examples),
-                            arrays=state_dict_to_record(env.state()))
+    mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
+    result = mode.train(env, pid, server_round=int(config[ROUND_KEY]),
+                        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+                        ledger=_ledger(context))
+    if result.ledger is not None:
+        context.state[LEDGER_KEY] = ConfigRecord({"json": json.dumps(result.ledger)})
+    metrics = metric_record(result.metrics, num_examples=result.num_examples)
+    if result.declined:
+        content = reply_content(metrics=metrics)
+        content[DECLINED_KEY] = ConfigRecord({"reason": result.declined})
+    else:
+        content = reply_content(metrics=metrics, arrays=state_dict_to_record(env.state()))
     return Message(content, reply_to=msg)
 
 

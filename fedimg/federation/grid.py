@@ -26,7 +26,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedimg.errors import FedimgError, UpdateError
-from fedimg.federation.records import ARRAYS_KEY, check_arrays, record_bytes
+from fedimg.federation.records import ARRAYS_KEY, DECLINED_KEY, check_arrays, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ClientExchange:
     bytes_up: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     num_examples: int = 0
-    status: str = "ok"  # ok | failed | rejected | timeout
+    status: str = "ok"  # ok | failed | rejected | timeout | declined
     reason: str = ""
 
 
@@ -136,6 +136,12 @@ class InstrumentedGrid(Grid):
             return True  # the strategy counts it as a failure itself
         exchange.bytes_up = _content_bytes(reply.content)
         exchange.metrics, exchange.num_examples = _metrics_of(reply.content)
+        if DECLINED_KEY in reply.content.config_records:
+            exchange.status = "declined"
+            exchange.reason = str(reply.content[DECLINED_KEY].get("reason", ""))
+            log.info("client %d declined to train: %s", exchange.partition_id,
+                     exchange.reason)
+            return False
         if exchange.phase == MessageType.TRAIN:
             try:
                 self._check_update(reply.content)

@@ -27,6 +27,7 @@ PROXIMAL_MU_KEY = "proximal-mu"
 NUM_EXAMPLES_KEY = "num-examples"  # Flower's default weighting key
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
+DECLINED_KEY = "declined"  # ConfigRecord {"reason": ...} of a client that refused to train
 
 
 def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

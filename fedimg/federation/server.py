@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedimg.config import FedimgConfig, to_dict
-from fedimg.errors import FedimgError
+from fedimg.errors import FedimgError, PrivacyBudgetExhausted
 from fedimg.data import (
     ClientPartition,
     Dataset,
@@ -146,6 +146,7 @@ class RoundTracker:
         self.best: dict[str, Any] = {}
         self.last_state: dict[str, torch.Tensor] = {}
         self.round_started = time.perf_counter()
+        self.stopped: str | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         # Flower samples clients with Python's `random`; seeding per round keeps the
@@ -165,10 +166,13 @@ class RoundTracker:
             "clients_ok": sum(e.phase == "train" and e.status == "ok" for e in exchanges),
             "clients_failed": sum(e.status in ("failed", "timeout") for e in exchanges),
             "clients_rejected": sum(e.status == "rejected" for e in exchanges),
+            "clients_declined": sum(e.status == "declined" for e in exchanges),
+            **self.strategy_privacy(),
             "clients": _clients(exchanges)}
         self.prepared.recorder.append_round(record)
         self.rounds.append(record)
         if server_round > 0 and record["clients_ok"] == 0:
+            self._stop_if_budgets_spent(server_round, exchanges)
             reasons = [e.reason for e in exchanges if e.status != "ok"]
             raise FedimgError(f"round {server_round}: no client returned a usable update "
                               f"({len(reasons)} failed); first reason: "
@@ -180,6 +184,18 @@ class RoundTracker:
                                   ("train/loss", "val/accuracy", "test/accuracy")})
         self.round_started = time.perf_counter()
         return MetricRecord({k: v for k, v in test.items() if v == v}) if test else None
+
+    def strategy_privacy(self) -> dict[str, float]:
+        """Server-side privacy metrics (client-level DP), if the strategy keeps any."""
+        report = getattr(self.prepared.strategy, "privacy_report", None)
+        return report() if callable(report) else {}
+
+    def _stop_if_budgets_spent(self, server_round: int,
+                               exchanges: list[ClientExchange]) -> None:
+        trained = [e for e in exchanges if e.phase == "train"]
+        if trained and all(e.status == "declined" for e in trained):
+            raise PrivacyBudgetExhausted(f"round {server_round}: every sampled client "
+                                         "declined, its privacy budget spent; stopping")
 
     def score(self, record: dict[str, Any]) -> float:
         """Model-selection score: ``output.select_metric`` (never a test-split metric).
@@ -230,7 +246,27 @@ def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> 
         "bytes": {"down": sum(r["bytes_down"] for r in rounds),
                   "up": sum(r["bytes_up"] for r in rounds)},
         "rejected_updates": dict(tracker.grid.rejections),
+        "stopped_early": tracker.stopped,
+        "privacy": privacy_summary(cfg, rounds),
         "versions": library_versions()}
+
+
+def privacy_summary(cfg: FedimgConfig, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final epsilon of each client (DP-SGD) or of the server (client-level DP), and stops."""
+    clients: dict[str, dict[str, Any]] = {}
+    for record in rounds:
+        for pid, entry in record.get("clients", {}).items():
+            dp = {k: v for k, v in entry.get("train", {}).items() if k.startswith("dp/")}
+            if not dp:
+                continue
+            info = clients.setdefault(pid, {"stopped_round": None})
+            info.update(dp)
+            if entry.get("train_status", "").startswith("declined") and \
+                    info["stopped_round"] is None:
+                info["stopped_round"] = record["round"]
+    server = {k: v for k, v in (rounds[-1] if rounds else {}).items()
+              if k.startswith("privacy/")}
+    return {"mode": cfg.privacy.mode, "clients": clients, "server": server}
 
 
 def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
@@ -248,6 +284,9 @@ def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
             grid=igrid, initial_arrays=state_dict_to_record(initial), num_rounds=cfg.rounds,
             timeout=cfg.fl.timeout_s, train_config=config_record(client_cfg),
             evaluate_config=config_record(client_cfg), evaluate_fn=tracker)
+    except PrivacyBudgetExhausted as exc:  # a normal end of a private run, not a failure
+        tracker.stopped = str(exc)
+        log.warning("run stopped early: %s", exc)
     finally:
         tracker.progress.close()
     if cfg.output.checkpoints and tracker.last_state:

@@ -169,6 +169,12 @@ def build_strategy(cfg: FedimgConfig, *, buffer_keys: Iterable[str] = ()) -> Str
     """The Flower strategy named by ``cfg.strategy``.
 
     ``buffer_keys`` names the model's non-parameter arrays (BatchNorm statistics),
-    which server optimisers must average rather than step.
+    which server optimisers must average rather than step. A client-level privacy
+    mode wraps the strategy in Flower's DP wrapper (see :mod:`fedimg.privacy`).
     """
-    return STRATEGIES.get(cfg.strategy)(cfg, frozenset(buffer_keys))
+    from fedimg.privacy import PRIVACY_MODES
+
+    buffers = frozenset(buffer_keys)
+    strategy = STRATEGIES.get(cfg.strategy)(cfg, buffers)
+    wrap = PRIVACY_MODES.get(cfg.privacy.mode).wrap_strategy
+    return wrap(strategy, cfg, buffers) if wrap is not None else strategy

@@ -1,0 +1,83 @@
+"""Differential privacy for fedimg: the privacy-mode registry and shared types.
+
+``privacy.mode`` picks one entry of :data:`PRIVACY_MODES`:
+
+* ``none``: plain federated training.
+* ``dp_sgd``: sample-level DP-SGD at every client (Abadi et al. 2016, "Deep
+  Learning with Differential Privacy", CCS) with Opacus; see :mod:`fedimg.privacy.dp_sgd`.
+* ``client_dp``: client-level central DP at the server, DP-FedAvg (McMahan et al.
+  2018, "Learning Differentially Private Recurrent Language Models", ICLR), using
+  Flower's server-side clipping wrappers; see :mod:`fedimg.federation.client_dp`.
+
+An entry says how a client trains one round and how the server wraps its strategy,
+so no code branches on the mode's name. The heavy imports (Opacus, Flower) happen
+only when a mode is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedimg.registry import Registry
+
+if TYPE_CHECKING:
+    from fedimg.config import FedimgConfig
+    from fedimg.task import TaskEnvironment
+
+
+@dataclass
+class ClientRound:
+    """What one client's training round produced (before it becomes a Flower reply)."""
+
+    metrics: dict[str, float]
+    num_examples: int
+    ledger: dict[str, Any] | None = None  # DP state the client keeps for its next round
+    declined: str = ""  # why the client refused to train (its privacy budget), or ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+ClientTrain = Callable[..., ClientRound]
+StrategyWrapper = Callable[[Any, "FedimgConfig", frozenset[str]], Any]
+
+
+@dataclass(frozen=True)
+class PrivacyMode:
+    """A privacy mode: the client's round and the server's strategy wrapper."""
+
+    description: str
+    train: ClientTrain
+    wrap_strategy: StrategyWrapper | None = None
+    sample_level: bool = False  # clients keep a per-client privacy ledger
+
+
+PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", config_key="privacy.mode")
+
+
+def plain_train(env: TaskEnvironment, partition_id: int, *, server_round: int,
+                proximal_mu: float = 0.0, ledger: dict[str, Any] | None = None) -> ClientRound:
+    """A non-private local round (also the client's part of client-level DP)."""
+    metrics, num_examples = env.train(partition_id, server_round=server_round,
+                                      proximal_mu=proximal_mu)
+    return ClientRound(metrics=metrics, num_examples=num_examples)
+
+
+def _dp_sgd_train(env: TaskEnvironment, partition_id: int, **kwargs: Any) -> ClientRound:
+    from fedimg.privacy.dp_sgd import train_round
+
+    return train_round(env, partition_id, **kwargs)
+
+
+def _client_dp_wrapper(strategy: Any, cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Any:
+    from fedimg.federation.client_dp import wrap_client_dp
+
+    return wrap_client_dp(strategy, cfg, buffer_keys)
+
+
+PRIVACY_MODES.add("none", PrivacyMode("no differential privacy", train=plain_train))
+PRIVACY_MODES.add("dp_sgd", PrivacyMode(
+    "sample-level DP-SGD at every client (Opacus)", train=_dp_sgd_train, sample_level=True))
+PRIVACY_MODES.add("client_dp", PrivacyMode(
+    "client-level central DP at the server (DP-FedAvg)", train=plain_train,
+    wrap_strategy=_client_dp_wrapper))

@@ -1,0 +1,248 @@
+"""Sample-level DP-SGD for one client round, with Opacus.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", CCS): every
+logical batch is drawn by Poisson sampling with rate q = B / N, each per-sample
+gradient is clipped to ``max_grad_norm`` C, and Gaussian noise N(0, sigma^2 C^2)
+is added to their sum. Opacus provides the pieces used here: ``GradSampleModule``
+(per-sample gradients; hook or functorch mode per architecture), ``DPOptimizer``
+(clip, noise, step), ``UniformWithReplacementSampler`` (Poisson batches),
+``BatchMemoryManager`` (physical batches below the logical batch) and the PRV/RDP
+accountants. The model is the client's pretrained network with frozen BatchNorm
+and its in-place operations rewritten (Opacus' hooks cannot see through them).
+
+Sigma is calibrated once per client from its whole planned participation (all
+rounds x local steps); the client's :class:`~fedimg.privacy.accounting.PrivacyLedger`
+travels between rounds in Flower's ``context.state``, and the accountant attached to
+the optimizer continues that history, so epsilon accumulates. A client whose next
+round would exceed its budget declines that round and every later one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedimg.config import FedimgConfig
+from fedimg.data import InMemoryLoader
+from fedimg.errors import TrainingDiverged
+from fedimg.models import MODELS
+from fedimg.privacy import ClientRound, grad_samplers  # noqa: F401 - registers Conv2d rule
+from fedimg.privacy.accounting import PrivacyLedger, default_delta, new_ledger
+from fedimg.training import build_optimizer, scheduled_lr
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message="Optimal order is the", module="opacus")
+warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+
+
+class ClipCountingDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer that also counts how many per-sample gradients it clipped."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.samples_seen = 0
+        self.samples_clipped = 0
+
+    def clip_and_accumulate(self) -> None:
+        if len(self.grad_samples[0]):
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1)
+                                 for g in self.grad_samples], dim=1).norm(2, dim=1)  # (B,)
+            self.samples_seen += len(norms)
+            self.samples_clipped += int((norms > self.max_grad_norm).sum())
+        super().clip_and_accumulate()
+
+
+class _Positions(Dataset):
+    """Positions 0..n-1 into a client's partition (the batch is gathered in collate)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def sample_rate(cfg: FedimgConfig, num_samples: int) -> float:
+    """Poisson sampling rate q = B / N (expected logical batch B = train.batch_size)."""
+    return min(1.0, cfg.train.batch_size / max(1, num_samples))
+
+
+def steps_per_round(cfg: FedimgConfig, num_samples: int) -> int:
+    """Noisy steps in one round: ``local_steps``, else ``local_epochs`` x 1/q."""
+    if cfg.train.local_steps is not None:
+        return cfg.train.local_steps
+    return cfg.train.local_epochs * int(1 / sample_rate(cfg, num_samples))
+
+
+def client_ledger(cfg: FedimgConfig, partition_id: int, num_samples: int) -> PrivacyLedger:
+    """The first-round ledger: budget, delta and sigma calibrated for all planned rounds."""
+    p = cfg.privacy
+    budget = p.client_epsilons[partition_id] if p.client_epsilons else p.target_epsilon
+    return new_ledger(target_epsilon=budget,
+                      delta=p.target_delta or default_delta(num_samples),
+                      sample_rate=sample_rate(cfg, num_samples),
+                      planned_steps=cfg.rounds * steps_per_round(cfg, num_samples),
+                      accountant=p.accountant, noise_multiplier=p.noise_multiplier)
+
+
+def grad_sample_mode(cfg: FedimgConfig) -> str:
+    """``privacy.grad_sample_mode``, or the fastest measured mode of the model (auto)."""
+    if cfg.privacy.grad_sample_mode != "auto":
+        return cfg.privacy.grad_sample_mode
+    return getattr(MODELS.get(cfg.model), "dp_grad_sample_mode", "hooks")
+
+
+def poisson_loader(loader: InMemoryLoader, *, rate: float, steps: int,
+                   seed: int) -> DataLoader:
+    """Poisson-sampled logical batches over ``loader``'s partition (same transform)."""
+    images, labels, indices = loader.images, loader.labels, loader.indices
+    empty_x = loader.transform(images[torch.from_numpy(indices[:1])])[:0]  # (0, C, S, S)
+
+    def collate(positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not positions:
+            return empty_x, labels[:0]
+        idx = torch.from_numpy(indices[np.asarray(positions)])
+        return loader.transform(images[idx]), labels[idx]
+
+    generator = torch.Generator().manual_seed(seed)
+    sampler = UniformWithReplacementSampler(num_samples=len(indices), sample_rate=rate,
+                                            generator=generator, steps=steps)
+    return DataLoader(_Positions(len(indices)), batch_sampler=sampler, collate_fn=collate)
+
+
+def _declined(ledger: PrivacyLedger, server_round: int, steps: int) -> ClientRound:
+    if ledger.stopped_round is None:
+        ledger.stopped_round = server_round
+    reason = (f"privacy budget: epsilon would reach {ledger.epsilon_after(steps):.3f} > "
+              f"{ledger.target_epsilon:g} after this round (spent {ledger.spent():.3f})")
+    return ClientRound(metrics={**ledger.report(), "dp/declined": 1.0}, num_examples=0,
+                       ledger=ledger.to_dict(), declined=reason)
+
+
+def train_round(env: Any, partition_id: int, *, server_round: int,
+                ledger: dict[str, Any] | None = None, proximal_mu: float = 0.0) -> ClientRound:
+    """One DP-SGD round of client ``partition_id`` on ``env`` (a TaskEnvironment).
+
+    The global weights must already be loaded into ``env.model``. Returns the
+    metrics (with epsilon, sigma, q, delta and the clipped fraction) and the
+    updated ledger; a client whose budget cannot cover this round declines.
+    """
+    cfg, data = env.cfg, env.client(partition_id)
+    n = data.num_train
+    book = PrivacyLedger.from_dict(ledger) if ledger else client_ledger(cfg, partition_id, n)
+    steps = steps_per_round(cfg, n)
+    if book.stopped_round is not None or book.would_exceed(steps):
+        return _declined(book, server_round, steps)
+    torch.manual_seed(int(np.random.SeedSequence(
+        [cfg.seed, server_round, partition_id, 7]).generate_state(1)[0]))
+    lr = scheduled_lr(cfg.train, server_round=server_round, total_rounds=cfg.rounds)
+    started = time.perf_counter()
+    stats = train_private(env.private_model(), data.train, book, cfg=cfg, device=env.device,
+                          class_weights=data.class_weights, lr=lr, steps=steps,
+                          seed=cfg.seed * 7919 + server_round * 131 + partition_id)
+    stats["train/seconds"] = time.perf_counter() - started
+    stats["train/lr"] = lr
+    return ClientRound(metrics={**stats, **book.report()}, num_examples=n,
+                       ledger=book.to_dict())
+
+
+def make_private(model: nn.Module, *, cfg: FedimgConfig, lr: float, noise_multiplier: float,
+                 expected_batch_size: int, device: torch.device
+                 ) -> tuple[GradSampleModule, ClipCountingDPOptimizer]:
+    """``model`` wrapped for per-sample gradients, and the clipping, noising optimizer.
+
+    The grad-sample mode is :func:`grad_sample_mode`; the optimizer is
+    ``train.optimizer`` inside Opacus' DPOptimizer. Close the module with
+    ``gsm._close()`` to remove Opacus' hooks from ``model`` again.
+    """
+    model.to(device).train()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                           force_functorch=grad_sample_mode(cfg) == "functorch")
+    trainable = [p for p in gsm.parameters() if p.requires_grad]
+    optimizer = ClipCountingDPOptimizer(
+        build_optimizer(trainable, cfg=cfg.train, lr=lr), noise_multiplier=noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        expected_batch_size=max(1, expected_batch_size), loss_reduction="mean")
+    return gsm, optimizer
+
+
+def train_private(model: nn.Module, train: InMemoryLoader, book: PrivacyLedger, *,
+                  cfg: FedimgConfig, device: torch.device, class_weights: torch.Tensor | None,
+                  lr: float, steps: int, seed: int) -> dict[str, float]:
+    """Train ``model`` (in-place-free, frozen BN) for ``steps`` DP-SGD steps on ``train``.
+
+    Wraps the model for Opacus, continues ``book``'s accountant history (updated in
+    place), and unwraps the model again afterwards.
+    """
+    num_train = train.num_examples
+    gsm, optimizer = make_private(model, cfg=cfg, lr=lr, noise_multiplier=book.noise_multiplier,
+                                  expected_batch_size=round(book.sample_rate * num_train),
+                                  device=device)
+    accountant = create_accountant(mechanism=book.accountant)
+    accountant.history = list(book.history)
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=book.sample_rate))
+    loader = poisson_loader(train, rate=book.sample_rate, steps=steps, seed=seed)
+    physical = cfg.privacy.physical_batch_size or cfg.train.batch_size
+    try:
+        stats = _loop(gsm, loader, optimizer, physical=physical, device=device,
+                      class_weights=class_weights, lr=lr)
+    finally:
+        gsm._close()  # remove Opacus' hooks and per-sample attributes from the shared model
+    book.history = [tuple(h) for h in accountant.history]
+    stats["train/steps"] = float(steps)
+    stats["dp/clipped_fraction"] = (optimizer.samples_clipped / optimizer.samples_seen
+                                    if optimizer.samples_seen else math.nan)
+    return stats
+
+
+def _loop(model: nn.Module, loader: DataLoader, optimizer: DPOptimizer, *, physical: int,
+          device: torch.device, class_weights: torch.Tensor | None,
+          lr: float) -> dict[str, float]:
+    """Physical-batch loop under BatchMemoryManager; returns loss/accuracy summaries."""
+    weight = class_weights.to(device) if class_weights is not None else None
+    losses, sizes, correct = [], [], 0
+    optimizer.zero_grad(set_to_none=True)
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
+                            optimizer=optimizer) as batches:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)  # (b, K)
+            loss = F.cross_entropy(logits, y, weight=weight, reduction="sum") / max(len(y), 1)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            sizes.append(len(y))
+            correct += int((logits.argmax(1) == y).sum())
+    loss_arr, size_arr = np.asarray(losses), np.asarray(sizes, dtype=np.float64)
+    if not np.isfinite(loss_arr).all():
+        raise TrainingDiverged(f"DP-SGD loss became {loss_arr[~np.isfinite(loss_arr)][0]} "
+                               f"with lr={lr:g}; fix: lower train.lr")
+    total = size_arr.sum()
+    k = max(1, math.ceil(0.1 * len(losses)))
+    return {"train/loss": float((loss_arr * size_arr).sum() / total) if total else math.nan,
+            "train/accuracy": correct / total if total else math.nan,
+            "train/first_loss": _mean(loss_arr[:k], size_arr[:k]),
+            "train/last_loss": _mean(loss_arr[-k:], size_arr[-k:]),
+            "train/samples": float(total)}
+
+
+def _mean(values: np.ndarray, weights: np.ndarray) -> float:
+    return float((values * weights).sum() / weights.sum()) if weights.sum() else math.nan

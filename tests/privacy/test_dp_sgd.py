@@ -1,0 +1,102 @@
+"""DP-SGD at a client: clipping, accounting across rounds, budgets, every zoo model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from torch import nn
+
+from fedimg.compose import compose_config
+from fedimg.models import MODELS
+from fedimg.privacy.accounting import epsilon
+from fedimg.privacy.dp_sgd import ClipCountingDPOptimizer, steps_per_round, train_round
+from fedimg.task import TaskEnvironment
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+HEAVY = {"resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_large"}
+
+
+def _env(tmp_path, tiny_overrides, *extra: str) -> TaskEnvironment:
+    cfg = compose_config("medical", [*tiny_overrides, "privacy=dp_sgd", "weights=none",
+                                     "model=mobilenet_v3_small", "train.batch_size=16",
+                                     "train.local_steps=2", "data.synthetic.train_size=128",
+                                     f"hydra.run.dir={tmp_path}", *extra])
+    return TaskEnvironment(cfg, num_threads=2)
+
+
+@pytest.mark.parametrize("scale, clipped", [(100.0, True), (1e-4, False)])
+def test_noise_off_clipped_per_sample_gradient_has_norm_max_grad_norm(scale, clipped) -> None:
+    # Arrange: one sample, plain SGD with lr=1 and no momentum, sigma=0, C=0.5
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    opt = ClipCountingDPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=0.0,
+                                  max_grad_norm=0.5, expected_batch_size=1, loss_reduction="sum")
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(1, 3, 8, 8), torch.tensor([2])
+    # Act
+    loss = scale * nn.functional.cross_entropy(gsm(x), y, reduction="sum")
+    loss.backward()
+    raw = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    opt.step()
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    # Assert: the applied gradient has norm exactly C when clipped, else its own norm
+    assert float(step.norm()) == pytest.approx(0.5 if clipped else float(raw), rel=1e-4)
+    assert (opt.samples_clipped, opt.samples_seen) == (int(clipped), 1)
+    gsm._close()
+
+
+def test_epsilon_accumulates_over_rounds_like_one_accountant(tmp_path, tiny_overrides) -> None:
+    env = _env(tmp_path, tiny_overrides, "rounds=3")
+    steps = steps_per_round(env.cfg, env.client(0).num_train)
+    ledger, spent = None, []
+    for r in (1, 2, 3):
+        before = {k: v.clone() for k, v in env.state().items()}
+        result = train_round(env, 0, server_round=r, ledger=ledger)
+        ledger = result.ledger
+        spent.append(result.metrics["dp/epsilon"])
+        changed = any(not torch.equal(before[k], v) for k, v in env.state().items())
+        assert changed and not result.declined
+    sigma, q = ledger["noise_multiplier"], ledger["sample_rate"]
+    # Assert: sigma calibrated for 3 rounds meets the budget at the end; epsilon rose each
+    # round and equals one accountant run over all 3 x steps
+    assert spent[0] < spent[1] < spent[2] <= 8.0
+    assert spent[2] == pytest.approx(epsilon([(sigma, q, 3 * steps)], ledger["delta"], "prv"),
+                                     rel=1e-6)
+    assert q == pytest.approx(16 / env.client(0).num_train)
+    assert result.metrics["dp/epsilon_rdp"] > spent[2]
+    assert 0.0 <= result.metrics["dp/clipped_fraction"] <= 1.0
+
+
+def test_client_declines_when_its_budget_runs_out(tmp_path, tiny_overrides) -> None:
+    # Arrange: a fixed sigma=1 and a budget halfway between one round's and two rounds'
+    # epsilon (2 steps per round)
+    env = _env(tmp_path, tiny_overrides, "rounds=3", "privacy.noise_multiplier=1.0")
+    q, delta = 16 / env.client(0).num_train, 0.1 / env.client(0).num_train
+    one, two = (epsilon([(1.0, q, k)], delta, "prv") for k in (2, 4))
+    env.cfg.privacy.target_epsilon = (one + two) / 2
+    first = train_round(env, 0, server_round=1)
+    assert not first.declined and first.metrics["dp/epsilon"] == pytest.approx(one, rel=1e-6)
+    # Act
+    second = train_round(env, 0, server_round=2, ledger=first.ledger)
+    third = train_round(env, 0, server_round=3, ledger=second.ledger)
+    # Assert: it stops, says why, spends nothing more, and stays stopped
+    assert "privacy budget" in second.declined and second.num_examples == 0
+    assert second.ledger["stopped_round"] == 2 and third.declined
+    assert third.metrics["dp/epsilon"] == pytest.approx(first.metrics["dp/epsilon"])
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY
+                                  else n for n in MODELS.names()])
+def test_every_zoo_model_trains_one_dp_step(tmp_path, tiny_overrides, name) -> None:
+    env = _env(tmp_path, tiny_overrides, f"model={name}", "train.local_steps=1",
+               "train.batch_size=8")
+    before = {k: v.clone() for k, v in env.state().items()}
+    result = train_round(env, 0, server_round=1)
+    after = env.state()
+    # Assert: trainable weights moved, BatchNorm statistics did not (frozen), all finite
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert not any("running_" in k for k in moved)
+    assert result.metrics["dp/epsilon"] > 0 and result.metrics["train/steps"] == 1
