@@ -4,7 +4,8 @@ Runs a privacy/utility sweep (:mod:`fedimg.privacy.sweep`): one federated run pe
 (epsilon, seed), each audited by membership inference, then tables and plots.
 Options: sweep.epsilons=[0.5,1,2,4,8,inf] sweep.seeds=[0,1] sweep.mode=dp_sgd|client_dp
 sweep.dir=PATH sweep.audit_pool=500 sweep.lira_shadows=0 sweep.lira_epsilons=[inf,1]
-sweep.inversion_steps=0. Other key=value arguments override the scenario.
+sweep.inversion_steps=0 sweep.nonprivate=[train.lr=0.05]. Other key=value arguments
+override the scenario.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 :func:`audit_run` loads a run directory (config, partitions, final checkpoint) and
 attacks the final global model:
 
-* members are training samples of the clients, non-members held-out test samples;
+* members are training samples of the clients, non-members samples of their
+  validation splits (same distribution, never trained on);
 * the loss-threshold attack (Yeom et al. 2018) needs only the target model;
 * LiRA (Carlini et al. 2022) trains ``shadows`` models, each on a random half of the
   member/non-member pool, with the target's local recipe run centrally: the same
@@ -31,6 +32,7 @@ import torch
 
 from fedimg.config import FedimgConfig, from_dict
 from fedimg.data import Dataset, InMemoryLoader, build_transform, load_dataset, load_partitions
+from fedimg.errors import DataError
 from fedimg.models import build_model, make_inplace_free
 from fedimg.privacy import mia
 from fedimg.privacy.accounting import default_delta, new_ledger
@@ -68,15 +70,24 @@ def run_guarantee(results: dict[str, Any]) -> tuple[float, float]:
 
 def _pool(dataset: Dataset, partitions: list, size: int, seed: int
           ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Images/labels of ``size`` members then ``size`` non-members, and the membership mask."""
+    """Images/labels of members then as many non-members, and the membership mask.
+
+    Members are drawn from the clients' training splits, non-members from their
+    validation splits: the same distribution (a different split, e.g. the official
+    test set, would let an attack score on the distribution shift), never trained on.
+    """
     rng = np.random.default_rng(seed)
     train_idx = np.concatenate([p.train_indices for p in partitions])
-    size = min(size, len(train_idx), len(dataset.test.labels))
-    members = rng.choice(train_idx, size, replace=False)
-    outsiders = rng.choice(len(dataset.test.labels), size, replace=False)
-    images = torch.cat([dataset.train.images[members], dataset.test.images[outsiders]])
-    labels = torch.cat([dataset.train.labels[members], dataset.test.labels[outsiders]])
-    return images, labels, np.r_[np.ones(size, bool), np.zeros(size, bool)]
+    held_out = np.concatenate([p.val_indices for p in partitions])
+    size = min(size, len(train_idx), len(held_out))
+    if size < 2:
+        raise DataError("the membership audit needs held-out samples: the clients' "
+                        "validation splits are empty (set data.val_fraction > 0)")
+    chosen = np.r_[rng.choice(train_idx, size, replace=False),
+                   rng.choice(held_out, size, replace=False)]
+    idx = torch.from_numpy(chosen)
+    return (dataset.train.images[idx], dataset.train.labels[idx],
+            np.r_[np.ones(size, bool), np.zeros(size, bool)])
 
 
 def _logits(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -150,7 +161,8 @@ def audit_run(run_dir: str | Path, *, pool_size: int = 500, shadows: int = 0,
     logits = _logits(model, images, labels, cfg)
     eps, delta = run_guarantee(results)
     report: dict[str, Any] = {
-        "epsilon": eps, "delta": delta, "members": int(is_member.sum()),
+        "epsilon": eps, "delta": delta, "pool_size": pool_size, "seed": seed,
+        "non_members_from": "client validation splits", "members": int(is_member.sum()),
         "non_members": int((~is_member).sum()),
         "loss": mia.attack_metrics(mia.loss_threshold_scores(
             mia.per_sample_loss(logits, labels)), is_member),

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
@@ -49,21 +50,41 @@ warnings.filterwarnings("ignore", message="Optimal order is the", module="opacus
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 
-class ClipCountingDPOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer that also counts how many per-sample gradients it clipped."""
+class WeightedDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with per-sample weights applied after clipping, and clip counts.
+
+    Weighting the loss (e.g. by inverse class frequency) is undone by clipping: every
+    clipped gradient ends up with norm C whatever its weight. Here each per-sample
+    gradient is clipped to C first and then scaled by its weight in [0, 1], so every
+    sample still contributes at most C and the Gaussian mechanism, its noise and its
+    accounting are unchanged. Set :attr:`sample_weights` (B,) before each ``step()``;
+    None means weight 1. It also counts the per-sample gradients that were clipped.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.samples_seen = 0
         self.samples_clipped = 0
+        self.sample_weights: torch.Tensor | None = None
 
     def clip_and_accumulate(self) -> None:
-        if len(self.grad_samples[0]):
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1)
-                                 for g in self.grad_samples], dim=1).norm(2, dim=1)  # (B,)
-            self.samples_seen += len(norms)
-            self.samples_clipped += int((norms > self.max_grad_norm).sum())
-        super().clip_and_accumulate()
+        """Opacus' clip-and-sum (opacus/optimizers/optimizer.py), with weights and counts."""
+        if len(self.grad_samples[0]) == 0:
+            super().clip_and_accumulate()
+            return
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1)
+                             for g in self.grad_samples], dim=1).norm(2, dim=1)  # (B,)
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        self.samples_seen += len(norms)
+        self.samples_clipped += int((norms > self.max_grad_norm).sum())
+        if self.sample_weights is not None:
+            factor = factor * self.sample_weights.to(factor)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factor.to(grad_sample.device, p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
 
 
 class _Positions(Dataset):
@@ -165,7 +186,7 @@ def train_round(env: Any, partition_id: int, *, server_round: int,
 
 def make_private(model: nn.Module, *, cfg: FedimgConfig, lr: float, noise_multiplier: float,
                  expected_batch_size: int, device: torch.device
-                 ) -> tuple[GradSampleModule, ClipCountingDPOptimizer]:
+                 ) -> tuple[GradSampleModule, WeightedDPOptimizer]:
     """``model`` wrapped for per-sample gradients, and the clipping, noising optimizer.
 
     The grad-sample mode is :func:`grad_sample_mode`; the optimizer is
@@ -176,7 +197,7 @@ def make_private(model: nn.Module, *, cfg: FedimgConfig, lr: float, noise_multip
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
                            force_functorch=grad_sample_mode(cfg) == "functorch")
     trainable = [p for p in gsm.parameters() if p.requires_grad]
-    optimizer = ClipCountingDPOptimizer(
+    optimizer = WeightedDPOptimizer(
         build_optimizer(trainable, cfg=cfg.train, lr=lr), noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm,
         expected_batch_size=max(1, expected_batch_size), loss_reduction="mean")
@@ -212,11 +233,17 @@ def train_private(model: nn.Module, train: InMemoryLoader, book: PrivacyLedger, 
     return stats
 
 
-def _loop(model: nn.Module, loader: DataLoader, optimizer: DPOptimizer, *, physical: int,
+def _loop(model: nn.Module, loader: DataLoader, optimizer: WeightedDPOptimizer, *,
+          physical: int,
           device: torch.device, class_weights: torch.Tensor | None,
           lr: float) -> dict[str, float]:
-    """Physical-batch loop under BatchMemoryManager; returns loss/accuracy summaries."""
-    weight = class_weights.to(device) if class_weights is not None else None
+    """Physical-batch loop under BatchMemoryManager; returns loss/accuracy summaries.
+
+    Class weights are applied after clipping (:class:`WeightedDPOptimizer`), scaled so
+    that the largest is 1; the reported loss is the plain cross-entropy.
+    """
+    weight = (class_weights / class_weights.max()).to(device) \
+        if class_weights is not None else None
     losses, sizes, correct = [], [], 0
     optimizer.zero_grad(set_to_none=True)
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
@@ -224,8 +251,9 @@ def _loop(model: nn.Module, loader: DataLoader, optimizer: DPOptimizer, *, physi
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             logits = model(x)  # (b, K)
-            loss = F.cross_entropy(logits, y, weight=weight, reduction="sum") / max(len(y), 1)
+            loss = F.cross_entropy(logits, y, reduction="sum") / max(len(y), 1)
             loss.backward()
+            optimizer.sample_weights = weight[y] if weight is not None else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))

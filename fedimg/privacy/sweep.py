@@ -3,7 +3,9 @@
 ``python -m fedimg.privacy scenario=medical_dp sweep.epsilons=[0.5,1,2,4,8,inf]
 sweep.seeds=[0,1]`` runs the scenario once per grid point with ``privacy=dp_sgd``
 (or ``sweep.mode=client_dp``) at that target epsilon; ``inf`` is the same pipeline
-without DP (frozen BatchNorm kept, so the comparison isolates clipping and noise).
+without DP (frozen BatchNorm kept, so the comparison isolates clipping and noise);
+``sweep.nonprivate=[train.lr=0.05]`` gives that point its own settings, e.g. the
+smaller learning rate that unclipped gradients need.
 Every point is a normal run directory under the sweep directory, and a point whose
 ``results.json`` exists is reused, so an interrupted sweep resumes where it stopped.
 Each final model gets a membership-inference audit; LiRA with shadow models runs
@@ -48,6 +50,7 @@ class SweepConfig:
     lira_shadows: int = 0  # shadow models per LiRA audit; 0 = loss attack only
     lira_epsilons: list[float] = field(default_factory=lambda: [math.inf, 1.0])
     inversion_steps: int = 0  # gradient-inversion audit of the first LiRA point; 0 = off
+    nonprivate: list[str] = field(default_factory=list)  # extra overrides for epsilon=inf
 
 
 def _value(text: str) -> Any:
@@ -80,6 +83,8 @@ def parse_args(argv: Sequence[str]) -> tuple[SweepConfig, list[str]]:
 def _check(sweep: SweepConfig) -> None:
     sweep.epsilons = [float(e) for e in sweep.epsilons]
     sweep.lira_epsilons = [float(e) for e in sweep.lira_epsilons]
+    if isinstance(sweep.nonprivate, str):
+        sweep.nonprivate = [sweep.nonprivate]
     if not sweep.epsilons or min(sweep.epsilons) <= 0:
         raise ConfigError(f"sweep.epsilons={sweep.epsilons} needs positive values (inf = no DP)")
     if sweep.mode not in ("dp_sgd", "client_dp"):
@@ -92,7 +97,8 @@ def _check(sweep: SweepConfig) -> None:
 def point_args(sweep: SweepConfig, eps: float, seed: int, run_dir: Path) -> list[str]:
     """The simulation arguments of one grid point."""
     privacy = ([f"privacy={sweep.mode}", f"privacy.target_epsilon={eps}"]
-               if math.isfinite(eps) else ["privacy=none", "transfer.bn=frozen"])
+               if math.isfinite(eps) else ["privacy=none", "transfer.bn=frozen",
+                                           *map(str, sweep.nonprivate)])
     return [*privacy, f"seed={seed}", f"hydra.run.dir={run_dir}"]
 
 
@@ -117,6 +123,13 @@ def _row(eps: float, seed: int, run_dir: Path, audit: dict[str, Any]) -> dict[st
             "run_dir": str(run_dir)}
 
 
+def _std(values: list[float]) -> float:
+    """Sample standard deviation; 0 for one value or equal values (inf included)."""
+    if len(values) < 2 or len(set(values)) == 1:
+        return 0.0
+    return statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds, per target epsilon."""
     out = []
@@ -126,7 +139,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for col in COLUMNS[2:]:
             values = [float(r[col]) for r in group if r.get(col) is not None]
             entry[col] = statistics.fmean(values) if values else None
-            entry[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[f"{col}_std"] = _std(values)
         out.append(entry)
     return out
 
@@ -168,8 +181,9 @@ def _audit(run_dir: Path, sweep: SweepConfig, shadows: int, seed: int) -> dict[s
     path = run_dir / "audit.json"
     if path.is_file():
         audit = json.loads(path.read_text())
-        if audit.get("lira", {}).get("shadows", 0) == shadows and \
-                audit.get("members") == min(sweep.audit_pool, audit.get("members", 0)):
+        same = (audit.get("pool_size"), audit.get("seed"), audit.get("lira", {}).get(
+            "shadows", 0)) == (sweep.audit_pool, seed, shadows)
+        if same:
             return audit
     return audit_run(run_dir, pool_size=sweep.audit_pool, shadows=shadows, seed=seed)
 

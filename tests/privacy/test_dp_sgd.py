@@ -10,7 +10,7 @@ from torch import nn
 from fedimg.compose import compose_config
 from fedimg.models import MODELS
 from fedimg.privacy.accounting import epsilon
-from fedimg.privacy.dp_sgd import ClipCountingDPOptimizer, steps_per_round, train_round
+from fedimg.privacy.dp_sgd import WeightedDPOptimizer, steps_per_round, train_round
 from fedimg.task import TaskEnvironment
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -25,13 +25,16 @@ def _env(tmp_path, tiny_overrides, *extra: str) -> TaskEnvironment:
     return TaskEnvironment(cfg, num_threads=2)
 
 
-@pytest.mark.parametrize("scale, clipped", [(100.0, True), (1e-4, False)])
-def test_noise_off_clipped_per_sample_gradient_has_norm_max_grad_norm(scale, clipped) -> None:
-    # Arrange: one sample, plain SGD with lr=1 and no momentum, sigma=0, C=0.5
+@pytest.mark.parametrize("scale, clipped, weight", [(100.0, True, None), (1e-4, False, None),
+                                                   (100.0, True, 0.25)])
+def test_noise_off_clipped_per_sample_gradient_has_norm_max_grad_norm(scale, clipped,
+                                                                      weight) -> None:
+    # Arrange: one sample, plain SGD with lr=1 and no momentum, sigma=0, C=0.5; an
+    # optional class weight applied after clipping
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    opt = ClipCountingDPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=0.0,
+    opt = WeightedDPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1.0), noise_multiplier=0.0,
                                   max_grad_norm=0.5, expected_batch_size=1, loss_reduction="sum")
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(1, 3, 8, 8), torch.tensor([2])
@@ -39,10 +42,13 @@ def test_noise_off_clipped_per_sample_gradient_has_norm_max_grad_norm(scale, cli
     loss = scale * nn.functional.cross_entropy(gsm(x), y, reduction="sum")
     loss.backward()
     raw = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    opt.sample_weights = None if weight is None else torch.tensor([weight])
     opt.step()
     step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
-    # Assert: the applied gradient has norm exactly C when clipped, else its own norm
-    assert float(step.norm()) == pytest.approx(0.5 if clipped else float(raw), rel=1e-4)
+    # Assert: the applied gradient has norm exactly C when clipped (times the weight),
+    # else its own norm
+    expected = (0.5 if clipped else float(raw)) * (weight or 1.0)
+    assert float(step.norm()) == pytest.approx(expected, rel=1e-4)
     assert (opt.samples_clipped, opt.samples_seen) == (int(clipped), 1)
     gsm._close()
 

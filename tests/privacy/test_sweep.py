@@ -53,7 +53,7 @@ def _fake_run(run_dir, eps: float, acc: float) -> dict:
 
 def test_tables_and_plots(tmp_path) -> None:
     rows = [_fake_run(tmp_path / "a", 1.0, 0.7), _fake_run(tmp_path / "b", math.inf, 0.9)]
-    rows.append({**rows[0], "seed": 1, "test/accuracy": 0.8})
+    rows += [{**rows[0], "seed": 1, "test/accuracy": 0.8}, {**rows[1], "seed": 1}]
     # Act
     summary = summarise(rows)
     write_tables(tmp_path, rows)
@@ -62,10 +62,11 @@ def test_tables_and_plots(tmp_path) -> None:
     assert [s["target_epsilon"] for s in summary] == [1.0, math.inf]
     assert summary[0]["test/accuracy"] == pytest.approx(0.75)
     assert summary[0]["test/accuracy_std"] == pytest.approx(0.0707, abs=1e-4)
-    assert summary[1]["seeds"] == 1 and summary[0]["lira_auc"] is None
+    assert summary[1]["seeds"] == 2 and summary[0]["lira_auc"] is None
+    assert math.isinf(summary[1]["epsilon"]) and summary[1]["epsilon_std"] == 0.0
     text = (tmp_path / "sweep.md").read_text()
     assert "| inf |" in text and "0.75" in text
-    assert (tmp_path / "sweep.csv").read_text().count("\n") == 4
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 5
     assert {p.name for p in plots} == {"accuracy_vs_epsilon.png", "mia_vs_epsilon.png",
                                        "accuracy_vs_round.png", "epsilon_per_client.png"}
     assert all(p.stat().st_size > 5000 for p in plots)
