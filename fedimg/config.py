@@ -137,9 +137,11 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = None  # sigma; None: calibrated once from the budget
     max_grad_norm: float = 1.0  # dp_sgd: per-sample clipping norm C
     accountant: str = "prv"  # prv | rdp; the other one is reported as a cross-check
-    poisson: bool = True  # dp_sgd: Poisson sampling of each logical batch
+    poisson: bool = True  # dp_sgd: Poisson batches (false: shuffled, epsilon approximate)
     physical_batch_size: Optional[int] = None  # dp_sgd: None = train.batch_size
-    grad_sample_mode: str = "auto"  # auto (per model) | hooks | functorch | ew
+    grad_sample_mode: str = "auto"  # auto (per model) | hooks | functorch
+    count_noise: float = 10.0  # dp_sgd: Gaussian noise on the label counts behind class weights
+    seeded_noise: bool = False  # true: noise/sampling from the run seed (tests only: insecure)
     clipping: str = "fixed"  # client_dp: fixed | adaptive (Andrew et al. 2021)
     clipping_norm: float = 1.0  # client_dp: clip of each update's L2 norm (initial if adaptive)
     target_clipped_quantile: float = 0.5  # client_dp adaptive
@@ -285,7 +287,10 @@ def _validate_federation(cfg: FedimgConfig) -> None:
 
 
 def _validate_privacy(cfg: FedimgConfig) -> None:
+    from fedimg.privacy import PRIVACY_MODES  # light: the registry only
+
     p, private = cfg.privacy, cfg.privacy.mode != "none"
+    PRIVACY_MODES.get(p.mode)  # an unknown mode is reported before its requirements
     _check(p.target_epsilon > 0, f"privacy.target_epsilon={p.target_epsilon} must be > 0 "
            "(for no privacy use privacy=none)")
     _check(p.target_delta is None or 0 < p.target_delta < 1,
@@ -296,9 +301,10 @@ def _validate_privacy(cfg: FedimgConfig) -> None:
            "privacy.max_grad_norm and privacy.clipping_norm must be > 0")
     _check(p.accountant in ("prv", "rdp"), f"privacy.accountant='{p.accountant}' is "
            "unknown; valid: prv, rdp")
-    _check(p.grad_sample_mode in ("auto", "hooks", "functorch", "ew"),
+    _check(p.grad_sample_mode in ("auto", "hooks", "functorch"),
            f"privacy.grad_sample_mode='{p.grad_sample_mode}' is unknown; valid: auto, "
-           "hooks, functorch, ew")
+           "hooks, functorch")
+    _check(p.count_noise > 0, f"privacy.count_noise={p.count_noise} must be > 0")
     _check(p.physical_batch_size is None or p.physical_batch_size >= 1,
            "privacy.physical_batch_size must be >= 1 or null")
     _check(p.clipping in ("fixed", "adaptive"), f"privacy.clipping='{p.clipping}' is "

@@ -92,3 +92,29 @@ def test_model_selection_may_not_use_the_test_split(tmp_path) -> None:
     with pytest.raises(ConfigError, match="the test split must not select models"):
         compose_config("medical", ["output.select_metric=test/accuracy",
                                    f"hydra.run.dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("preset, mode", [("dp_sgd", "dp_sgd"), ("client_dp", "client_dp"),
+                                          ("none", "none")])
+def test_privacy_preset_applies_after_the_scenario(preset, mode, tmp_path) -> None:
+    # medical trains BatchNorm; the DP presets freeze it, and overrides still win after
+    cfg = compose_config("medical", [f"privacy={preset}", "privacy.target_epsilon=3",
+                                     f"hydra.run.dir={tmp_path}"])
+    assert cfg.privacy.mode == mode and cfg.privacy.target_epsilon == 3.0
+    assert cfg.transfer.bn == ("train" if mode == "none" else "frozen")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["privacy=dp_sgdd"], r"privacy.*dp_sgd"),
+    (["privacy=dp_sgd", "transfer.bn=train"], r"needs transfer.bn=frozen"),
+    (["privacy=dp_sgd", "strategy=fedprox"], r"drops the proximal term"),
+    (["privacy=dp_sgd", "privacy.target_epsilon=0"], r"target_epsilon=0.0 must be > 0"),
+    (["privacy=dp_sgd", "privacy.target_delta=1.5"], r"target_delta=1.5 must be in"),
+    (["privacy=dp_sgd", "privacy.client_epsilons=[1,2]"], r"needs 5 positive values"),
+    (["privacy=dp_sgd", "privacy.accountant=gdp"], r"valid: prv, rdp"),
+    (["privacy.mode=dp"], r"unknown privacy mode 'dp'.*client_dp, dp_sgd, none"),
+])
+def test_bad_privacy_settings_are_refused(overrides, message, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        compose_config("medical", [*overrides, f"hydra.run.dir={tmp_path}"])
+    assert "\n" not in str(info.value)

@@ -57,6 +57,7 @@ class AccountedClientDP:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """Flower's configure_train, unless the next release would exceed the budget."""
         if self.ledger.would_exceed(1):
             raise PrivacyBudgetExhausted(
                 f"round {server_round}: client-level epsilon would reach "
@@ -66,12 +67,23 @@ class AccountedClientDP:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip, average with equal weights and noise (Flower); account one release.
+
+        The noise sigma C / m is calibrated for m updates: with fewer usable replies
+        the average would be too sensitive, so nothing is released that round.
+        """
         replies = _uniform_weights(replies)
+        usable = sum(not r.has_error() for r in replies)
+        if usable < self.num_sampled_clients:  # type: ignore[attr-defined]
+            log.warning("round %d: %d of %d sampled clients replied; client-level DP releases "
+                        "no aggregate this round (its noise is sized for %d)", server_round,
+                        usable, self.num_sampled_clients, self.num_sampled_clients)  # type: ignore[attr-defined]
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None:  # a noisy aggregate was released
             self.ledger.record(1)
-            # Frozen BatchNorm buffers are public (pretrained) and never change at the
-            # clients; Flower noised them too, which can make a running variance negative.
+            # Frozen weights and BatchNorm buffers are public (pretrained) and never change
+            # at the clients; Flower noised them too (a running variance can turn negative).
             current = self.current_arrays  # type: ignore[attr-defined]
             for key in self.buffer_keys & set(arrays.keys()):
                 arrays[key] = current[key]
@@ -79,6 +91,7 @@ class AccountedClientDP:
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
+        """Flower's aggregate_evaluate with the equal weights training uses."""
         return super().aggregate_evaluate(  # type: ignore[misc]
             server_round, _uniform_weights(replies))
 
@@ -123,16 +136,20 @@ def wrap_client_dp(strategy: Strategy, cfg: FedimgConfig,
                    buffer_keys: frozenset[str] = frozenset()) -> Strategy:
     """``strategy`` inside Flower's server-side DP wrapper named by ``privacy.clipping``.
 
-    ``buffer_keys`` (frozen BatchNorm statistics) keep their current values after the
-    noise is added.
+    ``buffer_keys`` (BatchNorm statistics and frozen weights: everything the clients do
+    not train) keep their current values after the noise is added.
     """
     p, m = cfg.privacy, sampled_clients(cfg)
     wrapper = CLIPPING.get(p.clipping)
     ledger = client_level_ledger(cfg)
     if cfg.strategy not in AVERAGING:
-        log.warning("client-level DP with strategy=%s: the accounted epsilon assumes the "
-                    "server averages the clipped updates (%s)", cfg.strategy,
-                    ", ".join(AVERAGING))
+        raise ConfigError(f"privacy.mode=client_dp with strategy={cfg.strategy}: the "
+                          "accounted epsilon needs the server to average the clipped "
+                          f"updates; valid strategies: {', '.join(AVERAGING)}")
+    if ledger.delta > 1e-3:
+        log.warning("client-level DP: delta=%.2g (0.1 / %d clients) is a weak guarantee; "
+                    "it needs many clients (or set privacy.target_delta)", ledger.delta,
+                    cfg.clients)
     if hasattr(strategy, "weighted_by_key"):
         strategy.weighted_by_key = UNIFORM_KEY
     kwargs: dict[str, Any] = {"clipping_norm": p.clipping_norm}

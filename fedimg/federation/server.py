@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from fedimg.federation.records import (
 )
 from fedimg.federation.strategies import build_strategy
 from fedimg.models import build_model
+from fedimg.privacy import PRIVACY_MODES
 from fedimg.reporting import RoundProgress, RunRecorder, library_versions
 from fedimg.reporting.run_dir import write_json
 from fedimg.task import PARTITIONS_FILE, CentralEvaluator
@@ -77,12 +79,18 @@ class PreparedRun:
 
 def initial_model(cfg: FedimgConfig, num_classes: int) -> tuple[dict[str, torch.Tensor],
                                                                 frozenset[str]]:
-    """The starting global weights (pretrained or not) and the names of the buffers."""
+    """The starting global weights, and the names of the arrays clients do not train.
+
+    Those are the buffers (BatchNorm statistics) and any frozen parameters; server
+    optimisers average them instead of stepping them, and client-level DP keeps them.
+    """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=num_classes, weights=cfg.weights,
                         transfer=cfg.transfer)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return state, frozenset(name for name, _ in model.named_buffers())
+    fixed = {name for name, _ in model.named_buffers()}
+    fixed |= {name for name, p in model.named_parameters() if not p.requires_grad}
+    return state, frozenset(fixed)
 
 
 def prepare_run(cfg: FedimgConfig) -> PreparedRun:
@@ -147,11 +155,15 @@ class RoundTracker:
         self.last_state: dict[str, torch.Tensor] = {}
         self.round_started = time.perf_counter()
         self.stopped: str | None = None
+        self.secret_sampling = (PRIVACY_MODES.get(self.cfg.privacy.mode).secret_sampling
+                                and not self.cfg.privacy.seeded_noise)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         # Flower samples clients with Python's `random`; seeding per round keeps the
-        # sample of round r+1 independent of anything else drawn in between.
-        random.seed(f"{self.cfg.seed}-{server_round + 1}")
+        # sample of round r+1 independent of anything else drawn in between. Under
+        # client-level DP the sample is part of the mechanism and must stay secret.
+        random.seed(secrets.randbits(64) if self.secret_sampling
+                    else f"{self.cfg.seed}-{server_round + 1}")
         state = record_to_state_dict(arrays, self.reference)
         eval_started = time.perf_counter()
         test = self.evaluator(state) if self.evaluator else {}

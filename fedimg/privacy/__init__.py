@@ -50,6 +50,7 @@ class PrivacyMode:
     train: ClientTrain
     wrap_strategy: StrategyWrapper | None = None
     sample_level: bool = False  # clients keep a per-client privacy ledger
+    secret_sampling: bool = False  # client sampling is part of the mechanism (amplification)
 
 
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", config_key="privacy.mode")
@@ -80,4 +81,4 @@ PRIVACY_MODES.add("dp_sgd", PrivacyMode(
     "sample-level DP-SGD at every client (Opacus)", train=_dp_sgd_train, sample_level=True))
 PRIVACY_MODES.add("client_dp", PrivacyMode(
     "client-level central DP at the server (DP-FedAvg)", train=plain_train,
-    wrap_strategy=_client_dp_wrapper))
+    wrap_strategy=_client_dp_wrapper, secret_sampling=True))

@@ -42,11 +42,31 @@ def epsilon(history: list[tuple[float, float, int]], delta: float, accountant: s
 
 
 def calibrate_sigma(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str) -> float:
-    """Smallest noise multiplier whose ``steps`` subsampled Gaussian steps stay within budget."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=accountant))
+                    accountant: str, prefix: list[tuple[float, float, int]] | None = None,
+                    tolerance: float = 0.01) -> float:
+    """Smallest noise multiplier whose ``steps`` subsampled Gaussian steps stay within budget.
+
+    Without ``prefix`` this is Opacus' ``get_noise_multiplier``. With earlier releases
+    in ``prefix`` (e.g. the noisy label counts), sigma is found by bisection so that
+    prefix and steps together spend at most ``target_epsilon``.
+    """
+    if not prefix:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant))
+    if epsilon(list(prefix), delta, accountant) >= target_epsilon:
+        raise ValueError(f"the earlier releases alone spend more than epsilon={target_epsilon}")
+
+    def spent(sigma: float) -> float:
+        return epsilon([*prefix, (sigma, sample_rate, steps)], delta, accountant)
+
+    low, high = 0.1, 10.0
+    while spent(high) > target_epsilon:
+        low, high = high, high * 4
+    while spent(high) < target_epsilon - tolerance and high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (low, mid) if spent(mid) <= target_epsilon else (mid, high)
+    return high
 
 
 @dataclass
@@ -60,6 +80,7 @@ class PrivacyLedger:
     accountant: str = "prv"
     history: list[tuple[float, float, int]] = field(default_factory=list)
     stopped_round: int | None = None
+    class_weights: list[float] | None = None  # from noisy label counts (in the history)
 
     @property
     def steps(self) -> int:
@@ -110,22 +131,25 @@ class PrivacyLedger:
 
 
 def new_ledger(*, target_epsilon: float, delta: float, sample_rate: float, planned_steps: int,
-               accountant: str, noise_multiplier: float | None = None) -> PrivacyLedger:
+               accountant: str, noise_multiplier: float | None = None,
+               prefix: list[tuple[float, float, int]] | None = None) -> PrivacyLedger:
     """A ledger whose sigma is calibrated once for the whole planned participation.
 
     Calibrating per round would give every round the full budget; calibrating for
     all ``planned_steps`` makes the final epsilon meet ``target_epsilon``. An explicit
     ``noise_multiplier`` is used as given, and the budget then stops the participant
-    when it runs out.
+    when it runs out. ``prefix`` holds releases made before training (they start the
+    ledger's history and share the budget).
     """
     sigma = noise_multiplier
     if sigma is None:
         sigma = calibrate_sigma(target_epsilon=target_epsilon, delta=delta,
                                 sample_rate=sample_rate, steps=planned_steps,
-                                accountant=accountant)
+                                accountant=accountant, prefix=prefix)
         log.debug("calibrated sigma=%.4f for eps=%g delta=%.2e q=%.4f over %d steps", sigma,
                   target_epsilon, delta, sample_rate, planned_steps)
     if not math.isfinite(sigma) or sigma <= 0:
         raise ValueError(f"noise multiplier {sigma} is not a positive number")
     return PrivacyLedger(target_epsilon=target_epsilon, delta=delta, noise_multiplier=sigma,
-                         sample_rate=sample_rate, accountant=accountant)
+                         sample_rate=sample_rate, accountant=accountant,
+                         history=list(prefix or []))

@@ -129,7 +129,8 @@ def train_shadow(cfg: FedimgConfig, images: torch.Tensor, labels: torch.Tensor,
                         class_weights=weights)
         else:
             train_private(private, loader, book, cfg=cfg, device=device, class_weights=weights,
-                          lr=lr, steps=steps_per_round(cfg, n), seed=seed * 1000 + r)
+                          lr=lr, steps=steps_per_round(cfg, n),
+                          generator=torch.Generator().manual_seed(seed * 1000 + r))
     return model.eval()
 
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -109,18 +111,56 @@ def steps_per_round(cfg: FedimgConfig, num_samples: int) -> int:
     """Noisy steps in one round: ``local_steps``, else ``local_epochs`` x 1/q."""
     if cfg.train.local_steps is not None:
         return cfg.train.local_steps
-    return cfg.train.local_epochs * int(1 / sample_rate(cfg, num_samples))
+    return cfg.train.local_epochs * max(1, num_samples // cfg.train.batch_size)
 
 
-def client_ledger(cfg: FedimgConfig, partition_id: int, num_samples: int) -> PrivacyLedger:
-    """The first-round ledger: budget, delta and sigma calibrated for all planned rounds."""
-    p = cfg.privacy
+def client_ledger(cfg: FedimgConfig, partition_id: int, labels: torch.Tensor,
+                  num_classes: int) -> PrivacyLedger:
+    """The first-round ledger: budget, delta and sigma calibrated for all planned rounds.
+
+    With ``train.class_weighting=balanced`` the client first releases its label
+    counts with Gaussian noise (sigma = ``privacy.count_noise``, sensitivity 1 under
+    add/remove); that release opens the ledger's history and the weights come from it,
+    so they cost budget instead of leaking the exact counts.
+    """
+    p, n = cfg.privacy, len(labels)
+    if not p.poisson:
+        log.warning("client %d: privacy.poisson=false draws shuffled fixed-size batches; the "
+                    "reported epsilon assumes Poisson sampling and is only approximate",
+                    partition_id)
     budget = p.client_epsilons[partition_id] if p.client_epsilons else p.target_epsilon
-    return new_ledger(target_epsilon=budget,
-                      delta=p.target_delta or default_delta(num_samples),
-                      sample_rate=sample_rate(cfg, num_samples),
-                      planned_steps=cfg.rounds * steps_per_round(cfg, num_samples),
-                      accountant=p.accountant, noise_multiplier=p.noise_multiplier)
+    prefix, weights = [], None
+    if cfg.train.class_weighting == "balanced":
+        counts = torch.bincount(labels, minlength=num_classes).double()
+        noise = torch.randn(num_classes, generator=noise_generator(cfg, partition_id, 0),
+                            dtype=torch.float64) * p.count_noise
+        weights = _balanced((counts + noise).clamp(min=1.0))
+        prefix = [(p.count_noise, 1.0, 1)]
+    book = new_ledger(target_epsilon=budget, delta=p.target_delta or default_delta(n),
+                      sample_rate=sample_rate(cfg, n),
+                      planned_steps=cfg.rounds * steps_per_round(cfg, n),
+                      accountant=p.accountant, noise_multiplier=p.noise_multiplier,
+                      prefix=prefix)
+    book.class_weights = weights
+    return book
+
+
+def _balanced(counts: torch.Tensor) -> list[float]:
+    """n / (k n_c) per class from (noisy) counts, as fedimg.task.balanced_class_weights."""
+    return (counts.sum() / (len(counts) * counts)).tolist()
+
+
+def noise_generator(cfg: FedimgConfig, *salt: int) -> torch.Generator:
+    """The generator of DP noise and sampling: secret unless ``privacy.seeded_noise``.
+
+    Noise drawn from the run seed could be regenerated, and subtracted, by anyone who
+    reads the config; only tests and reproducibility studies should seed it.
+    """
+    if cfg.privacy.seeded_noise:
+        seed = int(np.random.SeedSequence([cfg.seed, *salt]).generate_state(1)[0])
+    else:
+        seed = secrets.randbits(63)
+    return torch.Generator().manual_seed(seed)
 
 
 def grad_sample_mode(cfg: FedimgConfig) -> str:
@@ -130,9 +170,32 @@ def grad_sample_mode(cfg: FedimgConfig) -> str:
     return getattr(MODELS.get(cfg.model), "dp_grad_sample_mode", "hooks")
 
 
-def poisson_loader(loader: InMemoryLoader, *, rate: float, steps: int,
-                   seed: int) -> DataLoader:
-    """Poisson-sampled logical batches over ``loader``'s partition (same transform)."""
+class ShuffledBatches:
+    """``steps`` fixed-size batches of positions, reshuffled every pass (no Poisson)."""
+
+    def __init__(self, n: int, batch_size: int, steps: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.steps, self.generator = n, min(batch_size, n), steps, generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order: list[int] = []
+        for _ in range(self.steps):
+            if len(order) < self.batch_size:
+                order = torch.randperm(self.n, generator=self.generator).tolist()
+            batch, order = order[:self.batch_size], order[self.batch_size:]
+            yield batch
+
+
+def private_batches(loader: InMemoryLoader, *, rate: float, steps: int,
+                    generator: torch.Generator, poisson: bool = True) -> DataLoader:
+    """``steps`` logical batches over ``loader``'s partition (same transform).
+
+    Poisson sampling (each sample independently with probability ``rate``) is what
+    the accountants assume; ``poisson=False`` draws shuffled batches of the expected
+    size instead, for which the reported epsilon is only the usual approximation.
+    """
     images, labels, indices = loader.images, loader.labels, loader.indices
     empty_x = loader.transform(images[torch.from_numpy(indices[:1])])[:0]  # (0, C, S, S)
 
@@ -142,9 +205,12 @@ def poisson_loader(loader: InMemoryLoader, *, rate: float, steps: int,
         idx = torch.from_numpy(indices[np.asarray(positions)])
         return loader.transform(images[idx]), labels[idx]
 
-    generator = torch.Generator().manual_seed(seed)
-    sampler = UniformWithReplacementSampler(num_samples=len(indices), sample_rate=rate,
-                                            generator=generator, steps=steps)
+    if poisson:
+        sampler: Any = UniformWithReplacementSampler(num_samples=len(indices), sample_rate=rate,
+                                                     generator=generator, steps=steps)
+    else:
+        sampler = ShuffledBatches(len(indices), max(1, round(rate * len(indices))), steps,
+                                  generator)
     return DataLoader(_Positions(len(indices)), batch_sampler=sampler, collate_fn=collate)
 
 
@@ -167,7 +233,9 @@ def train_round(env: Any, partition_id: int, *, server_round: int,
     """
     cfg, data = env.cfg, env.client(partition_id)
     n = data.num_train
-    book = PrivacyLedger.from_dict(ledger) if ledger else client_ledger(cfg, partition_id, n)
+    labels = env.dataset.train.labels[env.partitions[partition_id].train_indices]
+    book = (PrivacyLedger.from_dict(ledger) if ledger
+            else client_ledger(cfg, partition_id, labels, env.num_classes))
     steps = steps_per_round(cfg, n)
     if book.stopped_round is not None or book.would_exceed(steps):
         return _declined(book, server_round, steps)
@@ -175,9 +243,10 @@ def train_round(env: Any, partition_id: int, *, server_round: int,
         [cfg.seed, server_round, partition_id, 7]).generate_state(1)[0]))
     lr = scheduled_lr(cfg.train, server_round=server_round, total_rounds=cfg.rounds)
     started = time.perf_counter()
+    weights = torch.tensor(book.class_weights) if book.class_weights else None
     stats = train_private(env.private_model(), data.train, book, cfg=cfg, device=env.device,
-                          class_weights=data.class_weights, lr=lr, steps=steps,
-                          seed=cfg.seed * 7919 + server_round * 131 + partition_id)
+                          class_weights=weights, lr=lr, steps=steps,
+                          generator=noise_generator(cfg, server_round, partition_id))
     stats["train/seconds"] = time.perf_counter() - started
     stats["train/lr"] = lr
     return ClientRound(metrics={**stats, **book.report()}, num_examples=n,
@@ -185,7 +254,8 @@ def train_round(env: Any, partition_id: int, *, server_round: int,
 
 
 def make_private(model: nn.Module, *, cfg: FedimgConfig, lr: float, noise_multiplier: float,
-                 expected_batch_size: int, device: torch.device
+                 expected_batch_size: int, device: torch.device,
+                 generator: torch.Generator | None = None
                  ) -> tuple[GradSampleModule, WeightedDPOptimizer]:
     """``model`` wrapped for per-sample gradients, and the clipping, noising optimizer.
 
@@ -200,26 +270,29 @@ def make_private(model: nn.Module, *, cfg: FedimgConfig, lr: float, noise_multip
     optimizer = WeightedDPOptimizer(
         build_optimizer(trainable, cfg=cfg.train, lr=lr), noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm,
-        expected_batch_size=max(1, expected_batch_size), loss_reduction="mean")
+        expected_batch_size=max(1, expected_batch_size), loss_reduction="mean",
+        generator=generator)
     return gsm, optimizer
 
 
 def train_private(model: nn.Module, train: InMemoryLoader, book: PrivacyLedger, *,
                   cfg: FedimgConfig, device: torch.device, class_weights: torch.Tensor | None,
-                  lr: float, steps: int, seed: int) -> dict[str, float]:
+                  lr: float, steps: int, generator: torch.Generator) -> dict[str, float]:
     """Train ``model`` (in-place-free, frozen BN) for ``steps`` DP-SGD steps on ``train``.
 
     Wraps the model for Opacus, continues ``book``'s accountant history (updated in
-    place), and unwraps the model again afterwards.
+    place), and unwraps the model again afterwards. ``generator`` draws the Poisson
+    batches and the noise.
     """
     num_train = train.num_examples
     gsm, optimizer = make_private(model, cfg=cfg, lr=lr, noise_multiplier=book.noise_multiplier,
                                   expected_batch_size=round(book.sample_rate * num_train),
-                                  device=device)
+                                  device=device, generator=generator)
     accountant = create_accountant(mechanism=book.accountant)
     accountant.history = list(book.history)
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=book.sample_rate))
-    loader = poisson_loader(train, rate=book.sample_rate, steps=steps, seed=seed)
+    loader = private_batches(train, rate=book.sample_rate, steps=steps, generator=generator,
+                             poisson=cfg.privacy.poisson)
     physical = cfg.privacy.physical_batch_size or cfg.train.batch_size
     try:
         stats = _loop(gsm, loader, optimizer, physical=physical, device=device,

@@ -21,7 +21,8 @@ def _rounds(run_dir) -> list[dict]:
 def _argv(tmp_path, tiny_overrides, *extra: str) -> list[str]:
     return [*tiny_overrides, "rounds=3", "model=mobilenet_v3_small", "weights=none",
             "train.batch_size=16", "train.local_steps=2", "data.synthetic.train_size=128",
-            "sim.ray_num_cpus=2", f"hydra.run.dir={tmp_path / 'run'}", *extra]
+            "sim.ray_num_cpus=2", "train.class_weighting=none",
+            f"hydra.run.dir={tmp_path / 'run'}", *extra]
 
 
 def test_dp_sgd_epsilon_accumulates_across_rounds_and_a_spent_client_stops(

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
 from torch import nn
 
 from fedimg.compose import compose_config
+from fedimg.data import InMemoryLoader
 from fedimg.models import MODELS
 from fedimg.privacy.accounting import epsilon
-from fedimg.privacy.dp_sgd import WeightedDPOptimizer, steps_per_round, train_round
+from fedimg.privacy.dp_sgd import (
+    WeightedDPOptimizer,
+    client_ledger,
+    private_batches,
+    steps_per_round,
+    train_round,
+)
 from fedimg.task import TaskEnvironment
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -21,6 +29,7 @@ def _env(tmp_path, tiny_overrides, *extra: str) -> TaskEnvironment:
     cfg = compose_config("medical", [*tiny_overrides, "privacy=dp_sgd", "weights=none",
                                      "model=mobilenet_v3_small", "train.batch_size=16",
                                      "train.local_steps=2", "data.synthetic.train_size=128",
+                                     "train.class_weighting=none",
                                      f"hydra.run.dir={tmp_path}", *extra])
     return TaskEnvironment(cfg, num_threads=2)
 
@@ -106,3 +115,40 @@ def test_every_zoo_model_trains_one_dp_step(tmp_path, tiny_overrides, name) -> N
     assert moved and all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert not any("running_" in k for k in moved)
     assert result.metrics["dp/epsilon"] > 0 and result.metrics["train/steps"] == 1
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+def test_private_batches_sizes(poisson) -> None:
+    # Arrange: 200 samples, rate 0.1 (expected batch 20), 50 steps
+    images = torch.zeros(200, 1, 8, 8, dtype=torch.uint8)
+    loader = InMemoryLoader(images, torch.arange(200) % 2, indices=np.arange(200),
+                            batch_size=20, transform=None, shuffle=True, seed=0)
+    # Act
+    sizes = [len(y) for _, y in private_batches(
+        loader, rate=0.1, steps=50, generator=torch.Generator().manual_seed(1),
+        poisson=poisson)]
+    # Assert: 50 logical batches; Poisson sizes vary around 20, shuffled ones are 20
+    assert len(sizes) == 50
+    if poisson:
+        assert 14 < np.mean(sizes) < 26 and len(set(sizes)) > 3
+    else:
+        assert set(sizes) == {20}
+
+
+def test_class_weights_come_from_noisy_counts_and_cost_budget(tmp_path, tiny_overrides) -> None:
+    # Arrange: balanced class weights under DP-SGD, count noise sigma=10, budget eps=2
+    env = _env(tmp_path, tiny_overrides, "train.class_weighting=balanced",
+               "privacy.target_epsilon=2", "privacy.count_noise=10")
+    labels = env.dataset.train.labels[env.partitions[0].train_indices]
+    # Act
+    book = client_ledger(env.cfg, 0, labels, env.num_classes)
+    # Assert: the count release opens the history, the weights are near the true
+    # balanced ones (noise 10 on counts of tens), and the whole plan fits the budget
+    assert book.history == [(10.0, 1.0, 1)]
+    assert len(book.class_weights) == env.num_classes and min(book.class_weights) > 0
+    steps = env.cfg.rounds * steps_per_round(env.cfg, len(labels))
+    total = epsilon([*book.history, (book.noise_multiplier, book.sample_rate, steps)],
+                    book.delta, "prv")
+    assert 1.95 <= total <= 2.0
+    result = train_round(env, 0, server_round=1)
+    assert tuple(result.ledger["history"][0]) == (10.0, 1.0, 1)
