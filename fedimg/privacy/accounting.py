@@ -11,6 +11,7 @@ RDP (Mironov 2017; Mironov et al. 2019 for the subsampled Gaussian).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -33,11 +34,28 @@ def default_delta(num_samples: int) -> float:
 
 
 def epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Epsilon spent by ``history`` at ``delta`` under Opacus' ``accountant`` ("prv"/"rdp")."""
+    """Epsilon spent by ``history`` at ``delta`` under Opacus' ``accountant`` ("prv"/"rdp").
+
+    Memoised on the history with consecutive equal (sigma, q) entries merged, as
+    Opacus merges them: a PRV evaluation takes up to a second, and a round asks for
+    the same value twice (the budget check before training, the report after).
+    """
+    merged: list[tuple[float, float, int]] = []
+    for sigma, q, steps in history:
+        if merged and merged[-1][:2] == (sigma, q):
+            merged[-1] = (sigma, q, merged[-1][2] + int(steps))
+        else:
+            merged.append((float(sigma), float(q), int(steps)))
+    return _epsilon(tuple(merged), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
+             accountant: str) -> float:
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
-    acc.history = [tuple(h) for h in history]
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 
