@@ -38,7 +38,7 @@ from fedimg.privacy import mia
 from fedimg.privacy.accounting import default_delta, new_ledger
 from fedimg.reporting.run_dir import write_json
 from fedimg.task import balanced_class_weights
-from fedimg.training import evaluate, resolve_device, scheduled_lr, train_local
+from fedimg.training import resolve_device, scheduled_lr, train_local
 
 log = logging.getLogger(__name__)
 

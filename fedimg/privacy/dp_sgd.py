@@ -4,17 +4,21 @@ DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", CCS): ever
 logical batch is drawn by Poisson sampling with rate q = B / N, each per-sample
 gradient is clipped to ``max_grad_norm`` C, and Gaussian noise N(0, sigma^2 C^2)
 is added to their sum. Opacus provides the pieces used here: ``GradSampleModule``
-(per-sample gradients; hook or functorch mode per architecture), ``DPOptimizer``
-(clip, noise, step), ``UniformWithReplacementSampler`` (Poisson batches),
-``BatchMemoryManager`` (physical batches below the logical batch) and the PRV/RDP
-accountants. The model is the client's pretrained network with frozen BatchNorm
-and its in-place operations rewritten (Opacus' hooks cannot see through them).
+(per-sample gradients; hooks mode with fedimg's grouped Conv2d rule, see
+:mod:`fedimg.privacy.grad_samplers`, or functorch), ``DPOptimizer`` (clip, noise,
+step), ``UniformWithReplacementSampler`` (Poisson batches), ``BatchMemoryManager``
+(physical batches below the logical batch) and the PRV/RDP accountants. The model is
+the client's pretrained network with frozen BatchNorm and its in-place operations
+rewritten (Opacus' hooks cannot see through them).
 
 Sigma is calibrated once per client from its whole planned participation (all
 rounds x local steps); the client's :class:`~fedimg.privacy.accounting.PrivacyLedger`
 travels between rounds in Flower's ``context.state``, and the accountant attached to
 the optimizer continues that history, so epsilon accumulates. A client whose next
-round would exceed its budget declines that round and every later one.
+round would exceed its budget declines that round and every later one. Class weights
+come from a noisy (accounted) release of the label counts and are applied after
+clipping. Noise and batches are drawn from a secret source unless
+``privacy.seeded_noise`` is set.
 """
 
 from __future__ import annotations
