@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedimg.cli import run_cli
 from fedimg.compose import compose_config, split_argv
-from fedimg.errors import FedimgError
 from fedimg.reporting import plot_run, setup_logging, summary_table
 
 log = logging.getLogger("fedimg.simulate")
@@ -42,16 +42,7 @@ def run(argv: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the process exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__)  # noqa: T201 - CLI help text
-        return 0
-    try:
-        run(args)
-    except FedimgError as exc:
-        logging.getLogger("fedimg").error("%s: %s", type(exc).__name__, exc)
-        return exc.exit_code
-    return 0
+    return run_cli(run, argv, doc=__doc__ or "")
 
 
 if __name__ == "__main__":

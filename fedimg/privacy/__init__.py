@@ -17,7 +17,7 @@ only when a mode is used.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedimg.registry import Registry
@@ -35,7 +35,6 @@ class ClientRound:
     num_examples: int
     ledger: dict[str, Any] | None = None  # DP state the client keeps for its next round
     declined: str = ""  # why the client refused to train (its privacy budget), or ""
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 ClientTrain = Callable[..., ClientRound]
@@ -49,7 +48,6 @@ class PrivacyMode:
     description: str
     train: ClientTrain
     wrap_strategy: StrategyWrapper | None = None
-    sample_level: bool = False  # clients keep a per-client privacy ledger
     secret_sampling: bool = False  # client sampling is part of the mechanism (amplification)
 
 
@@ -78,7 +76,7 @@ def _client_dp_wrapper(strategy: Any, cfg: FedimgConfig, buffer_keys: frozenset[
 
 PRIVACY_MODES.add("none", PrivacyMode("no differential privacy", train=plain_train))
 PRIVACY_MODES.add("dp_sgd", PrivacyMode(
-    "sample-level DP-SGD at every client (Opacus)", train=_dp_sgd_train, sample_level=True))
+    "sample-level DP-SGD at every client (Opacus)", train=_dp_sgd_train))
 PRIVACY_MODES.add("client_dp", PrivacyMode(
     "client-level central DP at the server (DP-FedAvg)", train=plain_train,
     wrap_strategy=_client_dp_wrapper, secret_sampling=True))

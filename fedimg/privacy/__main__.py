@@ -10,29 +10,17 @@ override the scenario.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
-from fedimg.errors import FedimgError
+from fedimg.cli import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the process exit code."""
     from fedimg.privacy.sweep import run_sweep
-    from fedimg.reporting import setup_logging
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__)  # noqa: T201 - CLI help text
-        return 0
-    setup_logging()
-    try:
-        run_sweep(args)
-    except FedimgError as exc:
-        logging.getLogger("fedimg").error("%s: %s", type(exc).__name__, exc)
-        return exc.exit_code
-    return 0
+    return run_cli(run_sweep, argv, doc=__doc__ or "")
 
 
 if __name__ == "__main__":

@@ -192,8 +192,10 @@ def run_sweep(argv: Sequence[str]) -> Path:
     """Run (or resume) the sweep described by ``argv``; return its directory."""
     from fedimg.compose import compose_config, split_argv
     from fedimg.privacy.plots import plot_sweep
+    from fedimg.reporting import setup_logging
     from fedimg.simulate import run
 
+    setup_logging()
     sweep, rest = parse_args(argv)
     scenario, overrides = split_argv(rest)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
