@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedimg.attacks import poisoned_labels
 from fedimg.config import FedimgConfig, from_json
 from fedimg.data import (
     ClientPartition,
@@ -111,15 +112,17 @@ class TaskEnvironment:
         if partition_id not in self._clients:
             part, train = self.partitions[partition_id], self.dataset.train
             tcfg, seed = self.cfg.train, self.cfg.seed * 1000 + partition_id
+            # A simulated label-flipping client trains on poisoned labels (attack.*).
+            labels = poisoned_labels(self.cfg, partition_id, train.labels, self.num_classes)
             self._clients[partition_id] = ClientData(
-                train=InMemoryLoader(train.images, train.labels, indices=part.train_indices,
+                train=InMemoryLoader(train.images, labels, indices=part.train_indices,
                                      batch_size=tcfg.batch_size, transform=self._train_tf,
                                      shuffle=True, seed=seed),
                 val=InMemoryLoader(train.images, train.labels, indices=part.val_indices,
                                    batch_size=tcfg.eval_batch_size, transform=self._eval_tf,
                                    shuffle=False, seed=seed),
                 num_train=len(part.train_indices), num_val=len(part.val_indices),
-                class_weights=self._class_weights(train.labels[part.train_indices]))
+                class_weights=self._class_weights(labels[part.train_indices]))
         return self._clients[partition_id]
 
     def _class_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
@@ -142,6 +145,10 @@ class TaskEnvironment:
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Overwrite every parameter and buffer of the shared model."""
         self.model.load_state_dict(state, strict=True)
+
+    def trained_keys(self) -> frozenset[str]:
+        """State-dict names of the parameters local training updates."""
+        return frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
 
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of the model's state dict on the CPU (never aliasing the live model)."""

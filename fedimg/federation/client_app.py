@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedimg.attacks import inject_fault, poisoned_update
 from fedimg.config import FedimgConfig
 from fedimg.errors import DataError
 from fedimg.federation.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
     DECLINED_KEY,
+    LEDGER_KEY,
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     config_from_record,
@@ -34,7 +37,6 @@ from fedimg.task import TaskEnvironment, environment
 
 # A client's DP ledger lives in its Flower context.state between rounds: a fresh
 # accountant every round would restart epsilon at zero.
-LEDGER_KEY = "fedimg-privacy-ledger"
 
 app = ClientApp()
 
@@ -50,27 +52,38 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, RecordDict]:
+def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, RecordDict,
+                                                    dict[str, torch.Tensor]]:
     config = msg.content["config"]
     cfg = config_from_record(config)
     env = environment(str(config[CONFIG_KEY]), _threads(cfg))
+    state: dict[str, torch.Tensor] = {}
     if ARRAYS_KEY in msg.content.array_records:
-        env.load_state(record_to_state_dict(msg.content[ARRAYS_KEY], env.reference))
-    return env, _partition_id(context), config
+        state = record_to_state_dict(msg.content[ARRAYS_KEY], env.reference)
+        env.load_state(state)
+    return env, _partition_id(context), config, state
 
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     """Report this client's partition id and split sizes (and build its environment)."""
-    env, pid, _ = _setup(msg, context)
+    env, pid, _, _ = _setup(msg, context)
     data = env.client(pid)
     info = MetricRecord({"partition-id": pid, "num-train": data.num_train,
                          "num-val": data.num_val})
     return Message(RecordDict({"metrics": info}), reply_to=msg)
 
 
-def _ledger(context: Context) -> dict[str, Any] | None:
+def _ledger(context: Context, msg: Message) -> dict[str, Any] | None:
+    """This client's DP ledger: its own, else the one a resumed server hands back.
+
+    A resumed run starts fresh client processes; the server's checkpoint holds the
+    ledgers the clients reported, so epsilon keeps accumulating across the restart.
+    A client never lets the server replace a ledger it still holds.
+    """
     record = context.state.config_records.get(LEDGER_KEY)
+    if record is None:
+        record = msg.content.config_records.get(LEDGER_KEY)
     return json.loads(str(record["json"])) if record is not None else None
 
 
@@ -81,26 +94,31 @@ def train(msg: Message, context: Context) -> Message:
     Under DP-SGD a client whose budget cannot cover the round replies with its
     privacy metrics and the reason instead of an update.
     """
-    env, pid, config = _setup(msg, context)
+    env, pid, config, start = _setup(msg, context)
+    server_round = int(config[ROUND_KEY])
+    inject_fault(env.cfg, server_round, pid)
     mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
-    result = mode.train(env, pid, server_round=int(config[ROUND_KEY]),
+    result = mode.train(env, pid, server_round=server_round,
                         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
-                        ledger=_ledger(context))
-    if result.ledger is not None:
-        context.state[LEDGER_KEY] = ConfigRecord({"json": json.dumps(result.ledger)})
+                        ledger=_ledger(context, msg))
     metrics = metric_record(result.metrics, num_examples=result.num_examples)
     if result.declined:
         content = reply_content(metrics=metrics)
         content[DECLINED_KEY] = ConfigRecord({"reason": result.declined})
     else:
-        content = reply_content(metrics=metrics, arrays=state_dict_to_record(env.state()))
+        sent = poisoned_update(env.cfg, pid, start, env.state(), env.trained_keys())
+        content = reply_content(metrics=metrics, arrays=state_dict_to_record(sent))
+    if result.ledger is not None:
+        ledger = ConfigRecord({"json": json.dumps(result.ledger)})
+        context.state[LEDGER_KEY] = ledger
+        content[LEDGER_KEY] = ledger  # accountant history only: sigma, q, steps, noisy counts
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
-    env, pid, _ = _setup(msg, context)
+    env, pid, _, _ = _setup(msg, context)
     metrics, num_examples = env.evaluate_client(pid)
     return Message(reply_content(metrics=metric_record(metrics, num_examples=num_examples)),
                    reply_to=msg)

@@ -28,6 +28,7 @@ NUM_EXAMPLES_KEY = "num-examples"  # Flower's default weighting key
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 DECLINED_KEY = "declined"  # ConfigRecord {"reason": ...} of a client that refused to train
+LEDGER_KEY = "fedimg-privacy-ledger"  # ConfigRecord {"json": ...}: a client's DP accountant
 
 
 def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -40,9 +41,14 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-def check_arrays(arrays: Mapping[str, np.ndarray],
-                 reference: Mapping[str, torch.Tensor]) -> None:
-    """Raise UpdateError unless ``arrays`` match ``reference`` in keys and shapes and are finite."""
+def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, torch.Tensor],
+                 *, exact_dtypes: bool = False) -> None:
+    """Raise UpdateError unless ``arrays`` match ``reference`` in keys and shapes and are finite.
+
+    With ``exact_dtypes`` (a client's update, which is its model's state dict) every
+    array must also have the model's dtype; aggregates are exempt, since Flower's
+    weighted mean turns integer buffers into floats.
+    """
     missing = sorted(set(reference) - set(arrays))
     extra = sorted(set(arrays) - set(reference))
     if missing or extra:
@@ -53,6 +59,10 @@ def check_arrays(arrays: Mapping[str, np.ndarray],
         if tuple(arr.shape) != tuple(ref.shape):
             raise UpdateError(f"update '{key}' has shape {tuple(arr.shape)}, the model "
                               f"expects {tuple(ref.shape)}")
+        expected = torch.empty(0, dtype=ref.dtype).numpy().dtype
+        if exact_dtypes and arr.dtype != expected:
+            raise UpdateError(f"update '{key}' has dtype {arr.dtype}, the model expects "
+                              f"{expected}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise UpdateError(f"update '{key}' contains NaN or Inf")
 

@@ -1,206 +1,13 @@
-"""The typed config schema of fedimg, and the single place where it is validated.
+"""Validation of a composed :class:`~fedimg.config.schema.FedimgConfig`, run once before round 1.
 
-Scenario files in ``scenarios/`` and command-line overrides (Hydra ``key=value``)
-are merged onto these dataclasses by :mod:`fedimg.compose`; the result is a
-:class:`FedimgConfig`, checked once by :func:`validate` before any data is
-loaded or any Ray worker is started. Field names are snake_case; kebab-case keys
-exist only inside Flower records (see :mod:`fedimg.federation.records`).
+Range checks need no registry; name checks look every name-valued field up in its
+registry, so an unknown name lists the valid ones.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
-from typing import Any, Optional
-
+from fedimg.config.schema import DataConfig, FedimgConfig
 from fedimg.errors import ConfigError
-
-
-@dataclass
-class SyntheticConfig:
-    """Shape of generated images (``dataset=synthetic`` or the offline fallback)."""
-
-    num_classes: int = 4
-    train_size: int = 512
-    test_size: int = 128
-    image_size: int = 32
-    channels: int = 3
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from and how they are split across clients."""
-
-    dataset: str = "pneumoniamnist"
-    source: str = "auto"  # auto: real, else synthetic with a warning | strict | synthetic
-    root: Optional[str] = None  # else $FEDIMG_DATA, else ~/.cache/fedimg
-    download: bool = True
-    partitioner: str = "dirichlet"  # iid | dirichlet | quantity | shards | natural
-    alpha: float = 0.5  # Dirichlet concentration of the label skew
-    quantity_skew: float = 0.0  # sigma of log-normal client sizes; 0 = equal sizes
-    classes_per_client: int = 2  # shards (pathological) partitioner
-    natural_column: str = "site"  # metadata column for natural partitions
-    val_fraction: float = 0.1  # each client's local validation split
-    min_partition_size: int = 16
-    image_size: int = 64  # input resolution of the model
-    augment: str = "light"  # none | light | strong
-    max_train_samples: Optional[int] = None  # subsample the pooled train split
-    max_test_samples: Optional[int] = None
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-
-@dataclass
-class TransferConfig:
-    """Which parameters of the pretrained network are fine-tuned."""
-
-    mode: str = "full"  # full | head | last_k
-    last_k: int = 2  # feature blocks trained in last_k mode (plus the head)
-    bn: str = "train"  # train: BatchNorm statistics update | frozen: FrozenBatchNorm2d
-
-
-@dataclass
-class TrainConfig:
-    """Local training at each client (plain PyTorch)."""
-
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "constant"  # constant | cosine | step (over rounds)
-    class_weighting: str = "none"  # none | balanced (inverse local class frequency)
-    local_epochs: int = 1
-    local_steps: Optional[int] = None  # if set, overrides local_epochs
-    batch_size: int = 32
-    eval_batch_size: int = 256
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # mixed precision, CUDA only
-    channels_last: bool = True  # CUDA only
-    num_threads: int = 0  # torch intra-op threads per client; 0 = cpus per client
-
-
-@dataclass
-class FederationConfig:
-    """Server-side settings: sampling, strategy hyper-parameters, evaluation."""
-
-    fraction_train: float = 1.0
-    min_train_clients: int = 2
-    fraction_evaluate: float = 1.0
-    min_evaluate_clients: int = 2
-    central_eval: bool = True
-    proximal_mu: float = 0.01  # FedProx (Li et al. 2020)
-    server_lr: Optional[float] = None  # FedAvgM / FedAdam / FedYogi; None = per-strategy default
-    server_momentum: float = 0.9  # FedAvgM
-    beta_1: float = 0.9  # FedAdam / FedYogi
-    beta_2: float = 0.99
-    tau: float = 1e-3
-    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
-    num_malicious: int = 0  # Krum: assumed Byzantine clients
-    timeout_s: float = 3600.0  # how long the server waits for replies
-    connect_timeout_s: float = 300.0  # how long it waits for all clients to connect
-
-
-@dataclass
-class SimConfig:
-    """Flower simulation engine (Ray backend) resources."""
-
-    num_cpus_per_client: float = 1.0
-    num_gpus_per_client: float = 0.0
-    ray_address: Optional[str] = None  # join an existing cluster ("auto" or host:port)
-    ray_num_cpus: Optional[int] = None  # CPUs Ray may use when it starts locally
-    ray_num_gpus: Optional[int] = None
-
-
-@dataclass
-class OutputConfig:
-    """What a run writes into its run directory."""
-
-    run_dir: Optional[str] = None  # set from hydra.run.dir; default runs/<name>/<time>
-    checkpoints: bool = True
-    select_metric: str = "val/balanced_accuracy"  # picks best.pt; never a test/ metric
-    plots: bool = True
-    progress: bool = True
-
-
-@dataclass
-class PrivacyConfig:
-    """Differential privacy: sample-level DP-SGD at clients, or client-level DP at the server.
-
-    ``privacy=dp_sgd`` / ``privacy=client_dp`` on the command line also apply the
-    presets in ``scenarios/privacy/`` (e.g. frozen BatchNorm for DP-SGD).
-    """
-
-    mode: str = "none"  # none | dp_sgd (Opacus, per client) | client_dp (server-side)
-    target_epsilon: float = 8.0  # per client (dp_sgd) or for the federation (client_dp)
-    target_delta: Optional[float] = None  # None: 0.1/N for N samples (dp_sgd) / N clients
-    client_epsilons: Optional[list[float]] = None  # dp_sgd: one budget per client
-    noise_multiplier: Optional[float] = None  # sigma; None: calibrated once from the budget
-    max_grad_norm: float = 1.0  # dp_sgd: per-sample clipping norm C
-    accountant: str = "prv"  # prv | rdp; the other one is reported as a cross-check
-    poisson: bool = True  # dp_sgd: Poisson batches (false: shuffled, epsilon approximate)
-    physical_batch_size: Optional[int] = None  # dp_sgd: None = train.batch_size
-    grad_sample_mode: str = "auto"  # auto (per model) | hooks | functorch
-    count_noise: float = 10.0  # dp_sgd: Gaussian noise on the label counts behind class weights
-    seeded_noise: bool = False  # true: noise/sampling from the run seed (tests only: insecure)
-    clipping: str = "fixed"  # client_dp: fixed | adaptive (Andrew et al. 2021)
-    clipping_norm: float = 1.0  # client_dp: clip of each update's L2 norm (initial if adaptive)
-    target_clipped_quantile: float = 0.5  # client_dp adaptive
-    clip_norm_lr: float = 0.2  # client_dp adaptive
-    clipped_count_stddev: Optional[float] = None  # client_dp adaptive; None = clients / 20
-
-
-@dataclass
-class FedimgConfig:
-    """A whole fedimg run."""
-
-    name: str = "custom"
-    description: str = ""
-    seed: int = 0
-    rounds: int = 10
-    clients: int = 5
-    model: str = "efficientnet_lite0"
-    weights: str = "pretrained"  # pretrained | none | path to a state dict
-    strategy: str = "fedavg"
-    data: DataConfig = field(default_factory=DataConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    fl: FederationConfig = field(default_factory=FederationConfig)
-    sim: SimConfig = field(default_factory=SimConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (JSON/YAML serialisable)."""
-    return dataclasses.asdict(cfg)
-
-
-def to_json(cfg: FedimgConfig) -> str:
-    """Canonical JSON of a config: sorted keys, so equal configs give equal text."""
-    return json.dumps(to_dict(cfg), sort_keys=True)
-
-
-def _section_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    kwargs: dict[str, Any] = {}
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"unknown config key '{key}' in {cls.__name__}")
-        default = hints[key].default_factory  # type: ignore[misc]
-        if isinstance(value, dict) and default is not dataclasses.MISSING:
-            value = _section_from_dict(type(default()), value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def from_dict(values: dict[str, Any]) -> FedimgConfig:
-    """Inverse of :func:`to_dict` (used by clients that receive the config as JSON)."""
-    return _section_from_dict(FedimgConfig, values)
-
-
-def from_json(text: str) -> FedimgConfig:
-    """Inverse of :func:`to_json`."""
-    return from_dict(json.loads(text))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -225,6 +32,8 @@ def _validate_data(d: DataConfig) -> None:
     _check(8 <= d.image_size <= 1024, f"data.image_size={d.image_size} must be in [8, 1024]")
     _check(d.source in ("auto", "strict", "synthetic"), f"data.source='{d.source}' is "
            "unknown; valid: auto, strict, synthetic")
+    _check(d.on_corrupt in ("refuse", "skip"), f"data.on_corrupt='{d.on_corrupt}' is "
+           "unknown; valid: refuse, skip")
     for name in ("max_train_samples", "max_test_samples"):
         value = getattr(d, name)
         _check(value is None or value >= 1, f"data.{name}={value} must be >= 1 or null")
@@ -270,6 +79,19 @@ def _validate_federation(cfg: FedimgConfig) -> None:
     _check(fl.num_malicious >= 0, "fl.num_malicious must be >= 0")
     _check(fl.timeout_s > 0 and fl.connect_timeout_s > 0,
            "fl.timeout_s and fl.connect_timeout_s must be > 0")
+    _check(fl.max_update_norm is None or fl.max_update_norm > 0,
+           f"fl.max_update_norm={fl.max_update_norm} must be > 0 or null")
+    _check(fl.norm_outlier_factor == 0 or fl.norm_outlier_factor > 1,
+           f"fl.norm_outlier_factor={fl.norm_outlier_factor} must be > 1 (or 0 = off)")
+    _check(1 <= fl.min_replies <= cfg.clients, f"fl.min_replies={fl.min_replies} must be "
+           f"between 1 and clients={cfg.clients}")
+    _check(fl.on_too_few in ("retry", "skip", "stop"), f"fl.on_too_few='{fl.on_too_few}' "
+           "is unknown; valid: retry, skip, stop")
+    _check(fl.round_retries >= 0, f"fl.round_retries={fl.round_retries} must be >= 0")
+    _check(fl.max_skipped_rounds >= 1, f"fl.max_skipped_rounds={fl.max_skipped_rounds} "
+           "must be >= 1")
+    _check(sim.max_worker_restarts >= -1, f"sim.max_worker_restarts="
+           f"{sim.max_worker_restarts} must be -1 (always), 0 (never) or a positive count")
     _check(sim.num_cpus_per_client > 0, f"sim.num_cpus_per_client="
            f"{sim.num_cpus_per_client} must be > 0")
     gpus = sim.num_gpus_per_client
@@ -324,6 +146,19 @@ def _validate_privacy(cfg: FedimgConfig) -> None:
                "which drops the proximal term; use fedavg")
 
 
+def _validate_attack_and_faults(cfg: FedimgConfig) -> None:
+    a = cfg.attack
+    _check(0 <= a.byzantine_fraction < 1, f"attack.byzantine_fraction="
+           f"{a.byzantine_fraction} must be in [0, 1)")
+    _check(a.scale > 0, f"attack.scale={a.scale} must be > 0")
+    for name in ("raise_at", "kill_at"):
+        for entry in getattr(cfg.faults, name):
+            _check(len(entry) == 2 and 1 <= entry[0] <= cfg.rounds
+                   and 0 <= entry[1] < cfg.clients,
+                   f"faults.{name} entry {list(entry)} must be [round, client] with round "
+                   f"in 1..{cfg.rounds} and client in 0..{cfg.clients - 1}")
+
+
 def _validate_values(cfg: FedimgConfig) -> None:
     """Range checks that need no registry."""
     _check(cfg.output.select_metric.startswith(("val/", "train/")),
@@ -335,12 +170,14 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_training(cfg)
     _validate_federation(cfg)
     _validate_privacy(cfg)
+    _validate_attack_and_faults(cfg)
 
 
 def _validate_names(cfg: FedimgConfig) -> None:
     """Every name-valued field must be a key of its registry."""
     # Imported here: the registries pull in torch/torchvision/flwr, and this module
     # must stay importable for tools that only read configs.
+    from fedimg.attacks import ATTACKS
     from fedimg.data import AUGMENTATIONS, DATASETS, PARTITIONERS
     from fedimg.federation.strategies import STRATEGIES
     from fedimg.models import MODELS
@@ -356,6 +193,7 @@ def _validate_names(cfg: FedimgConfig) -> None:
         (OPTIMIZERS, cfg.train.optimizer),
         (SCHEDULES, cfg.train.schedule),
         (PRIVACY_MODES, cfg.privacy.mode),
+        (ATTACKS, cfg.attack.kind),
     ):
         registry.get(value)
 

@@ -1,0 +1,26 @@
+"""fedimg's configuration: the typed schema (:mod:`.schema`) and its validation (:mod:`.checks`)."""
+
+from fedimg.config.checks import validate
+from fedimg.config.schema import (
+    AttackConfig,
+    DataConfig,
+    FaultsConfig,
+    FederationConfig,
+    FedimgConfig,
+    OutputConfig,
+    PrivacyConfig,
+    SimConfig,
+    SyntheticConfig,
+    TrainConfig,
+    TransferConfig,
+    from_dict,
+    from_json,
+    to_dict,
+    to_json,
+)
+
+__all__ = [
+    "AttackConfig", "DataConfig", "FaultsConfig", "FederationConfig", "FedimgConfig",
+    "OutputConfig", "PrivacyConfig", "SimConfig", "SyntheticConfig", "TrainConfig",
+    "TransferConfig", "from_dict", "from_json", "to_dict", "to_json", "validate",
+]
