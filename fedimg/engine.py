@@ -5,6 +5,12 @@ simulated client gets ``sim.num_cpus_per_client`` CPUs and a (possibly fractiona
 ``sim.num_gpus_per_client`` GPU; Ray packs as many worker actors as fit, and each
 actor serves many clients in turn, reusing its cached task environment.
 
+A worker actor whose process dies (the OOM killer, a segfault, ``kill -9``) is
+restarted by Ray (``sim.max_worker_restarts``, passed to the actor options through
+Flower's ``client_resources``): the message it was serving fails and is recorded,
+and later rounds run at full strength. Flower's actor pool alone would keep the
+dead actor and fail its clients in every later round.
+
 With ``sim.ray_address`` the run joins an existing Ray cluster instead of starting
 one, so the simulation can span machines: ``ray start --head`` on one machine,
 ``ray start --address=HEAD:6379`` on the others, then run with
@@ -38,8 +44,11 @@ def backend_config(sim: SimConfig) -> dict[str, Any]:
             init_args["num_cpus"] = sim.ray_num_cpus
         if sim.ray_num_gpus is not None:
             init_args["num_gpus"] = sim.ray_num_gpus
+    # Flower passes client_resources to ClientAppActor.options(**resources) and reads
+    # only num_cpus/num_gpus itself, so Ray's actor restart policy can ride along.
     return {"client_resources": {"num_cpus": sim.num_cpus_per_client,
-                                 "num_gpus": sim.num_gpus_per_client},
+                                 "num_gpus": sim.num_gpus_per_client,
+                                 "max_restarts": sim.max_worker_restarts},
             "init_args": init_args}
 
 

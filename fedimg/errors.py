@@ -50,3 +50,12 @@ class PrivacyBudgetExhausted(FedimgError):
     """A client's next round would exceed its differential-privacy budget."""
 
     exit_code = 6
+
+
+class RunStopped(FedimgError):
+    """The run ended before its last round: too many rounds without usable updates.
+
+    Its results, plots and checkpoints are written first, so it can be resumed.
+    """
+
+    exit_code = 8

@@ -4,6 +4,11 @@ compose config -> validate -> prepare data and partitions -> run on the Ray engi
 -> save results and plots -> print the summary table. Any user error (unknown
 scenario/model/dataset/strategy, impossible value, missing data) stops the run
 before round 1 with a one-line message and the error's exit code.
+
+``python -m fedimg.simulate resume=<run_dir> [rounds=N]`` continues a run that was
+killed, from the last round it completed (``checkpoints/last.pt``), with the
+config it was started with; with the same seed it ends with the same metrics as a
+run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from fedimg.cli import run_cli
 from fedimg.compose import compose_config, split_argv
+from fedimg.errors import RunStopped
 from fedimg.reporting import plot_run, setup_logging, summary_table
 
 log = logging.getLogger("fedimg.simulate")
@@ -26,14 +32,25 @@ def run(argv: Sequence[str]) -> dict:
     from fedimg.federation.server import prepare_run
 
     setup_logging()
-    scenario, overrides = split_argv(argv)
-    cfg = compose_config(scenario, overrides)
+    resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
+    if resume is not None:
+        from fedimg.federation.checkpoint import resumed_config
+
+        cfg = resumed_config(Path(resume), [a for a in argv if not a.startswith("resume=")])
+    else:
+        scenario, overrides = split_argv(argv)
+        cfg = compose_config(scenario, overrides)
     run_dir = Path(str(cfg.output.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
     log.info("scenario '%s' -> %s", cfg.name, cfg.output.run_dir)
-    prepared = prepare_run(cfg)
-    results = simulate(prepared)
+    prepared = prepare_run(cfg, resume=resume is not None)
+    try:
+        results = simulate(prepared)
+    except RunStopped:
+        if cfg.output.plots:  # the rounds that did run are worth a look
+            plot_run(prepared.recorder.run_dir)
+        raise
     if cfg.output.plots:
         plot_run(prepared.recorder.run_dir)
     log.info("summary\n%s", summary_table(prepared.recorder.read_rounds(), results))

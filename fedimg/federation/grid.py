@@ -4,8 +4,15 @@ Flower's strategies aggregate replies and keep only the averaged metrics. The
 :class:`InstrumentedGrid` sits between a strategy and the real Grid and, for each
 ``send_and_receive``, records per client: the partition id, the metrics it
 reported, the bytes sent down and up, and failures. It also rejects malformed
-training updates (wrong keys or shapes, NaN/Inf) before the strategy can average
-them in, logging the reason and counting rejections per client.
+training updates before the strategy can average them in, logging the reason and
+counting rejections per client: wrong keys, shapes or dtypes, NaN/Inf, a
+non-positive example count, and an absurd norm ||w_i - w_global||_2 (above
+``fl.max_update_norm``, or above ``fl.norm_outlier_factor`` times the round's
+median norm). Robust aggregation against subtler attacks is the strategy's job.
+
+It also carries each client's DP ledger: it keeps the latest one a client reported
+(for the resume checkpoint) and hands a restored ledger back to its client with
+the first training message after a resume.
 
 Node ids are returned ordered by partition id, so that the strategies' sampling
 (``random.sample`` over ``get_node_ids()``) is reproducible once the server seeds
@@ -15,6 +22,7 @@ Python's ``random`` with the run seed.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -22,11 +30,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import Message, MessageType, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedimg.config import FederationConfig
 from fedimg.errors import FedimgError, UpdateError
-from fedimg.federation.records import ARRAYS_KEY, DECLINED_KEY, check_arrays, record_bytes
+from fedimg.federation.records import (
+    ARRAYS_KEY,
+    DECLINED_KEY,
+    LEDGER_KEY,
+    check_arrays,
+    record_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +60,7 @@ class ClientExchange:
     num_examples: int = 0
     status: str = "ok"  # ok | failed | rejected | timeout | declined
     reason: str = ""
+    update_norm: float = float("nan")  # ||w_i - w_global||_2 of a training update
 
 
 def _content_bytes(content: RecordDict) -> int:
@@ -61,12 +78,19 @@ def _metrics_of(content: RecordDict) -> tuple[dict[str, float], int]:
 class InstrumentedGrid(Grid):
     """Delegates to ``inner`` while logging exchanges and filtering bad updates."""
 
-    def __init__(self, inner: Grid, *, reference: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, inner: Grid, *, reference: Mapping[str, torch.Tensor],
+                 fl: FederationConfig | None = None,
+                 fixed_keys: frozenset[str] = frozenset()) -> None:
         self.inner = inner
         self.reference = reference
+        self.fl = fl or FederationConfig()
+        self.norm_keys = sorted(k for k, v in reference.items()
+                                if k not in fixed_keys and v.is_floating_point())
         self.node_to_partition: dict[int, int] = {}
         self.exchanges: list[ClientExchange] = []
         self.rejections: Counter[int] = Counter()
+        self.ledgers: dict[int, str] = {}  # partition -> latest DP ledger (JSON) it reported
+        self.pending_ledgers: dict[int, str] = {}  # restored ledgers not yet handed back
 
     # --- plain delegation -------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -96,25 +120,58 @@ class InstrumentedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
+        messages = [self._with_ledger(m) for m in messages]
         sent = {m.metadata.dst_node_id: m for m in messages}
         pending = {nid: self._exchange_for(m) for nid, m in sent.items()}
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        kept = []
+        kept: dict[int, tuple[Message, ClientExchange]] = {}
         for reply in replies:
             exchange = pending.pop(reply.metadata.src_node_id, None)
             if exchange is None:
                 continue
-            if self._record_reply(exchange, reply):
-                kept.append(reply)
+            if self._record_reply(exchange, reply, sent[exchange.node_id]):
+                kept[exchange.node_id] = (reply, exchange)
             self.exchanges.append(exchange)
+        self._reject_outlier_norms(kept)
         for exchange in pending.values():  # no reply within the timeout
             exchange.status, exchange.reason = "timeout", "no reply before fl.timeout_s"
             self.exchanges.append(exchange)
         # Replies arrive in completion order; aggregating them in partition order keeps
         # the float sums, and so the run, identical for the same seed.
-        return sorted(kept, key=lambda r: (self.partition_of(r.metadata.src_node_id),
-                                           r.metadata.src_node_id))
+        return sorted((reply for reply, _ in kept.values()),
+                      key=lambda r: (self.partition_of(r.metadata.src_node_id),
+                                     r.metadata.src_node_id))
+
+    def _with_ledger(self, message: Message) -> Message:
+        """``message``, carrying its client's restored DP ledger if one is pending."""
+        pid = self.partition_of(message.metadata.dst_node_id)
+        if message.metadata.message_type != MessageType.TRAIN or pid not in self.pending_ledgers:
+            return message
+        content = RecordDict(dict(message.content.items()))  # strategies share one content
+        content[LEDGER_KEY] = ConfigRecord({"json": self.pending_ledgers.pop(pid)})
+        return Message(content=content, message_type=message.metadata.message_type,
+                       dst_node_id=message.metadata.dst_node_id,
+                       group_id=message.metadata.group_id)
+
+    def _reject(self, exchange: ClientExchange, reason: str) -> None:
+        exchange.status, exchange.reason = "rejected", reason
+        self.rejections[exchange.partition_id] += 1
+        log.warning("rejected update of client %d: %s (rejections so far: %d)",
+                    exchange.partition_id, reason, self.rejections[exchange.partition_id])
+
+    def _reject_outlier_norms(self, kept: dict[int, tuple[Message, ClientExchange]]) -> None:
+        """Drop updates whose norm is far above the round's median (absurd, not just large)."""
+        factor = self.fl.norm_outlier_factor
+        norms = [e.update_norm for _, e in kept.values() if e.update_norm == e.update_norm]
+        if not factor or len(norms) < 3:
+            return
+        median = statistics.median(norms)
+        for nid, (_, exchange) in list(kept.items()):
+            if median > 0 and exchange.update_norm > factor * median:
+                self._reject(exchange, f"update norm {exchange.update_norm:.4g} is more than "
+                             f"fl.norm_outlier_factor={factor:g} times the round's median "
+                             f"{median:.4g}")
+                del kept[nid]
 
     def drain(self) -> list[ClientExchange]:
         """Exchanges recorded since the last call."""
@@ -127,7 +184,7 @@ class InstrumentedGrid(Grid):
                               partition_id=self.partition_of(nid),
                               bytes_down=_content_bytes(message.content))
 
-    def _record_reply(self, exchange: ClientExchange, reply: Message) -> bool:
+    def _record_reply(self, exchange: ClientExchange, reply: Message, sent: Message) -> bool:
         """Fill ``exchange`` from ``reply``; False if the reply must not be aggregated."""
         if reply.has_error():
             exchange.status, exchange.reason = "failed", str(reply.error.reason)[:500]
@@ -136,6 +193,8 @@ class InstrumentedGrid(Grid):
             return True  # the strategy counts it as a failure itself
         exchange.bytes_up = _content_bytes(reply.content)
         exchange.metrics, exchange.num_examples = _metrics_of(reply.content)
+        if LEDGER_KEY in reply.content.config_records:
+            self.ledgers[exchange.partition_id] = str(reply.content[LEDGER_KEY]["json"])
         if DECLINED_KEY in reply.content.config_records:
             exchange.status = "declined"
             exchange.reason = str(reply.content[DECLINED_KEY].get("reason", ""))
@@ -144,17 +203,14 @@ class InstrumentedGrid(Grid):
             return False
         if exchange.phase == MessageType.TRAIN:
             try:
-                self._check_update(reply.content)
+                exchange.update_norm = self._check_update(reply.content, sent.content)
             except UpdateError as exc:
-                exchange.status, exchange.reason = "rejected", str(exc)
-                self.rejections[exchange.partition_id] += 1
-                log.warning("rejected update of client %d: %s (rejections so far: %d)",
-                            exchange.partition_id, exc,
-                            self.rejections[exchange.partition_id])
+                self._reject(exchange, str(exc))
                 return False
         return True
 
-    def _check_update(self, content: RecordDict) -> None:
+    def _check_update(self, content: RecordDict, sent: RecordDict) -> float:
+        """Raise UpdateError for a malformed update; return its norm ||w_i - w_global||_2."""
         if ARRAYS_KEY not in content.array_records:
             raise UpdateError("training reply carries no model update")
         _, num_examples = _metrics_of(content)
@@ -162,7 +218,18 @@ class InstrumentedGrid(Grid):
             raise UpdateError(f"update claims {num_examples} training examples; FedAvg "
                               "weights need a positive count")
         arrays = {k: v.numpy() for k, v in content[ARRAYS_KEY].items()}
-        check_arrays(arrays, self.reference)
+        check_arrays(arrays, self.reference, exact_dtypes=True)
+        if ARRAYS_KEY not in sent.array_records:
+            return float("nan")
+        start = sent[ARRAYS_KEY]
+        squares = sum(float(np.sum(np.square(arrays[k].astype(np.float64)
+                                             - start[k].numpy().astype(np.float64))))
+                      for k in self.norm_keys)
+        norm = squares ** 0.5
+        limit = self.fl.max_update_norm
+        if limit is not None and norm > limit:
+            raise UpdateError(f"update norm {norm:.4g} exceeds fl.max_update_norm={limit:g}")
+        return norm
 
 
 def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout: float,

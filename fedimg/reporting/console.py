@@ -65,9 +65,10 @@ def setup_logging(run_dir: Path | None = None, *, verbose: bool = False) -> None
 class RoundProgress:
     """A progress bar over rounds with an ETA and the latest key metrics."""
 
-    def __init__(self, total: int, *, enabled: bool = True, desc: str = "rounds") -> None:
+    def __init__(self, total: int, *, enabled: bool = True, desc: str = "rounds",
+                 initial: int = 0) -> None:
         self.bar = tqdm(total=total, desc=desc, unit="round", disable=not enabled,
-                        file=sys.stderr, dynamic_ncols=True)
+                        file=sys.stderr, dynamic_ncols=True, initial=initial)
 
     def update(self, postfix: dict[str, float]) -> None:
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()

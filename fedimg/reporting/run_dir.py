@@ -6,7 +6,7 @@ Layout of ``<run_dir>``::
     partitions.npz     client index lists; partitions.json: label counts per client
     metrics.jsonl      one JSON object per round (round 0 = the initial model)
     results.json       final and best metrics, data provenance, timings, versions
-    checkpoints/       final.pt and best.pt (state dict + metadata)
+    checkpoints/       final.pt and best.pt (state dict + metadata), last.pt (resume state)
     plots/             PNG figures drawn from the files above
     run.log            the full log, Flower's included
 
@@ -101,13 +101,21 @@ class RunRecorder:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(_finite(record), sort_keys=True) + "\n")
 
+    def rewrite_rounds(self, records: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl by ``records`` (a resumed run drops rounds after its checkpoint)."""
+        text = "".join(json.dumps(_finite(r), sort_keys=True) + "\n" for r in records)
+        _atomic_write(self.metrics_path, lambda h: h.write(text.encode()))
+
     def read_rounds(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)
 
     def save_checkpoint(self, name: str, state: dict[str, torch.Tensor],
                         meta: dict[str, Any]) -> Path:
+        return self.save_payload(name, {"state_dict": state, "meta": _finite(meta)})
+
+    def save_payload(self, name: str, payload: dict[str, Any]) -> Path:
+        """Atomically write ``checkpoints/<name>.pt`` with ``torch.save``."""
         path = self.run_dir / "checkpoints" / f"{name}.pt"
-        payload = {"state_dict": state, "meta": _finite(meta)}
         _atomic_write(path, lambda h: torch.save(payload, h))
         return path
 

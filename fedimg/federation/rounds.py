@@ -1,0 +1,126 @@
+"""The round loop: a Flower strategy driven round by round, with a policy for short rounds.
+
+Flower's ``Strategy.start`` runs every round in one call. fedimg drives the same
+public methods itself (``configure_train``, ``aggregate_train``,
+``configure_evaluate``, ``aggregate_evaluate``) so that a run can start from a
+checkpointed round, checkpoint after each one, and decide what a round with too
+few usable updates does.
+
+A training update is usable unless its client failed (an exception, a dead worker
+process), timed out (``fl.timeout_s``), declined (privacy budget) or was rejected
+(NaN, wrong shape or dtype, absurd norm). When fewer than ``fl.min_replies``
+updates are usable, ``fl.on_too_few`` decides:
+
+* ``retry`` (default): sample and send the round again, up to ``fl.round_retries``
+  times (dead Ray workers have been restarted by then); if it is still short, skip it.
+* ``skip``: keep the current global model and go on to the next round.
+* ``stop``: end the run cleanly (results, plots and checkpoints are written).
+
+Whatever the policy, ``fl.max_skipped_rounds`` consecutive skipped rounds end the
+run, so a fault that repeats every round cannot burn the whole schedule. Every
+attempt is recorded in ``metrics.jsonl`` (``attempts``, ``skipped``, and each
+client's status and reason). Nothing waits forever: every exchange is bounded by
+``fl.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, MessageType
+from flwr.serverapp.strategy import Strategy
+
+from fedimg.config import FedimgConfig
+from fedimg.errors import PrivacyBudgetExhausted, RunStopped
+from fedimg.federation.grid import ClientExchange, InstrumentedGrid
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class RoundOutcome:
+    """How a training round went."""
+
+    arrays: ArrayRecord
+    attempts: int
+    skipped: bool
+
+
+class RoundLoop:
+    """Runs rounds ``start..cfg.rounds`` of ``strategy`` on ``grid``."""
+
+    def __init__(self, cfg: FedimgConfig, strategy: Strategy, grid: InstrumentedGrid, *,
+                 train_config: ConfigRecord, evaluate_config: ConfigRecord) -> None:
+        self.cfg, self.strategy, self.grid = cfg, strategy, grid
+        self.train_config, self.evaluate_config = train_config, evaluate_config
+        self.consecutive_skips = 0
+
+    def run(self, arrays: ArrayRecord, *, start: int,
+            on_round_end: Callable[[int, ArrayRecord, RoundOutcome | None], None]) -> None:
+        """Round 0 (the initial model) if ``start == 1``, then every round to the last."""
+        if start == 1:
+            on_round_end(0, arrays, None)
+        for server_round in range(start, self.cfg.rounds + 1):
+            outcome = self.train(server_round, arrays)
+            arrays = outcome.arrays
+            self.evaluate(server_round, arrays)
+            on_round_end(server_round, arrays, outcome)
+            self._count_skip(server_round, outcome)
+
+    def train(self, server_round: int, arrays: ArrayRecord) -> RoundOutcome:
+        """One training round under the short-round policy."""
+        fl = self.cfg.fl
+        attempts = 1 + (fl.round_retries if fl.on_too_few == "retry" else 0)
+        for attempt in range(1, attempts + 1):
+            mark = len(self.grid.exchanges)
+            messages = self.strategy.configure_train(server_round, arrays,
+                                                     self.train_config, self.grid)
+            replies = list(self.grid.send_and_receive(messages, timeout=fl.timeout_s))
+            usable = sum(not reply.has_error() for reply in replies)
+            if usable >= fl.min_replies:
+                new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+                if new_arrays is not None:
+                    return RoundOutcome(new_arrays, attempt, skipped=False)
+            tried = self.grid.exchanges[mark:]
+            _stop_if_budgets_spent(server_round, tried)
+            log.warning("round %d, attempt %d/%d: %d usable updates, fl.min_replies=%d; "
+                        "%s", server_round, attempt, attempts, usable, fl.min_replies,
+                        _failure_summary(tried))
+        if fl.on_too_few == "stop":
+            raise RunStopped(f"round {server_round}: too few usable updates "
+                             f"(fl.on_too_few=stop); {_failure_summary(tried)}")
+        log.warning("round %d skipped: the global model is kept", server_round)
+        return RoundOutcome(arrays, attempts, skipped=True)
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Federated evaluation on the clients' validation splits (recorded by the grid)."""
+        messages = self.strategy.configure_evaluate(server_round, arrays,
+                                                    self.evaluate_config, self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.fl.timeout_s))
+        if any(not reply.has_error() for reply in replies):
+            self.strategy.aggregate_evaluate(server_round, replies)
+
+    def _count_skip(self, server_round: int, outcome: RoundOutcome) -> None:
+        self.consecutive_skips = self.consecutive_skips + 1 if outcome.skipped else 0
+        limit = self.cfg.fl.max_skipped_rounds
+        if self.consecutive_skips >= limit:
+            raise RunStopped(f"round {server_round}: {self.consecutive_skips} rounds in a "
+                             f"row were skipped (fl.max_skipped_rounds={limit}); see the "
+                             "client statuses in metrics.jsonl")
+
+
+def _failure_summary(exchanges: list[ClientExchange]) -> str:
+    bad = [e for e in exchanges if e.phase == MessageType.TRAIN and e.status != "ok"]
+    if not bad:
+        return "no client was sampled"
+    first = bad[0].reason.strip().splitlines()[-1:] or [""]
+    return f"{len(bad)} not usable, e.g. client {bad[0].partition_id} {bad[0].status}: " \
+           f"{first[0][:200]}"
+
+
+def _stop_if_budgets_spent(server_round: int, exchanges: list[ClientExchange]) -> None:
+    trained = [e for e in exchanges if e.phase == MessageType.TRAIN]
+    if trained and all(e.status == "declined" for e in trained):
+        raise PrivacyBudgetExhausted(f"round {server_round}: every sampled client "
+                                     "declined, its privacy budget spent; stopping")
