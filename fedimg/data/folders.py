@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedimg.data.decode import decode_files
+from fedimg.data.decode import Decoded, apply_corrupt_policy, decode_files
 from fedimg.data.types import ImageSet, RawSplits
 from fedimg.errors import DataError
 
@@ -94,30 +94,60 @@ def _split_sets(directory: Path) -> dict[str, list[tuple[Path, str]]]:
     return splits
 
 
+def _drop_corrupt(directory: Path, splits: dict[str, list[tuple[Path, str]]],
+                  decoded: Decoded, on_corrupt: str
+                  ) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
+    """Refuse corrupt files, or drop them from ``splits`` (returns the provenance warning)."""
+    items = [item for split_items in splits.values() for item in split_items]
+    rel = [p.relative_to(directory).as_posix() for p, _ in items]
+    warning = apply_corrupt_policy(decoded.named(rel), total=len(rel), where=str(directory),
+                                   on_corrupt=on_corrupt)
+    if warning is None:
+        return splits, []
+    keep, kept, start = decoded.keep_mask(len(items)), {}, 0
+    for split, split_items in splits.items():
+        kept[split] = [it for it, ok in zip(split_items, keep[start:start + len(split_items)])
+                       if ok]
+        start += len(split_items)
+        if not kept[split]:
+            raise DataError(f"every image of {directory / split} is corrupt (data.on_corrupt="
+                            "skip leaves none). Fix: replace the files (download the dataset "
+                            "again).")
+    return kept, [warning]
+
+
 def load_image_folder(directory: Path, *, image_size: int,
-                      metadata_hook: MetadataHook | None = None) -> RawSplits:
-    """Decode an image-folder dataset (cached, see :mod:`fedimg.data.decode`)."""
+                      metadata_hook: MetadataHook | None = None,
+                      on_corrupt: str = "refuse") -> RawSplits:
+    """Decode an image-folder dataset (cached, see :mod:`fedimg.data.decode`).
+
+    ``on_corrupt`` (``data.on_corrupt``) decides what happens to files that cannot
+    be decoded: ``refuse`` raises a :class:`DataError` naming them all; ``skip``
+    drops them (with their metadata rows) and names them in ``RawSplits.warnings``.
+    """
     splits = _split_sets(directory)
     folders = sorted({name for items in splits.values() for _, name in items})
     index = {name: i for i, name in enumerate(folders)}
     all_paths = [p for items in splits.values() for p, _ in items]
-    images = decode_files(all_paths, directory=directory, image_size=image_size)
+    decoded = decode_files(all_paths, directory=directory, image_size=image_size)
+    splits, warnings = _drop_corrupt(directory, splits, decoded, on_corrupt)
     sets: dict[str, ImageSet] = {}
-    start, warnings = 0, []
+    start = 0
     for split, items in splits.items():
-        rel = [f"{split}/{name}/{p.name}" for p, name in items]
+        rel = [p.relative_to(directory).as_posix() for p, _ in items]
         meta, missing = read_metadata(directory, rel)
         if missing and meta:
             warnings.append(f"{missing} {split} images have no row in {directory}/metadata.csv")
         if metadata_hook is not None:
             meta = metadata_hook(meta, rel)
         labels = torch.tensor([index[name] for _, name in items], dtype=torch.int64)
-        sets[split] = ImageSet(images=images[start:start + len(items)], labels=labels,
+        sets[split] = ImageSet(images=decoded.images[start:start + len(items)], labels=labels,
                                metadata=meta)
         start += len(items)
     return RawSplits(classes=read_class_names(directory, folders),
-                     channels=int(images.shape[1]), train=sets["train"], test=sets["test"],
-                     val=sets.get("val"), location=str(directory), warnings=tuple(warnings))
+                     channels=int(decoded.images.shape[1]), train=sets["train"],
+                     test=sets["test"], val=sets.get("val"), location=str(directory),
+                     warnings=tuple(warnings))
 
 
 def gtsrb_track_ids(meta: dict[str, np.ndarray], relpaths: list[str]) -> dict[str, np.ndarray]:

@@ -90,6 +90,10 @@ def download(root: Path, name: str) -> Path:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     keys = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
+    fix = f"Fix: delete it and download it again ({URL.format(name=path.stem)})."
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is truncated or corrupt: it is empty (0 bytes), e.g. from "
+                        f"an interrupted download. {fix}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in keys if k not in npz.files]
@@ -100,8 +104,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in keys}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
         raise DataError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}). "
-                        "Fix: delete it and download it again "
-                        f"({URL.format(name=path.stem)}).") from exc
+                        f"{fix}") from exc
 
 
 def _split(arrays: dict[str, np.ndarray], split: str, *, image_size: int,
@@ -124,13 +127,13 @@ def load(path: Path, name: str, *, image_size: int) -> RawSplits:
     """Decode a MedMNIST npz (resized to ``image_size``), warning on an md5 mismatch."""
     info = INFO[name]
     warnings = []
+    arrays = _read_npz(path)  # first: a corrupt file is an error, not an md5 warning
     digest = md5sum(path)
     if digest != info.md5:
         message = (f"{path} has md5 {digest}, not the official {info.md5}: it differs from "
                    "the MedMNIST release, so results are not comparable to published ones")
         logger.warning(message)
         warnings.append(message)
-    arrays = _read_npz(path)
     sets = {s: _split(arrays, s, image_size=image_size, num_classes=len(info.classes),
                       path=path) for s in ("train", "val", "test")}
     channels = int(sets["train"].images.shape[1])

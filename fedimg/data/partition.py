@@ -4,8 +4,10 @@
 (see :mod:`fedimg.data.partitioners`), then splits every client's indices into
 train and validation with a seeded shuffle (validation gets
 ``round(val_fraction * n)`` samples, at least one when ``val_fraction > 0``).
-It checks, before round 1, that the result is feasible: no more clients than
-samples, and at least ``data.min_partition_size`` training samples per client.
+It checks, before round 1, that the result is feasible: enough samples for every
+client to get one training sample, no client left with 0 training samples, and at
+least ``data.min_partition_size`` training samples per client; each error names
+the clients, the sample count and what to change.
 The same seed always gives the same indices.
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from fedimg.config import DataConfig
-from fedimg.data.partitioners import PARTITIONERS
+from fedimg.data.partitioners import PARTITIONERS, client_list
 from fedimg.data.types import ImageSet
 from fedimg.errors import ConfigError, DataError
 
@@ -72,12 +74,15 @@ def _describe(cfg: DataConfig) -> str:
     return f"partitioner={cfg.partitioner}" + (f" ({detail})" if detail else "")
 
 
-def _advice(cfg: DataConfig) -> str:
+def _advice(cfg: DataConfig, *, empty: bool = False) -> str:
+    """What to change; ``empty``: some client has no training sample at all."""
     first = {"dirichlet": f"a larger data.alpha (now {cfg.alpha}; e.g. 1.0 is milder skew)",
              "quantity": "a smaller data.quantity_skew",
              "shards": "a different data.classes_per_client",
              "natural": "fewer clients than natural groups"}.get(cfg.partitioner, "")
-    options = [o for o in (first, "fewer clients", "a smaller data.min_partition_size") if o]
+    last = ("another data.partitioner, or more training data" if empty
+            else "a smaller data.min_partition_size")
+    options = [o for o in (first, "fewer clients", last) if o]
     return "Fix: use " + ", or ".join(options) + "."
 
 
@@ -88,6 +93,31 @@ def _split_val(client_id: int, indices: np.ndarray, *, val_fraction: float,
     n_val = val_count(len(shuffled), val_fraction)
     return ClientPartition(client_id=client_id, train_indices=np.sort(shuffled[n_val:]),
                            val_indices=np.sort(shuffled[:n_val]))
+
+
+def _check_enough_samples(n: int, num_clients: int, cfg: DataConfig) -> None:
+    """Refuse, before partitioning, more clients than can get one training sample each."""
+    per = min_total(1, cfg.val_fraction)  # one for training, the rest to validation
+    if num_clients * per <= n:
+        return
+    able = n // per
+    share = (f", as each needs {per} samples to keep one for training with "
+             f"data.val_fraction={cfg.val_fraction}") if per > 1 else ""
+    raise DataError(f"clients={num_clients} is too many for the {n} training samples: at "
+                    f"most {able} clients can get a training sample{share}, so at least "
+                    f"{num_clients - able} client(s) would get 0 training samples. Fix: use "
+                    f"at most {able} clients, or more training data (a larger "
+                    "data.max_train_samples or dataset), or a smaller data.val_fraction.")
+
+
+def _check_empty(parts: list[ClientPartition], cfg: DataConfig, n: int) -> None:
+    """Refuse a partition that leaves some client with 0 training samples."""
+    empty = [p.client_id for p in parts if p.num_examples == 0]
+    if empty:
+        raise DataError(f"{client_list(empty)} got 0 training samples under {_describe(cfg)}"
+                        f" with {len(parts)} clients and {n} training samples "
+                        f"({len(empty)} of {len(parts)} clients empty); a client without data "
+                        f"cannot train. {_advice(cfg, empty=True)}")
 
 
 def _check_sizes(parts: list[ClientPartition], cfg: DataConfig, n: int) -> None:
@@ -116,10 +146,7 @@ def partition_dataset(train: ImageSet, *, cfg: DataConfig, num_clients: int,
     n = len(train)
     if num_clients < 1:
         raise ConfigError(f"clients={num_clients} is impossible: need at least 1 client")
-    if num_clients > n:
-        raise DataError(f"clients={num_clients} exceeds the {n} training samples, so some "
-                        "clients would get no data. Fix: fewer clients, or a larger "
-                        "data.max_train_samples / dataset.")
+    _check_enough_samples(n, num_clients, cfg)
     partitioner = PARTITIONERS.get(cfg.partitioner)
     need = min_total(cfg.min_partition_size, cfg.val_fraction)
     try:
@@ -127,14 +154,15 @@ def partition_dataset(train: ImageSet, *, cfg: DataConfig, num_clients: int,
             warnings.simplefilter("ignore")
             raw = partitioner(train.labels.numpy(), train.metadata, cfg=cfg,
                               num_clients=num_clients, seed=seed, min_size=need)
-    except ValueError as exc:
+    except (ValueError, IndexError) as exc:
         floor = need - val_count(need, cfg.val_fraction)
         raise DataError(f"{_describe(cfg)} could not split {n} samples into {num_clients} "
-                        f"clients of at least {need} samples ({floor} train): {str(exc).rstrip('.')}. "
-                        f"{_advice(cfg)}") from exc
+                        f"clients of at least {need} samples ({floor} train): "
+                        f"{str(exc).rstrip('.')}. {_advice(cfg)}") from exc
     _check_disjoint(raw, n)
     parts = [_split_val(i, idx, val_fraction=cfg.val_fraction, seed=seed)
              for i, idx in enumerate(raw)]
+    _check_empty(parts, cfg, n)
     _check_sizes(parts, cfg, n)
     sizes = [p.num_examples for p in parts]
     logger.info("%s: %d clients, train sizes min %d / median %d / max %d", _describe(cfg),

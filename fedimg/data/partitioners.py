@@ -28,7 +28,7 @@ by log-normal weights, so the size floor holds by construction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,14 @@ from fedimg.registry import Registry
 
 PartitionFn = Callable[..., list[np.ndarray]]
 PARTITIONERS: Registry[PartitionFn] = Registry("partitioner", config_key="data.partitioner")
+
+
+def client_list(ids: Iterable[int], *, shown: int = 10) -> str:
+    """``client 3`` / ``clients 3, 4, 5`` (the first ``shown`` ids, then a count)."""
+    ids = list(ids)
+    more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
+    label = "client" if len(ids) == 1 else "clients"
+    return f"{label} {', '.join(str(i) for i in ids[:shown])}{more}"
 
 
 def _run_flwr(partitioner: Any, columns: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -145,9 +153,13 @@ def natural(labels: np.ndarray, metadata: dict[str, np.ndarray], *, cfg: DataCon
     ids = _natural_ids(metadata, cfg.natural_column)
     unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     if len(unique) < num_clients:
+        empty = client_list(range(len(unique), num_clients))
         raise DataError(f"data.natural_column='{cfg.natural_column}' has {len(unique)} "
-                        f"distinct values but clients={num_clients}; a value cannot be shared"
-                        f". Fix: use at most {len(unique)} clients or another partitioner.")
+                        f"distinct values but clients={num_clients}; a value (one group) "
+                        f"cannot be shared, so {empty} would get 0 of the {len(labels)} "
+                        f"training samples. Fix: use at most {len(unique)} clients, another "
+                        "data.partitioner (e.g. dirichlet or iid), or a data.natural_column "
+                        "with more distinct values.")
     shuffled = np.random.default_rng([seed, 3]).permutation(len(unique))
     order = shuffled[np.argsort(-counts[shuffled], kind="stable")]
     group_of = np.empty(len(unique), dtype=np.int64)

@@ -10,7 +10,11 @@ download it. ``data.source`` decides what happens when nothing is found:
 * ``strict``: a :class:`DataError` listing the paths checked and the fix;
 * ``synthetic``: always synthetic, even when the real data exists.
 
-A file that exists but is corrupt is always a :class:`DataError`, never a fallback.
+A file that exists but is corrupt is never a fallback: a corrupt ``.npz`` is a
+:class:`DataError`; corrupt image files follow ``data.on_corrupt`` (``refuse``: a
+:class:`DataError` naming them all; ``skip``: dropped and named in
+``Provenance.warnings``, hence in results.json). Loaders get the whole
+:class:`DataConfig`, so such options reach them.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from fedimg.config import DataConfig
 from fedimg.data import medmnist, torchvision_sets
-from fedimg.data.folders import gtsrb_track_ids, load_image_folder
+from fedimg.data.folders import MetadataHook, gtsrb_track_ids, load_image_folder
 from fedimg.data.roots import resolve_data_root
 from fedimg.data.synthetic import make_synthetic
 from fedimg.data.types import Dataset, ImageSet, Provenance, RawSplits
@@ -34,8 +39,8 @@ from fedimg.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[Path, Path, int], RawSplits]  # (found path, root, image_size)
-Downloader = Callable[[Path, int], RawSplits]  # (root, image_size); raises OSError offline
+Loader = Callable[[Path, Path, DataConfig], RawSplits]  # (found path, root, data config)
+Downloader = Callable[[Path, DataConfig], RawSplits]  # (root, data config); OSError offline
 
 
 @dataclass(frozen=True)
@@ -56,24 +61,40 @@ DATASETS: Registry[DatasetSource] = Registry("dataset", config_key="data.dataset
 def _register_medmnist(name: str) -> None:
     info = medmnist.INFO[name]
 
-    def load(path: Path, root: Path, size: int) -> RawSplits:
-        return medmnist.load(path, name, image_size=size)
+    def load(path: Path, root: Path, cfg: DataConfig) -> RawSplits:
+        return medmnist.load(path, name, image_size=cfg.image_size)
 
-    def download(root: Path, size: int) -> RawSplits:
-        return medmnist.load(medmnist.download(root, name), name, image_size=size)
+    def download(root: Path, cfg: DataConfig) -> RawSplits:
+        return medmnist.load(medmnist.download(root, name), name, image_size=cfg.image_size)
 
     DATASETS.add(name, DatasetSource(name, info.classes, info.channels,
                                      lambda root: medmnist.candidates(root, name), load,
                                      download))
 
 
-def _folder_or_tv(folder: str, tv_loader: Callable[..., RawSplits],
-                  hook: Callable | None = None) -> Loader:
-    def load(path: Path, root: Path, size: int) -> RawSplits:
+def _load_folder(path: Path, root: Path, cfg: DataConfig, *,
+                 hook: MetadataHook | None = None) -> RawSplits:
+    return load_image_folder(path, image_size=cfg.image_size, metadata_hook=hook,
+                             on_corrupt=cfg.on_corrupt)
+
+
+def _gtsrb_tv(root: Path, cfg: DataConfig, *, download: bool = False) -> RawSplits:
+    return torchvision_sets.load_gtsrb(root, image_size=cfg.image_size, download=download,
+                                       on_corrupt=cfg.on_corrupt)
+
+
+def _cifar10_tv(root: Path, cfg: DataConfig, *, download: bool = False) -> RawSplits:
+    return torchvision_sets.load_cifar10(root, image_size=cfg.image_size, download=download)
+
+
+def _folder_or_tv(folder: str, tv_loader: Downloader,
+                  hook: MetadataHook | None = None) -> Loader:
+    """Load the image-folder copy ``folder`` if that was found, else torchvision's copy."""
+    def load(path: Path, root: Path, cfg: DataConfig) -> RawSplits:
         if path.name == folder:
-            return load_image_folder(path, image_size=size, metadata_hook=hook)
+            return _load_folder(path, root, cfg, hook=hook)
         try:
-            return tv_loader(root, image_size=size, download=False)
+            return tv_loader(root, cfg)
         except (OSError, RuntimeError) as exc:
             raise DataError(f"{path} exists but torchvision cannot read it "
                             f"({type(exc).__name__}: {exc}). Fix: delete {path} so it is "
@@ -86,17 +107,16 @@ for _name in medmnist.INFO:
     _register_medmnist(_name)
 DATASETS.add("bccd_cells", DatasetSource(
     "bccd_cells", ("Platelets", "RBC", "WBC"), 3, lambda root: [root / "bccd_cells"],
-    lambda path, root, size: load_image_folder(path, image_size=size)))
+    _load_folder))
 DATASETS.add("gtsrb", DatasetSource(
     "gtsrb", torchvision_sets.GTSRB_CLASSES, 3,
     lambda root: [root / "gtsrb_subset", *torchvision_sets.gtsrb_candidates(root)],
-    _folder_or_tv("gtsrb_subset", torchvision_sets.load_gtsrb, gtsrb_track_ids),
-    lambda root, size: torchvision_sets.load_gtsrb(root, image_size=size, download=True)))
+    _folder_or_tv("gtsrb_subset", _gtsrb_tv, gtsrb_track_ids),
+    partial(_gtsrb_tv, download=True)))
 DATASETS.add("cifar10", DatasetSource(
     "cifar10", torchvision_sets.CIFAR10_CLASSES, 3,
     lambda root: [root / "cifar10_subset", *torchvision_sets.cifar10_candidates(root)],
-    _folder_or_tv("cifar10_subset", torchvision_sets.load_cifar10),
-    lambda root, size: torchvision_sets.load_cifar10(root, image_size=size, download=True)))
+    _folder_or_tv("cifar10_subset", _cifar10_tv), partial(_cifar10_tv, download=True)))
 DATASETS.add("synthetic", DatasetSource("synthetic", (), 3, lambda root: []))
 
 
@@ -143,13 +163,13 @@ def _find_or_download(source: DatasetSource, cfg: DataConfig, root: Path
     checked = source.candidates(root)
     for path in checked:
         if path.exists() and source.load is not None:
-            return source.load(path, root, cfg.image_size), checked, ""
+            return source.load(path, root, cfg), checked, ""
     if not cfg.download:
         return None, checked, "disabled (data.download=false)"
     if source.download is None:
         return None, checked, f"not available for '{source.name}'"
     try:
-        return source.download(root, cfg.image_size), checked, ""
+        return source.download(root, cfg), checked, ""
     except (OSError, RuntimeError) as exc:
         return None, checked, f"failed ({type(exc).__name__}: {exc})"
 

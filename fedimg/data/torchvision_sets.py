@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedimg.data.decode import decode_files, resize_batch, to_nchw
+from fedimg.data.decode import (
+    Decoded,
+    apply_corrupt_policy,
+    decode_files,
+    resize_batch,
+    to_nchw,
+)
 from fedimg.data.roots import host_reachable
 from fedimg.data.types import ImageSet, RawSplits
 
@@ -79,24 +85,47 @@ def load_cifar10(root: Path, *, image_size: int, download: bool) -> RawSplits:
                      test=sets["test"], val=None, location=str(cifar10_candidates(root)[0]))
 
 
-def _gtsrb_split(root: Path, split: str, *, image_size: int, download: bool) -> ImageSet:
+def _gtsrb_files(root: Path, split: str, *, download: bool) -> tuple[list[Path], np.ndarray]:
+    """The ``.ppm`` paths and labels of one GTSRB split."""
     from torchvision.datasets import GTSRB  # noqa: PLC0415 - optional source
 
     data = GTSRB(str(tv_root(root)), split=split, download=download)
     paths = [Path(p) for p, _ in data._samples]  # noqa: SLF001 - no public accessor
-    labels = torch.tensor([t for _, t in data._samples], dtype=torch.int64)  # noqa: SLF001
-    images = decode_files(paths, directory=tv_root(root) / "gtsrb", image_size=image_size)
+    return paths, np.array([t for _, t in data._samples], dtype=np.int64)  # noqa: SLF001
+
+
+def _gtsrb_set(paths: list[Path], labels: np.ndarray, decoded: Decoded, *,
+               split: str) -> ImageSet:
+    """The readable files of one split; train gets ``track`` (one physical sign)."""
+    keep = decoded.keep_mask(len(paths))
     meta = {}
     if split == "train":
-        meta["track"] = np.array([f"{p.parent.name}_{p.name.split('_')[0]}" for p in paths])
-    return ImageSet(images=images, labels=labels, metadata=meta)
+        kept = [p for p, ok in zip(paths, keep) if ok]
+        meta["track"] = np.array([f"{p.parent.name}_{p.name.split('_')[0]}" for p in kept])
+    return ImageSet(images=decoded.images, labels=torch.from_numpy(labels[keep]),
+                    metadata=meta)
 
 
-def load_gtsrb(root: Path, *, image_size: int, download: bool) -> RawSplits:
-    """GTSRB (26,640 / 12,630) via torchvision; raises OSError/RuntimeError when unavailable."""
+def load_gtsrb(root: Path, *, image_size: int, download: bool,
+               on_corrupt: str = "refuse") -> RawSplits:
+    """GTSRB (26,640 / 12,630) via torchvision; raises OSError/RuntimeError when unavailable.
+
+    ``on_corrupt`` (``data.on_corrupt``): ``refuse`` unreadable ``.ppm`` files with one
+    :class:`~fedimg.errors.DataError` naming them all, or ``skip`` them (they are
+    named in ``RawSplits.warnings``).
+    """
     if download:
         _probe(GTSRB_URL)
-    train = _gtsrb_split(root, "train", image_size=image_size, download=download)
-    test = _gtsrb_split(root, "test", image_size=image_size, download=download)
+    directory = tv_root(root) / "gtsrb"
+    sets, corrupt, total = {}, {}, 0
+    for split in ("train", "test"):
+        paths, labels = _gtsrb_files(root, split, download=download)
+        decoded = decode_files(paths, directory=directory, image_size=image_size)
+        corrupt.update(decoded.named([p.relative_to(directory).as_posix() for p in paths]))
+        total += len(paths)
+        sets[split] = (paths, labels, decoded)
+    warning = apply_corrupt_policy(corrupt, total=total, where=str(directory),
+                                   on_corrupt=on_corrupt)
+    train, test = (_gtsrb_set(*sets[s], split=s) for s in ("train", "test"))
     return RawSplits(classes=GTSRB_CLASSES, channels=3, train=train, test=test, val=None,
-                     location=str(tv_root(root) / "gtsrb"))
+                     location=str(directory), warnings=(warning,) if warning else ())

@@ -158,10 +158,63 @@ def test_dirichlet_retry_failure_becomes_data_error_with_alpha_advice() -> None:
         partition_dataset(make_set(1000, 10), cfg=cfg, num_clients=5, seed=0)
 
 
-def test_more_clients_than_samples_is_an_error_before_partitioning() -> None:
-    with pytest.raises(DataError, match="clients=11 exceeds the 10 training samples"):
-        partition_dataset(make_set(10, 2), cfg=DataConfig(partitioner="iid"), num_clients=11,
-                          seed=0)
+def test_iid_with_more_clients_than_samples_names_counts_and_fix() -> None:
+    # Arrange: 10 samples; with val_fraction=0.1 a client needs 2 (1 val + 1 train) -> 5 max
+    train = make_set(10, 2)
+    # Act
+    with pytest.raises(DataError) as info:
+        partition_dataset(train, cfg=DataConfig(partitioner="iid"), num_clients=11, seed=0)
+    # Assert
+    message = str(info.value)
+    assert "clients=11 is too many for the 10 training samples" in message
+    assert "at most 5 clients can get a training sample" in message
+    assert "at least 6 client(s) would get 0 training samples" in message
+    assert "Fix: use at most 5 clients" in message
+
+
+def test_iid_without_validation_allows_one_client_per_sample_but_no_more() -> None:
+    cfg = DataConfig(partitioner="iid", val_fraction=0.0, min_partition_size=1)
+    parts = partition_dataset(make_set(10, 2), cfg=cfg, num_clients=10, seed=0)
+    assert [p.num_examples for p in parts] == [1] * 10
+    with pytest.raises(DataError, match=r"at most 10 clients.*at least 1 client\(s\) would "
+                                        r"get 0 training samples"):
+        partition_dataset(make_set(10, 2), cfg=cfg, num_clients=11, seed=0)
+
+
+def test_the_largest_feasible_client_count_gives_one_training_sample_each() -> None:
+    # 10 samples, 5 clients: 2 each, round(0.1 * 2) -> at least 1 to validation, 1 to train
+    cfg = DataConfig(partitioner="iid", min_partition_size=1)
+    parts = partition_dataset(make_set(10, 2), cfg=cfg, num_clients=5, seed=0)
+    assert [(p.num_examples, len(p.val_indices)) for p in parts] == [(1, 1)] * 5
+
+
+def test_natural_with_more_clients_than_groups_names_the_empty_clients() -> None:
+    # Arrange: 2 sites of 20 samples, 5 clients -> sites go to clients 0 and 1
+    train = make_set(40, 2, {"site": np.repeat(np.array(["x", "y"]), 20)})
+    cfg = DataConfig(partitioner="natural", natural_column="site", min_partition_size=1)
+    # Act
+    with pytest.raises(DataError) as info:
+        partition_dataset(train, cfg=cfg, num_clients=5, seed=0)
+    # Assert
+    message = str(info.value)
+    assert "has 2 distinct values but clients=5" in message
+    assert "clients 2, 3, 4 would get 0 of the 40 training samples" in message
+    assert "use at most 2 clients" in message and "another data.partitioner" in message
+
+
+def test_a_client_left_without_training_samples_is_named() -> None:
+    # Arrange: sites of 30 and 1 samples; the 1-sample client gives it to validation
+    sites = np.repeat(np.array(["big", "tiny"]), [30, 1])
+    train = make_set(31, 2, {"site": sites})
+    cfg = DataConfig(partitioner="natural", natural_column="site", min_partition_size=0)
+    # Act
+    with pytest.raises(DataError) as info:
+        partition_dataset(train, cfg=cfg, num_clients=2, seed=0)
+    # Assert: largest group first -> "big" to client 0, "tiny" to client 1
+    message = str(info.value)
+    assert "client 1 got 0 training samples under partitioner=natural" in message
+    assert "with 2 clients and 31 training samples (1 of 2 clients empty)" in message
+    assert "fewer clients" in message
 
 
 def test_unknown_partitioner_lists_valid_names() -> None:
