@@ -22,6 +22,7 @@ Python's ``random`` with the run seed.
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import time
 from collections import Counter
@@ -61,6 +62,18 @@ class ClientExchange:
     status: str = "ok"  # ok | failed | rejected | timeout | declined
     reason: str = ""
     update_norm: float = float("nan")  # ||w_i - w_global||_2 of a training update
+
+
+def error_summary(reason: str, limit: int = 300) -> str:
+    """The informative line of a client error: Ray's and Flower's wrapping dropped.
+
+    A ClientApp exception arrives as a whole remote traceback; its last line holds
+    the exception (``RuntimeError: ...``). A dead worker's error is one line.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last.removesuffix("'>").strip()[:limit]
 
 
 def _content_bytes(content: RecordDict) -> int:
@@ -187,9 +200,9 @@ class InstrumentedGrid(Grid):
     def _record_reply(self, exchange: ClientExchange, reply: Message, sent: Message) -> bool:
         """Fill ``exchange`` from ``reply``; False if the reply must not be aggregated."""
         if reply.has_error():
-            exchange.status, exchange.reason = "failed", str(reply.error.reason)[:500]
+            exchange.status, exchange.reason = "failed", error_summary(str(reply.error.reason))
             log.warning("client %d failed in %s: %s", exchange.partition_id,
-                        exchange.phase, exchange.reason.splitlines()[-1:])
+                        exchange.phase, exchange.reason)
             return True  # the strategy counts it as a failure itself
         exchange.bytes_up = _content_bytes(reply.content)
         exchange.metrics, exchange.num_examples = _metrics_of(reply.content)

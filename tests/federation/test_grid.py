@@ -94,3 +94,72 @@ def test_discovery_refuses_missing_clients_and_mismatched_data() -> None:
         _check_discovery(info, [10, 12, 7], [["DataError: not found"]])
     with pytest.raises(FedimgError, match="client 1 sees 12 training samples but the server"):
         _check_discovery(info, [10, 11], [])
+
+
+def test_absurd_norms_are_rejected_absolute_and_relative_to_the_round() -> None:
+    # Arrange: updates of norm 2, 2, 4 (w - 0 with all-ones*k on 4 entries: norm 2k),
+    # one of norm 2e6, and one of norm 20 that breaks only an absolute cap of 10.
+    from fedimg.config import FederationConfig
+
+    inner = _ScriptedGrid({1: np.ones((2, 2), np.float32), 2: np.ones((2, 2), np.float32),
+                           3: np.full((2, 2), 2.0, np.float32),
+                           4: np.full((2, 2), 1e6, np.float32)})
+    grid = InstrumentedGrid(inner, reference=REFERENCE,
+                            fl=FederationConfig(norm_outlier_factor=100.0))
+    grid.node_to_partition = {1: 0, 2: 1, 3: 2, 4: 3}
+    # Act
+    kept = list(grid.send_and_receive(_train_messages([1, 2, 3, 4])))
+    exchanges = {e.partition_id: e for e in grid.drain()}
+    # Assert: the median norm is 3 (of 2, 2, 4, 2e6); 2e6 > 100 x 3 is dropped.
+    assert [r.metadata.src_node_id for r in kept] == [1, 2, 3]
+    assert exchanges[0].update_norm == pytest.approx(2.0)
+    assert exchanges[2].update_norm == pytest.approx(4.0)
+    assert exchanges[3].status == "rejected" and "median 3" in exchanges[3].reason
+    assert dict(grid.rejections) == {3: 1}
+    # An absolute cap applies even with a single update in the round.
+    capped = InstrumentedGrid(_ScriptedGrid({7: np.full((2, 2), 10.0, np.float32)}),
+                              reference=REFERENCE, fl=FederationConfig(max_update_norm=10.0))
+    assert list(capped.send_and_receive(_train_messages([7]))) == []
+    (exchange,) = capped.drain()
+    assert "exceeds fl.max_update_norm=10" in exchange.reason
+
+
+def test_wrong_dtype_is_rejected_but_norms_skip_frozen_keys() -> None:
+    # A float64 update for a float32 model is malformed (a client sends its state dict).
+    grid = InstrumentedGrid(_ScriptedGrid({1: np.ones((2, 2), np.float64)}),
+                            reference=REFERENCE)
+    assert list(grid.send_and_receive(_train_messages([1]))) == []
+    assert "dtype float64" in grid.drain()[0].reason
+    # A frozen key does not count towards the update norm.
+    frozen = InstrumentedGrid(_ScriptedGrid({1: np.ones((2, 2), np.float32)}),
+                              reference=REFERENCE, fixed_keys=frozenset({"w"}))
+    frozen.send_and_receive(_train_messages([1]))
+    assert frozen.drain()[0].update_norm == 0.0
+
+
+def test_restored_ledger_goes_to_its_own_client_once() -> None:
+    # Arrange: a resumed server holds client 1's ledger; nodes 10 and 11 are clients 0, 1.
+    from fedimg.federation.records import LEDGER_KEY
+
+    seen: dict[int, list[str]] = {}
+
+    class _Recording(_ScriptedGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            for m in messages:
+                record = m.content.config_records.get(LEDGER_KEY)
+                seen.setdefault(m.metadata.dst_node_id, []).append(
+                    str(record["json"]) if record is not None else "")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    grid = InstrumentedGrid(_Recording({10: np.ones((2, 2), np.float32),
+                                        11: np.ones((2, 2), np.float32)}),
+                            reference=REFERENCE)
+    grid.node_to_partition = {10: 0, 11: 1}
+    grid.pending_ledgers = {1: '{"history": []}'}
+    # Act: two training rounds
+    grid.send_and_receive(_train_messages([10, 11]))
+    grid.send_and_receive(_train_messages([10, 11]))
+    # Assert: only client 1, only the first time; the shared content is untouched.
+    assert seen == {10: ["", ""], 11: ['{"history": []}', ""]}
+    assert grid.pending_ledgers == {}
