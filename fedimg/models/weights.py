@@ -96,8 +96,13 @@ def load_state_dict_file(model: nn.Module, path: str, *, model_name: str) -> Non
             f"weights='{path}' cannot be read as a PyTorch state dict "
             f"({_first_line(exc)}); fix: save it with torch.save(model.state_dict(), path)"
         ) from exc
+    origin = ""
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a fedimg checkpoint: {"state_dict", "meta"}
+        meta = state.get("meta") or {}  # a fedimg checkpoint: {"state_dict", "meta"}
+        if meta.get("model") and meta.get("classes") is not None:
+            origin = (f" (it is a fedimg checkpoint of model={meta['model']} with "
+                      f"{len(meta['classes'])} classes {list(meta['classes'])[:5]})")
+        state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(
             f"weights='{path}' holds a {type(state).__name__}, not a state dict; "
@@ -107,7 +112,7 @@ def load_state_dict_file(model: nn.Module, path: str, *, model_name: str) -> Non
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelError(
-            f"weights='{path}' does not fit model={model_name} with this head: "
+            f"weights='{path}' does not fit model={model_name} with this head{origin}: "
             f"{_mismatch_summary(model, state)}; fix: use the model name and "
             f"num_classes the file was saved with"
         ) from exc

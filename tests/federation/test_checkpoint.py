@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ class _Nodes(Grid):
 
 def _round(strategy, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
     """One FedAdam round in which node n moves the weights by n * round / 10."""
+    random.seed(server_round)  # Flower's node sampling order, hence the float sums
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Nodes()))
     replies = []
     for m in messages:

@@ -185,6 +185,19 @@ def test_weights_path_with_other_head_size_is_a_model_error(tmp_path: Path) -> N
         build_model("resnet18", num_classes=5, weights=str(path))
 
 
+def test_fedimg_checkpoint_of_another_model_names_what_it_holds(tmp_path: Path) -> None:
+    # A run's checkpoints/final.pt: {"state_dict", "meta"} with the model and classes.
+    path = tmp_path / "final.pt"
+    state = build_model("resnet18", num_classes=3, weights="none").state_dict()
+    torch.save({"state_dict": state, "meta": {"model": "resnet18",
+                                              "classes": ["a", "b", "c"]}}, path)
+    with pytest.raises(ModelError, match=r"checkpoint of model=resnet18 with 3 classes "
+                                         r"\['a', 'b', 'c'\].*missing keys"):
+        build_model("mobilenet_v3_small", num_classes=3, weights=str(path))
+    with pytest.raises(ModelError, match=r"with 3 classes.*fc.weight \(3, 512\) vs \(2, 512\)"):
+        build_model("resnet18", num_classes=2, weights=str(path))
+
+
 def test_missing_weights_file_lists_the_choices(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pth"
     with pytest.raises(ModelError, match="'pretrained'.*'none'.*path"):
