@@ -13,7 +13,6 @@ by (seed, round, client), so a resumed run replays exactly the rounds that follo
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -29,16 +28,18 @@ import torch
 import yaml
 from flwr.serverapp.strategy import Strategy
 
-from fedimg.config import FedimgConfig, from_dict, to_json, validate
+from fedimg.config import FedimgConfig, from_dict, to_dict, validate
 from fedimg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 RESUME_NAME = "last"
+LEDGERS_FILE = "checkpoints/ledgers.json"  # clients' DP-SGD ledgers, written as they arrive
 FORMAT = 1
 # What a resumed run may change: its length, its console, and where it runs.
 RESUMABLE_OVERRIDES = ("rounds", "output.progress", "output.plots", "fl.timeout_s",
                        "fl.connect_timeout_s", "sim.")
+# A checkpoint holds pickled strategy state: resume only run directories you trust.
 
 
 @dataclass
@@ -56,10 +57,20 @@ class ResumeState:
 
 
 def config_digest(cfg: FedimgConfig) -> str:
-    """Hash of everything that must match for a checkpoint to be resumed (not ``rounds``)."""
-    fixed = dataclasses.replace(cfg, rounds=0, output=dataclasses.replace(
-        cfg.output, progress=True, plots=True))
-    return hashlib.sha256(to_json(fixed).encode()).hexdigest()[:16]
+    """Hash of everything that must match for a checkpoint to be resumed.
+
+    Left out: what a resume may change (:data:`RESUMABLE_OVERRIDES`) and where the run
+    directory is (it may be given relative, or have moved).
+    """
+    values = to_dict(cfg)
+    for key in RESUMABLE_OVERRIDES:
+        *parents, leaf = key.rstrip(".").split(".")
+        section = values
+        for name in parents:
+            section = section[name]
+        section.pop(leaf, None)
+    values["output"].pop("run_dir", None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resumed_config(run_dir: Path, overrides: list[str]) -> FedimgConfig:
@@ -82,9 +93,20 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> FedimgConfig:
         section = values
         for name in parents:
             section = section.setdefault(name, {})
-        section[leaf] = yaml.safe_load(text)
-    values.setdefault("output", {})["run_dir"] = str(run_dir)
+        section[leaf] = _scalar(text)
+    values.setdefault("output", {})["run_dir"] = str(run_dir.resolve())
     return validate(from_dict(values))
+
+
+def _scalar(text: str) -> Any:
+    """A command-line value as YAML reads it, with numbers like ``1e3`` read as floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
@@ -130,13 +152,14 @@ def resume_payload(state: ResumeState, cfg: FedimgConfig,
     """The dict written to ``last.pt``; ``meta`` identifies the run it belongs to."""
     meta = {"format": FORMAT, "round": state.round, "model": cfg.model,
             "classes": list(classes), "config_digest": config_digest(cfg)}
-    # The strategy state is pickled separately so that torch.load(weights_only=True)
-    # can still read the model from the file.
+    # The strategy state is pickled separately, into a byte tensor (stored raw, and
+    # readable by torch.load(weights_only=True), which can still load the model).
+    blob = pickle.dumps({"strategy": state.strategy, "rng": state.rng,
+                         "rounds": state.rounds, "best": state.best,
+                         "rejections": state.rejections, "ledgers": state.ledgers},
+                        protocol=pickle.HIGHEST_PROTOCOL)
     return {"state_dict": state.arrays, "meta": meta,
-            "resume": pickle.dumps({"strategy": state.strategy, "rng": state.rng,
-                                    "rounds": state.rounds, "best": state.best,
-                                    "rejections": state.rejections,
-                                    "ledgers": state.ledgers})}
+            "resume": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
 
 
 def load_resume_state(run_dir: Path, cfg: FedimgConfig, classes: list[str]) -> ResumeState:
@@ -147,7 +170,7 @@ def load_resume_state(run_dir: Path, cfg: FedimgConfig, classes: list[str]) -> R
                           "before its first round, or ran with output.checkpoints=false)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-        meta, extra = payload["meta"], pickle.loads(payload["resume"])
+        meta, extra = payload["meta"], pickle.loads(payload["resume"].numpy().tobytes())
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise ConfigError(f"cannot resume from {path}: the file is unreadable "
                           f"({type(exc).__name__}: {exc})") from exc

@@ -74,17 +74,23 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": info}), reply_to=msg)
 
 
-def _ledger(context: Context, msg: Message) -> dict[str, Any] | None:
+def _ledger(context: Context, msg: Message, env: TaskEnvironment,
+            partition_id: int) -> dict[str, Any] | None:
     """This client's DP ledger: its own, else the one a resumed server hands back.
 
     A resumed run starts fresh client processes; the server's checkpoint holds the
     ledgers the clients reported, so epsilon keeps accumulating across the restart.
-    A client never lets the server replace a ledger it still holds.
+    A client never lets the server replace a ledger it still holds, and checks a
+    handed-back one against its own privacy config first.
     """
     record = context.state.config_records.get(LEDGER_KEY)
-    if record is None:
-        record = msg.content.config_records.get(LEDGER_KEY)
-    return json.loads(str(record["json"])) if record is not None else None
+    if record is not None:
+        return json.loads(str(record["json"]))
+    offered = msg.content.config_records.get(LEDGER_KEY)
+    adopt = PRIVACY_MODES.get(env.cfg.privacy.mode).adopt_ledger
+    if offered is None or adopt is None:
+        return None
+    return adopt(env, partition_id, json.loads(str(offered["json"])))
 
 
 @app.train()
@@ -100,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
     mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
     result = mode.train(env, pid, server_round=server_round,
                         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
-                        ledger=_ledger(context, msg))
+                        ledger=_ledger(context, msg, env, pid))
     metrics = metric_record(result.metrics, num_examples=result.num_examples)
     if result.declined:
         content = reply_content(metrics=metrics)

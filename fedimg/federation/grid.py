@@ -3,16 +3,14 @@
 Flower's strategies aggregate replies and keep only the averaged metrics. The
 :class:`InstrumentedGrid` sits between a strategy and the real Grid and, for each
 ``send_and_receive``, records per client: the partition id, the metrics it
-reported, the bytes sent down and up, and failures. It also rejects malformed
-training updates before the strategy can average them in, logging the reason and
-counting rejections per client: wrong keys, shapes or dtypes, NaN/Inf, a
-non-positive example count, and an absurd norm ||w_i - w_global||_2 (above
-``fl.max_update_norm``, or above ``fl.norm_outlier_factor`` times the round's
-median norm). Robust aggregation against subtler attacks is the strategy's job.
+reported, the bytes sent down and up, and failures. It rejects malformed training
+updates (see :mod:`fedimg.federation.validation`) before the strategy can average
+them in, logging the reason and counting rejections per client.
 
 It also carries each client's DP ledger: it keeps the latest one a client reported
-(for the resume checkpoint) and hands a restored ledger back to its client with
-the first training message after a resume.
+(for the resume checkpoint, and in ``ledger_path`` as soon as it arrives) and hands
+a restored ledger back to its client with every training message until the client
+has acknowledged it by replying with its ledger.
 
 Node ids are returned ordered by partition id, so that the strategies' sampling
 (``random.sample`` over ``get_node_ids()``) is reproducible once the server seeds
@@ -23,27 +21,21 @@ from __future__ import annotations
 
 import logging
 import re
-import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedimg.config import FederationConfig
 from fedimg.errors import FedimgError, UpdateError
-from fedimg.federation.records import (
-    ARRAYS_KEY,
-    DECLINED_KEY,
-    LEDGER_KEY,
-    check_arrays,
-    record_bytes,
-)
+from fedimg.federation.records import DECLINED_KEY, LEDGER_KEY, record_bytes
+from fedimg.federation.validation import UpdateChecks, metrics_of
+from fedimg.reporting.run_dir import write_json
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +72,15 @@ def _content_bytes(content: RecordDict) -> int:
     return sum(record_bytes(r) for r in content.array_records.values())
 
 
-def _metrics_of(content: RecordDict) -> tuple[dict[str, float], int]:
-    if not content.metric_records:
-        return {}, 0
-    record = next(iter(content.metric_records.values()))
-    metrics = {k: float(v) for k, v in record.items() if k != "num-examples"}
-    return metrics, int(record.get("num-examples", 0))
-
-
 class InstrumentedGrid(Grid):
     """Delegates to ``inner`` while logging exchanges and filtering bad updates."""
 
     def __init__(self, inner: Grid, *, reference: Mapping[str, torch.Tensor],
-                 fl: FederationConfig | None = None,
-                 fixed_keys: frozenset[str] = frozenset()) -> None:
+                 checks: UpdateChecks | None = None, ledger_path: Path | None = None) -> None:
         self.inner = inner
         self.reference = reference
-        self.fl = fl or FederationConfig()
-        self.norm_keys = sorted(k for k, v in reference.items()
-                                if k not in fixed_keys and v.is_floating_point())
+        self.checks = checks or UpdateChecks(reference)
+        self.ledger_path = ledger_path
         self.node_to_partition: dict[int, int] = {}
         self.exchanges: list[ClientExchange] = []
         self.rejections: Counter[int] = Counter()
@@ -161,7 +143,7 @@ class InstrumentedGrid(Grid):
         if message.metadata.message_type != MessageType.TRAIN or pid not in self.pending_ledgers:
             return message
         content = RecordDict(dict(message.content.items()))  # strategies share one content
-        content[LEDGER_KEY] = ConfigRecord({"json": self.pending_ledgers.pop(pid)})
+        content[LEDGER_KEY] = ConfigRecord({"json": self.pending_ledgers[pid]})
         return Message(content=content, message_type=message.metadata.message_type,
                        dst_node_id=message.metadata.dst_node_id,
                        group_id=message.metadata.group_id)
@@ -174,17 +156,9 @@ class InstrumentedGrid(Grid):
 
     def _reject_outlier_norms(self, kept: dict[int, tuple[Message, ClientExchange]]) -> None:
         """Drop updates whose norm is far above the round's median (absurd, not just large)."""
-        factor = self.fl.norm_outlier_factor
-        norms = [e.update_norm for _, e in kept.values() if e.update_norm == e.update_norm]
-        if not factor or len(norms) < 3:
-            return
-        median = statistics.median(norms)
-        for nid, (_, exchange) in list(kept.items()):
-            if median > 0 and exchange.update_norm > factor * median:
-                self._reject(exchange, f"update norm {exchange.update_norm:.4g} is more than "
-                             f"fl.norm_outlier_factor={factor:g} times the round's median "
-                             f"{median:.4g}")
-                del kept[nid]
+        norms = {nid: e.update_norm for nid, (_, e) in kept.items()}
+        for nid, reason in self.checks.outliers(norms).items():
+            self._reject(kept.pop(nid)[1], reason)
 
     def drain(self) -> list[ClientExchange]:
         """Exchanges recorded since the last call."""
@@ -205,9 +179,9 @@ class InstrumentedGrid(Grid):
                         exchange.phase, exchange.reason)
             return True  # the strategy counts it as a failure itself
         exchange.bytes_up = _content_bytes(reply.content)
-        exchange.metrics, exchange.num_examples = _metrics_of(reply.content)
+        exchange.metrics, exchange.num_examples = metrics_of(reply.content)
         if LEDGER_KEY in reply.content.config_records:
-            self.ledgers[exchange.partition_id] = str(reply.content[LEDGER_KEY]["json"])
+            self._keep_ledger(exchange.partition_id, str(reply.content[LEDGER_KEY]["json"]))
         if DECLINED_KEY in reply.content.config_records:
             exchange.status = "declined"
             exchange.reason = str(reply.content[DECLINED_KEY].get("reason", ""))
@@ -216,33 +190,19 @@ class InstrumentedGrid(Grid):
             return False
         if exchange.phase == MessageType.TRAIN:
             try:
-                exchange.update_norm = self._check_update(reply.content, sent.content)
+                exchange.update_norm = self.checks.check(reply.content, sent.content,
+                                                         exchange.partition_id)
             except UpdateError as exc:
                 self._reject(exchange, str(exc))
                 return False
         return True
 
-    def _check_update(self, content: RecordDict, sent: RecordDict) -> float:
-        """Raise UpdateError for a malformed update; return its norm ||w_i - w_global||_2."""
-        if ARRAYS_KEY not in content.array_records:
-            raise UpdateError("training reply carries no model update")
-        _, num_examples = _metrics_of(content)
-        if num_examples <= 0:
-            raise UpdateError(f"update claims {num_examples} training examples; FedAvg "
-                              "weights need a positive count")
-        arrays = {k: v.numpy() for k, v in content[ARRAYS_KEY].items()}
-        check_arrays(arrays, self.reference, exact_dtypes=True)
-        if ARRAYS_KEY not in sent.array_records:
-            return float("nan")
-        start = sent[ARRAYS_KEY]
-        squares = sum(float(np.sum(np.square(arrays[k].astype(np.float64)
-                                             - start[k].numpy().astype(np.float64))))
-                      for k in self.norm_keys)
-        norm = squares ** 0.5
-        limit = self.fl.max_update_norm
-        if limit is not None and norm > limit:
-            raise UpdateError(f"update norm {norm:.4g} exceeds fl.max_update_norm={limit:g}")
-        return norm
+    def _keep_ledger(self, partition_id: int, ledger: str) -> None:
+        """Keep a client's latest DP ledger, on disk at once if ``ledger_path`` is set."""
+        self.ledgers[partition_id] = ledger
+        self.pending_ledgers.pop(partition_id, None)  # the client holds its ledger now
+        if self.ledger_path is not None:
+            write_json(self.ledger_path, {str(k): v for k, v in sorted(self.ledgers.items())})
 
 
 def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout: float,
@@ -265,12 +225,13 @@ def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout:
         if reply.has_error():
             failures.append(str(reply.error.reason).strip().splitlines()[-1:])
             continue
-        metrics, _ = _metrics_of(reply.content)
+        metrics, _ = metrics_of(reply.content)
         grid.node_to_partition[reply.metadata.src_node_id] = int(metrics["partition-id"])
         info[int(metrics["partition-id"])] = metrics
     log.info("%d of %d clients ready in %.1fs", len(info), len(nodes),
              time.perf_counter() - started)
     _check_discovery(info, expected_sizes, failures)
+    grid.checks.expected_sizes = dict(enumerate(expected_sizes))
     return info
 
 

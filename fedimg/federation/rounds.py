@@ -8,8 +8,9 @@ few usable updates does.
 
 A training update is usable unless its client failed (an exception, a dead worker
 process), timed out (``fl.timeout_s``), declined (privacy budget) or was rejected
-(NaN, wrong shape or dtype, absurd norm). When fewer than ``fl.min_replies``
-updates are usable, ``fl.on_too_few`` decides:
+(see :mod:`fedimg.federation.validation`). When fewer than ``fl.min_replies``
+updates are usable (or fewer than the strategy needs to stay robust: 2f + 3 for
+Krum, 1/beta for FedTrimmedAvg, 3 for FedMedian), ``fl.on_too_few`` decides:
 
 * ``retry`` (default): sample and send the round again, up to ``fl.round_retries``
   times (dead Ray workers have been restarted by then); if it is still short, skip it.
@@ -35,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from fedimg.config import FedimgConfig
 from fedimg.errors import PrivacyBudgetExhausted, RunStopped
 from fedimg.federation.grid import ClientExchange, InstrumentedGrid
+from fedimg.federation.strategies import min_replies
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class RoundOutcome:
     arrays: ArrayRecord
     attempts: int
     skipped: bool
+    stopped: bool = False  # the run ends in this round (recorded, not checkpointed)
 
 
 class RoundLoop:
@@ -54,6 +57,7 @@ class RoundLoop:
                  train_config: ConfigRecord, evaluate_config: ConfigRecord) -> None:
         self.cfg, self.strategy, self.grid = cfg, strategy, grid
         self.train_config, self.evaluate_config = train_config, evaluate_config
+        self.min_replies = max(cfg.fl.min_replies, min_replies(cfg))
         self.consecutive_skips = 0
 
     def run(self, arrays: ArrayRecord, *, start: int,
@@ -62,7 +66,12 @@ class RoundLoop:
         if start == 1:
             on_round_end(0, arrays, None)
         for server_round in range(start, self.cfg.rounds + 1):
-            outcome = self.train(server_round, arrays)
+            try:
+                outcome = self.train(server_round, arrays)
+            except (PrivacyBudgetExhausted, RunStopped):
+                on_round_end(server_round, arrays, RoundOutcome(
+                    arrays, attempts=0, skipped=True, stopped=True))
+                raise
             arrays = outcome.arrays
             self.evaluate(server_round, arrays)
             on_round_end(server_round, arrays, outcome)
@@ -78,15 +87,16 @@ class RoundLoop:
                                                      self.train_config, self.grid)
             replies = list(self.grid.send_and_receive(messages, timeout=fl.timeout_s))
             usable = sum(not reply.has_error() for reply in replies)
-            if usable >= fl.min_replies:
+            if usable >= self.min_replies:
                 new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
                 if new_arrays is not None:
                     return RoundOutcome(new_arrays, attempt, skipped=False)
             tried = self.grid.exchanges[mark:]
+            _discard(tried, attempt)
             _stop_if_budgets_spent(server_round, tried)
-            log.warning("round %d, attempt %d/%d: %d usable updates, fl.min_replies=%d; "
-                        "%s", server_round, attempt, attempts, usable, fl.min_replies,
-                        _failure_summary(tried))
+            log.warning("round %d, attempt %d/%d: %d usable updates (at least %d needed) or "
+                        "no aggregate; %s", server_round, attempt, attempts, usable,
+                        self.min_replies, _failure_summary(tried))
         if fl.on_too_few == "stop":
             raise RunStopped(f"round {server_round}: too few usable updates "
                              f"(fl.on_too_few=stop); {_failure_summary(tried)}")
@@ -110,10 +120,20 @@ class RoundLoop:
                              "client statuses in metrics.jsonl")
 
 
+def _discard(exchanges: list[ClientExchange], attempt: int) -> None:
+    """Mark the usable updates of an attempt that was not aggregated."""
+    for e in exchanges:
+        if e.phase == MessageType.TRAIN and e.status == "ok":
+            e.status = "discarded"
+            e.reason = f"attempt {attempt} had too few usable updates; not aggregated"
+
+
 def _failure_summary(exchanges: list[ClientExchange]) -> str:
-    bad = [e for e in exchanges if e.phase == MessageType.TRAIN and e.status != "ok"]
+    bad = [e for e in exchanges if e.phase == MessageType.TRAIN
+           and e.status not in ("ok", "discarded")]
     if not bad:
-        return "no client was sampled"
+        return "no client failed (the strategy released no aggregate)" if exchanges \
+            else "no client was sampled"
     first = bad[0].reason.strip().splitlines()[-1:] or [""]
     return f"{len(bad)} not usable, e.g. client {bad[0].partition_id} {bad[0].status}: " \
            f"{first[0][:200]}"

@@ -12,18 +12,22 @@ and closes each one with a :class:`~fedimg.federation.tracker.RoundTracker`
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedimg.config import FedimgConfig
-from fedimg.errors import PrivacyBudgetExhausted, RunStopped
+from fedimg.errors import PrivacyBudgetExhausted
 from fedimg.data import (
     ClientPartition,
     Dataset,
@@ -33,6 +37,7 @@ from fedimg.data import (
     save_partitions,
 )
 from fedimg.federation.checkpoint import (
+    LEDGERS_FILE,
     ResumeState,
     load_resume_state,
     restore_rng,
@@ -43,7 +48,9 @@ from fedimg.federation.records import config_record, state_dict_to_record
 from fedimg.federation.rounds import RoundLoop
 from fedimg.federation.strategies import build_strategy
 from fedimg.federation.tracker import RoundTracker, checkpoint_meta
+from fedimg.federation.validation import UpdateChecks
 from fedimg.models import build_model
+from fedimg.privacy import PRIVACY_MODES
 from fedimg.reporting import RunRecorder, library_versions
 from fedimg.reporting.run_dir import write_json
 from fedimg.task import PARTITIONS_FILE
@@ -62,6 +69,7 @@ class PreparedRun:
     initial_state: dict[str, torch.Tensor]
     strategy: Strategy
     fixed_keys: frozenset[str] = frozenset()  # buffers and frozen parameters
+    frozen_keys: frozenset[str] = frozenset()  # frozen parameters and frozen-BN statistics
     resume: ResumeState | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -79,26 +87,33 @@ class PreparedRun:
 
 
 def initial_model(cfg: FedimgConfig, num_classes: int) -> tuple[dict[str, torch.Tensor],
-                                                                frozenset[str]]:
-    """The starting global weights, and the names of the arrays clients do not train.
+                                                                frozenset[str], frozenset[str]]:
+    """The starting global weights; the arrays clients do not train; those they never change.
 
-    Those are the buffers (BatchNorm statistics) and any frozen parameters; server
-    optimisers average them instead of stepping them, and client-level DP keeps them.
+    The first set is the buffers (BatchNorm statistics) and any frozen parameters:
+    server optimisers average them instead of stepping them, and client-level DP
+    keeps them. The second is the frozen parameters and the statistics of frozen
+    BatchNorm layers, which an honest client sends back exactly as it got them.
     """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=num_classes, weights=cfg.weights,
                         transfer=cfg.transfer)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fixed = {name for name, _ in model.named_buffers()}
-    fixed |= {name for name, p in model.named_parameters() if not p.requires_grad}
-    return state, frozenset(fixed)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    frozen |= {f"{name}.{buffer}" if name else buffer
+               for name, module in model.named_modules()
+               if isinstance(module, FrozenBatchNorm2d)
+               for buffer, _ in module.named_buffers(recurse=False)}
+    fixed = {name for name, _ in model.named_buffers()} | frozen
+    return state, frozenset(fixed), frozenset(frozen)
 
 
 def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:
     """Load and partition the data and start the run directory (fails before round 1).
 
     With ``resume``, ``cfg.output.run_dir`` is an existing run: its checkpoint is
-    read and checked against ``cfg`` here, and nothing in it is overwritten yet.
+    read and checked against ``cfg`` here, before anything but the (identical)
+    partition files is rewritten.
     """
     recorder = RunRecorder(cfg.output.run_dir or "runs/unnamed")
     if not resume:
@@ -119,11 +134,13 @@ def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:
              [len(p.train_indices) for p in partitions])
     # Model and strategy errors (bad weights file, krum too few clients) surface here,
     # before any worker starts.
-    state, fixed = initial_model(cfg, dataset.num_classes)
+    state, fixed, frozen = initial_model(cfg, dataset.num_classes)
     saved = load_resume_state(recorder.run_dir, cfg, list(dataset.classes)) if resume else None
+    if resume:
+        recorder.write_config(cfg, keep_metrics=True)  # it may have extended rounds
     return PreparedRun(cfg=cfg, dataset=dataset, partitions=partitions, recorder=recorder,
-                       initial_state=state, fixed_keys=fixed, resume=saved,
-                       strategy=build_strategy(cfg, buffer_keys=fixed))
+                       initial_state=state, fixed_keys=fixed, frozen_keys=frozen,
+                       resume=saved, strategy=build_strategy(cfg, buffer_keys=fixed))
 
 
 def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> dict[str, Any]:
@@ -171,8 +188,8 @@ def privacy_summary(cfg: FedimgConfig, rounds: list[dict[str, Any]]) -> dict[str
     return {"mode": cfg.privacy.mode, "clients": clients, "server": server}
 
 
-def _start(prepared: PreparedRun, igrid: InstrumentedGrid,
-           tracker: RoundTracker) -> tuple[dict[str, torch.Tensor], int]:
+def _start(prepared: PreparedRun, igrid: InstrumentedGrid, tracker: RoundTracker,
+           loop: RoundLoop) -> tuple[dict[str, torch.Tensor], int]:
     """The global model and the first round to run: the initial ones, or the checkpoint's."""
     saved = prepared.resume
     if saved is None:
@@ -180,26 +197,60 @@ def _start(prepared: PreparedRun, igrid: InstrumentedGrid,
     for stale in prepared.recorder.run_dir.glob("checkpoints/.*.pt.*"):
         stale.unlink()  # a temporary file the killed run was writing
     restore_strategy_state(prepared.strategy, saved.strategy)
-    restore_rng(saved.rng)
+    if saved.rng:
+        restore_rng(saved.rng)
+    else:  # client-level DP: its noise RNG was never saved; draw fresh secret state
+        np.random.seed(secrets.randbits(32))
     tracker.restore(saved)
     igrid.rejections.update(saved.rejections)
-    igrid.ledgers.update(saved.ledgers)
-    igrid.pending_ledgers.update(saved.ledgers)
+    ledgers = _ledgers_to_return(prepared, saved)
+    igrid.ledgers.update(ledgers)
+    igrid.pending_ledgers.update(ledgers)
+    loop.consecutive_skips = _trailing_skips(saved.rounds)
     log.info("resuming %s after round %d of %d", prepared.recorder.run_dir, saved.round,
              prepared.cfg.rounds)
     return saved.arrays, saved.round + 1
+
+
+def _ledgers_to_return(prepared: PreparedRun, saved: ResumeState) -> dict[int, str]:
+    """The DP-SGD ledgers to hand back to the clients of a resumed run.
+
+    With secret noise the rerun of the interrupted round is a new release, so the
+    ledgers as last reported (``ledgers.json``, written as replies arrived, which
+    may include that round) are used: epsilon may be over-counted by one round,
+    never under-counted. With seeded noise (tests) the rerun repeats the same
+    release, and the checkpoint's ledgers make the run identical to one never
+    interrupted.
+    """
+    ledgers = dict(saved.ledgers)
+    path = prepared.recorder.run_dir / LEDGERS_FILE
+    if not prepared.cfg.privacy.seeded_noise and path.is_file():
+        ledgers.update({int(k): v for k, v in json.loads(path.read_text()).items()})
+    return ledgers
+
+
+def _trailing_skips(rounds: list[dict[str, Any]]) -> int:
+    count = 0
+    for record in reversed(rounds):
+        if not record.get("skipped"):
+            break
+        count += 1
+    return count
 
 
 def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     """Run all rounds of ``prepared`` on ``grid`` (from its checkpoint if resuming).
 
     Returns the results dict, also written to ``results.json``. A run that stops
-    early (privacy budgets spent, too many skipped rounds) still writes its results
-    and final checkpoint; :class:`~fedimg.errors.RunStopped` is re-raised after that.
+    early still writes its results (``stopped_early`` says why) and final checkpoint:
+    spent privacy budgets are a normal end; any other error (too many skipped rounds,
+    a bug) is re-raised after that.
     """
     cfg, client_cfg, initial = prepared.cfg, prepared.client_cfg, prepared.initial_state
-    igrid = InstrumentedGrid(grid, reference=initial, fl=cfg.fl,
-                             fixed_keys=prepared.fixed_keys)
+    igrid = InstrumentedGrid(grid, reference=initial, checks=UpdateChecks(
+        initial, fl=cfg.fl, fixed_keys=prepared.fixed_keys, immutable_keys=prepared.frozen_keys,
+        screen_norms=not PRIVACY_MODES.get(cfg.privacy.mode).clips_updates),
+        ledger_path=prepared.recorder.run_dir / LEDGERS_FILE)
     discover_partitions(igrid, content=RecordDict({"config": config_record(client_cfg)}),
                         timeout=cfg.fl.timeout_s, connect_timeout=cfg.fl.connect_timeout_s,
                         expected_sizes=[len(p.train_indices) for p in prepared.partitions])
@@ -207,21 +258,24 @@ def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     startup_s = time.perf_counter() - prepared.started
     start_round = prepared.resume.round + 1 if prepared.resume else 1
     tracker = RoundTracker(prepared, igrid, initial, start_round=start_round)
-    state, start_round = _start(prepared, igrid, tracker)
     loop = RoundLoop(cfg, prepared.strategy, igrid, train_config=config_record(client_cfg),
                      evaluate_config=config_record(client_cfg))
-    stop: RunStopped | None = None
+    state, start_round = _start(prepared, igrid, tracker, loop)
+    stop: Exception | None = None
     try:
         loop.run(state_dict_to_record(state), start=start_round, on_round_end=tracker)
-    except (PrivacyBudgetExhausted, RunStopped) as exc:
+    except PrivacyBudgetExhausted as exc:  # a normal end of a private run
         tracker.stopped = str(exc)
-        stop = exc if isinstance(exc, RunStopped) else None
         log.warning("run stopped early: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - results are written, then it propagates
+        tracker.stopped, stop = f"{type(exc).__name__}: {exc}", exc
+        log.error("run stopped: %s", tracker.stopped)
     finally:
         tracker.progress.close()
     if cfg.output.checkpoints and tracker.last_state:
+        last = next(r for r in reversed(tracker.rounds) if not r.get("stopped"))
         prepared.recorder.save_checkpoint("final", tracker.last_state,
-                                          checkpoint_meta(prepared, tracker.rounds[-1]))
+                                          checkpoint_meta(prepared, last))
     results = _results(prepared, tracker, startup_s)
     prepared.recorder.write_results(results)
     if stop is not None:

@@ -24,6 +24,7 @@ example-weighted mean and leaves the optimiser's step to the parameters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -94,6 +95,11 @@ def common_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
     }
 
 
+def sampled_clients(cfg: FedimgConfig) -> int:
+    """Clients Flower samples for training each round."""
+    return max(int(cfg.clients * cfg.fl.fraction_train), cfg.fl.min_train_clients)
+
+
 def server_lr(cfg: FedimgConfig) -> float:
     """``fl.server_lr``, or the default of the configured strategy."""
     if cfg.fl.server_lr is not None:
@@ -156,13 +162,29 @@ def fedtrimmedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
 @STRATEGIES.register()
 def krum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """Krum: the client model closest to its neighbours."""
-    sampled = max(int(cfg.clients * cfg.fl.fraction_train), cfg.fl.min_train_clients)
+    sampled = sampled_clients(cfg)
     if sampled < 2 * cfg.fl.num_malicious + 3:
         raise ConfigError(f"krum with fl.num_malicious={cfg.fl.num_malicious} needs at "
                           f"least {2 * cfg.fl.num_malicious + 3} clients per round, but "
                           f"{sampled} are sampled; raise clients/fl.fraction_train or lower "
                           "fl.num_malicious (Blanchard et al. 2017: n > 2f + 2)")
     return Krum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious)
+
+
+# Replies a robust aggregator needs to be robust at all: Krum n > 2f + 2 (Blanchard et
+# al. 2017); a trimmed mean cuts int(beta n) values per end, none below n = 1/beta; a
+# median of two is their mean.
+_ROBUST_MIN_REPLIES: dict[str, Callable[[FedimgConfig], int]] = {
+    "krum": lambda cfg: 2 * cfg.fl.num_malicious + 3,
+    "fedtrimmedavg": lambda cfg: math.ceil(1 / cfg.fl.trim_beta) if cfg.fl.trim_beta else 1,
+    "fedmedian": lambda cfg: 3,
+}
+
+
+def min_replies(cfg: FedimgConfig) -> int:
+    """Usable updates a round of ``cfg.strategy`` needs (1 unless it is a robust one)."""
+    rule = _ROBUST_MIN_REPLIES.get(cfg.strategy)
+    return rule(cfg) if rule else 1
 
 
 def build_strategy(cfg: FedimgConfig, *, buffer_keys: Iterable[str] = ()) -> Strategy:
@@ -176,5 +198,10 @@ def build_strategy(cfg: FedimgConfig, *, buffer_keys: Iterable[str] = ()) -> Str
 
     buffers = frozenset(buffer_keys)
     strategy = STRATEGIES.get(cfg.strategy)(cfg, buffers)
+    sampled, needed = sampled_clients(cfg), min_replies(cfg)
+    if sampled < needed:
+        raise ConfigError(f"strategy={cfg.strategy} needs at least {needed} updates per round "
+                          f"to be robust, but {sampled} clients are sampled; raise clients or "
+                          "fl.fraction_train, or change fl.trim_beta / fl.num_malicious")
     wrap = PRIVACY_MODES.get(cfg.privacy.mode).wrap_strategy
     return wrap(strategy, cfg, buffers) if wrap is not None else strategy

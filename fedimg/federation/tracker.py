@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 
 
 def _summarise(exchanges: list[ClientExchange], phase: str) -> dict[str, float]:
-    ok = [e for e in exchanges if e.phase == phase and e.status == "ok"]
+    # In partition order, not arrival order: the float sums, and so the records, are
+    # then the same in every run with the same seed (a resumed one included).
+    ok = sorted((e for e in exchanges if e.phase == phase and e.status == "ok"),
+                key=lambda e: e.partition_id)
     keys = sorted({k for e in ok for k in e.metrics})
     weights = [float(e.num_examples) for e in ok]
     return {k: nan_weighted_mean([e.metrics.get(k, float("nan")) for e in ok], weights)
@@ -60,6 +63,8 @@ def _clients(exchanges: list[ClientExchange]) -> dict[str, dict[str, Any]]:
             entry["update_norm"] = e.update_norm
         if e.status != "ok":
             entry[f"{phase}_status"] = f"{e.status}: {e.reason}"
+        else:  # a retried round: the attempt that counted
+            entry.pop(f"{phase}_status", None)
     return clients
 
 
@@ -99,10 +104,17 @@ class RoundTracker:
                                 and not self.cfg.privacy.seeded_noise)
 
     def restore(self, state: ResumeState) -> None:
-        """Continue after ``state``: its rounds are the run's history (metrics.jsonl too)."""
+        """Continue after ``state``: its rounds are the run's history (metrics.jsonl too).
+
+        If the run died between writing last.pt and best.pt, the checkpoint's round is
+        the best one and its weights are the checkpoint's: best.pt is written here.
+        """
         self.rounds, self.best = list(state.rounds), dict(state.best)
         self.last_state = {k: v.to(self.reference[k].dtype) for k, v in state.arrays.items()}
         self.prepared.recorder.rewrite_rounds(self.rounds)
+        if self.best.get("round") == state.round and \
+                self.prepared.recorder.checkpoint_round("best") != state.round:
+            self.save_best(self.rounds[-1], self.last_state)
         self.reseed(state.round)
 
     def reseed(self, server_round: int) -> None:
@@ -131,17 +143,23 @@ class RoundTracker:
             **_counts(exchanges),
             "attempts": outcome.attempts if outcome else 0,
             "skipped": bool(outcome and outcome.skipped),
+            **({"stopped": True} if outcome and outcome.stopped else {}),
             **self.strategy_privacy(),
             "clients": _clients(exchanges)}
         self.prepared.recorder.append_round(record)
         self.rounds.append(record)
+        if outcome and outcome.stopped:  # recorded, but not a round to resume after
+            return
         self.last_state = state
-        self._maybe_best(record, state)
+        improved = self._update_best(record)
         if server_round > 0:
             self.progress.update({k: record.get(k, float("nan")) for k in
                                   ("train/loss", "val/accuracy", "test/accuracy")})
         self.reseed(server_round)
+        # last.pt first: a crash before best.pt is written is repaired on resume
         self.save_resume_state(server_round, arrays)
+        if improved:
+            self.save_best(record, state)
         self.round_started = time.perf_counter()
 
     def strategy_privacy(self) -> dict[str, float]:
@@ -160,7 +178,10 @@ class RoundTracker:
         exact = {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
         resume = ResumeState(round=server_round, arrays=exact,
                              strategy=strategy_state(self.prepared.strategy),
-                             rng=rng_state(), rounds=self.rounds, best=self.best,
+                             # Under client-level DP the server's RNGs draw the noise
+                             # and the client sample: never written to disk.
+                             rng={} if self.secret_sampling else rng_state(),
+                             rounds=self.rounds, best=self.best,
                              rejections=dict(self.grid.rejections),
                              ledgers=dict(self.grid.ledgers))
         payload = resume_payload(resume, self.cfg, list(self.prepared.dataset.classes))
@@ -177,10 +198,15 @@ class RoundTracker:
                            record.get("train/accuracy", float("nan")))
         return float("-inf") if value is None or value != value else float(value)
 
-    def _maybe_best(self, record: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    def _update_best(self, record: dict[str, Any]) -> bool:
+        """Make ``record`` the best round if it scores higher; True if it did."""
         if record["round"] == 0 or self.score(record) <= self.score(self.best or {}):
-            return
+            return False
         self.best = {k: v for k, v in record.items() if k != "clients"}
+        return True
+
+    def save_best(self, record: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """Write ``checkpoints/best.pt`` (if checkpoints are on)."""
         if self.cfg.output.checkpoints:
             self.prepared.recorder.save_checkpoint("best", state,
                                                    checkpoint_meta(self.prepared, record))

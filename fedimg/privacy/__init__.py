@@ -49,6 +49,8 @@ class PrivacyMode:
     train: ClientTrain
     wrap_strategy: StrategyWrapper | None = None
     secret_sampling: bool = False  # client sampling is part of the mechanism (amplification)
+    clips_updates: bool = False  # the server clips every update (no norm-based rejection)
+    adopt_ledger: Callable[..., dict[str, Any]] | None = None  # check a handed-back ledger
 
 
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", config_key="privacy.mode")
@@ -68,6 +70,13 @@ def _dp_sgd_train(env: TaskEnvironment, partition_id: int, **kwargs: Any) -> Cli
     return train_round(env, partition_id, **kwargs)
 
 
+def _dp_sgd_adopt(env: TaskEnvironment, partition_id: int, offered: dict[str, Any]
+                  ) -> dict[str, Any]:
+    from fedimg.privacy.dp_sgd import adopted_ledger
+
+    return adopted_ledger(env, partition_id, offered)
+
+
 def _client_dp_wrapper(strategy: Any, cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Any:
     from fedimg.federation.client_dp import wrap_client_dp
 
@@ -76,7 +85,8 @@ def _client_dp_wrapper(strategy: Any, cfg: FedimgConfig, buffer_keys: frozenset[
 
 PRIVACY_MODES.add("none", PrivacyMode("no differential privacy", train=plain_train))
 PRIVACY_MODES.add("dp_sgd", PrivacyMode(
-    "sample-level DP-SGD at every client (Opacus)", train=_dp_sgd_train))
+    "sample-level DP-SGD at every client (Opacus)", train=_dp_sgd_train,
+    adopt_ledger=_dp_sgd_adopt))
 PRIVACY_MODES.add("client_dp", PrivacyMode(
     "client-level central DP at the server (DP-FedAvg)", train=plain_train,
-    wrap_strategy=_client_dp_wrapper, secret_sampling=True))
+    wrap_strategy=_client_dp_wrapper, secret_sampling=True, clips_updates=True))

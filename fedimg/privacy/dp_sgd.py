@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedimg.config import FedimgConfig
 from fedimg.data import InMemoryLoader
-from fedimg.errors import TrainingDiverged
+from fedimg.errors import TrainingDiverged, UpdateError
 from fedimg.models import MODELS
 from fedimg.privacy import ClientRound, grad_samplers  # noqa: F401 - registers Conv2d rule
 from fedimg.privacy.accounting import PrivacyLedger, default_delta, new_ledger
@@ -147,6 +147,35 @@ def client_ledger(cfg: FedimgConfig, partition_id: int, labels: torch.Tensor,
                       prefix=prefix)
     book.class_weights = weights
     return book
+
+
+def adopted_ledger(env: Any, partition_id: int, offered: dict[str, Any]) -> dict[str, Any]:
+    """A ledger the server hands back after a resume, checked against this client's config.
+
+    The client can recompute everything but the history: budget, delta, q and sigma
+    must equal its own calibration, the history must only contain valid mechanisms,
+    and class weights must be positive (a negative weight would scale a clipped
+    gradient beyond C). The history itself is trusted: a server that omits entries
+    makes epsilon under-count, which only a ledger the client stores itself prevents.
+    """
+    cfg = env.cfg
+    labels = env.dataset.train.labels[env.partitions[partition_id].train_indices]
+    own = client_ledger(cfg, partition_id, labels, env.num_classes)
+    book = PrivacyLedger.from_dict(offered)
+    same = (book.target_epsilon, book.delta, book.sample_rate, book.accountant) == \
+        (own.target_epsilon, own.delta, own.sample_rate, own.accountant) and \
+        math.isclose(book.noise_multiplier, own.noise_multiplier, rel_tol=1e-9)
+    history_ok = all(sigma > 0 and 0 < q <= 1 and int(steps) >= 0
+                     for sigma, q, steps in book.history) and \
+        book.history[:len(own.history)] == own.history
+    weights = book.class_weights
+    weights_ok = (weights is None) == (own.class_weights is None) and (
+        weights is None or (len(weights) == env.num_classes
+                            and all(math.isfinite(w) and w > 0 for w in weights)))
+    if not (same and history_ok and weights_ok):
+        raise UpdateError(f"client {partition_id}: the privacy ledger the server handed back "
+                          "does not match this client's privacy config; refusing to train")
+    return book.to_dict()
 
 
 def _balanced(counts: torch.Tensor) -> list[float]:

@@ -89,13 +89,15 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
-    def write_config(self, cfg: FedimgConfig) -> None:
+    def write_config(self, cfg: FedimgConfig, *, keep_metrics: bool = False) -> None:
+        """Write the resolved config; start an empty metrics.jsonl unless ``keep_metrics``."""
         resolved = to_dict(cfg)
         meta = {"seed": cfg.seed, "versions": library_versions()}
         (self.run_dir / "config.yaml").write_text(
             yaml.safe_dump(resolved, sort_keys=False) + "\n# " + json.dumps(meta) + "\n")
         write_json(self.run_dir / "config.json", {"config": resolved, **meta})
-        self.metrics_path.write_text("")
+        if not keep_metrics:
+            self.metrics_path.write_text("")
 
     def append_round(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as handle:
@@ -112,6 +114,14 @@ class RunRecorder:
     def save_checkpoint(self, name: str, state: dict[str, torch.Tensor],
                         meta: dict[str, Any]) -> Path:
         return self.save_payload(name, {"state_dict": state, "meta": _finite(meta)})
+
+    def checkpoint_round(self, name: str) -> int | None:
+        """The round saved in ``checkpoints/<name>.pt``, or None if there is none."""
+        path = self.run_dir / "checkpoints" / f"{name}.pt"
+        if not path.is_file():
+            return None
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+        return meta.get("round")
 
     def save_payload(self, name: str, payload: dict[str, Any]) -> Path:
         """Atomically write ``checkpoints/<name>.pt`` with ``torch.save``."""

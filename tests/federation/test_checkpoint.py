@@ -104,7 +104,7 @@ def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     cfg = FedimgConfig(rounds=5)
     _save(tmp_path, cfg, 1, 1.0)
 
-    def dies_half_way(obj, handle) -> None:
+    def dies_half_way(obj, handle, **kwargs) -> None:
         handle.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
 
@@ -147,3 +147,11 @@ def test_resumed_config_takes_the_saved_one_and_only_safe_overrides(tmp_path) ->
         resumed_config(tmp_path, ["train.lr=0.1"])
     with pytest.raises(ConfigError, match="has no config.json"):
         resumed_config(tmp_path / "missing", [])
+
+
+def test_last_pt_is_a_model_checkpoint_too(tmp_path) -> None:
+    # weights=<run>/checkpoints/last.pt must load without unpickling arbitrary objects.
+    _save(tmp_path, FedimgConfig(), 3, 0.5)
+    payload = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert payload["meta"]["round"] == 3 and payload["state_dict"]["w"].tolist() == [0.5, 0.5]
+    assert RunRecorder(tmp_path).checkpoint_round("last") == 3

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedimg.federation.grid import InstrumentedGrid
 from fedimg.federation.records import metric_record, reply_content
+from fedimg.federation.validation import UpdateChecks
 
 REFERENCE = {"w": torch.zeros(2, 2)}
 
@@ -104,8 +105,8 @@ def test_absurd_norms_are_rejected_absolute_and_relative_to_the_round() -> None:
     inner = _ScriptedGrid({1: np.ones((2, 2), np.float32), 2: np.ones((2, 2), np.float32),
                            3: np.full((2, 2), 2.0, np.float32),
                            4: np.full((2, 2), 1e6, np.float32)})
-    grid = InstrumentedGrid(inner, reference=REFERENCE,
-                            fl=FederationConfig(norm_outlier_factor=100.0))
+    grid = InstrumentedGrid(inner, reference=REFERENCE, checks=UpdateChecks(
+        REFERENCE, fl=FederationConfig(norm_outlier_factor=100.0)))
     grid.node_to_partition = {1: 0, 2: 1, 3: 2, 4: 3}
     # Act
     kept = list(grid.send_and_receive(_train_messages([1, 2, 3, 4])))
@@ -118,7 +119,8 @@ def test_absurd_norms_are_rejected_absolute_and_relative_to_the_round() -> None:
     assert dict(grid.rejections) == {3: 1}
     # An absolute cap applies even with a single update in the round.
     capped = InstrumentedGrid(_ScriptedGrid({7: np.full((2, 2), 10.0, np.float32)}),
-                              reference=REFERENCE, fl=FederationConfig(max_update_norm=10.0))
+                              reference=REFERENCE, checks=UpdateChecks(
+                                  REFERENCE, fl=FederationConfig(max_update_norm=10.0)))
     assert list(capped.send_and_receive(_train_messages([7]))) == []
     (exchange,) = capped.drain()
     assert "exceeds fl.max_update_norm=10" in exchange.reason
@@ -132,7 +134,8 @@ def test_wrong_dtype_is_rejected_but_norms_skip_frozen_keys() -> None:
     assert "dtype float64" in grid.drain()[0].reason
     # A frozen key does not count towards the update norm.
     frozen = InstrumentedGrid(_ScriptedGrid({1: np.ones((2, 2), np.float32)}),
-                              reference=REFERENCE, fixed_keys=frozenset({"w"}))
+                              reference=REFERENCE,
+                              checks=UpdateChecks(REFERENCE, fixed_keys=frozenset({"w"})))
     frozen.send_and_receive(_train_messages([1]))
     assert frozen.drain()[0].update_norm == 0.0
 
@@ -160,6 +163,6 @@ def test_restored_ledger_goes_to_its_own_client_once() -> None:
     # Act: two training rounds
     grid.send_and_receive(_train_messages([10, 11]))
     grid.send_and_receive(_train_messages([10, 11]))
-    # Assert: only client 1, only the first time; the shared content is untouched.
-    assert seen == {10: ["", ""], 11: ['{"history": []}', ""]}
-    assert grid.pending_ledgers == {}
+    # Assert: only client 1; until it replies with a ledger, it gets it every time.
+    assert seen == {10: ["", ""], 11: ['{"history": []}', '{"history": []}']}
+    assert grid.pending_ledgers == {1: '{"history": []}'}

@@ -108,9 +108,11 @@ def test_short_round_is_retried_then_skipped_and_the_model_kept() -> None:
     assert seen[1][2:] == (3, False) and seen[1][1] == pytest.approx(14 / 6)
     assert seen[2][2:] == (3, True) and seen[2][1] == pytest.approx(14 / 6)
     assert seen[3][2:] == (1, False) and seen[3][1] == pytest.approx(2 * 14 / 6)
-    # Every attempt's failures are in the records the tracker will drain.
+    # Every attempt's failures are in the records the tracker will drain, and the
+    # updates of attempts that were not aggregated are marked as discarded.
     statuses = [e.status for e in loop.grid.drain() if e.phase == "train"]
     assert statuses.count("failed") == 2 + 2 + 2 + 2 + 2
+    assert statuses.count("discarded") == 1 + 1 + 1 + 1 + 1
 
 
 def test_skip_and_stop_policies() -> None:
@@ -122,7 +124,8 @@ def test_skip_and_stop_policies() -> None:
     with pytest.raises(RunStopped, match="round 2: too few usable updates"):
         loop.run(ArrayRecord({"w": Array(np.zeros(3, np.float32))}), start=1,
                  on_round_end=_record(seen))
-    assert [s[0] for s in seen] == [0, 1]
+    assert [s[0] for s in seen] == [0, 1, 2]  # the stopped round is still recorded
+    assert seen[2][1:] == (pytest.approx(14 / 6), 0, True)
 
 
 def test_repeated_skips_end_the_run() -> None:

@@ -88,3 +88,17 @@ def test_krum_refuses_too_few_clients_for_its_guarantee() -> None:
     cfg = FedimgConfig(strategy="krum", clients=5, fl=FederationConfig(num_malicious=2))
     with pytest.raises(ConfigError, match=r"needs at least 7 clients per round, but 5"):
         build_strategy(cfg)
+
+
+def test_robust_strategies_need_enough_replies_to_stay_robust() -> None:
+    from fedimg.federation.strategies import min_replies
+
+    fl = FederationConfig(num_malicious=2, trim_beta=0.2)
+    assert min_replies(FedimgConfig(strategy="krum", clients=10, fl=fl)) == 7  # 2f + 3
+    assert min_replies(FedimgConfig(strategy="fedtrimmedavg", clients=10, fl=fl)) == 5
+    assert min_replies(FedimgConfig(strategy="fedmedian", clients=10, fl=fl)) == 3
+    assert min_replies(FedimgConfig(strategy="fedavg", clients=10, fl=fl)) == 1
+    # Three sampled clients cannot trim 20% at each end: refused before round 1.
+    with pytest.raises(ConfigError, match="fedtrimmedavg needs at least 5 updates"):
+        build_strategy(FedimgConfig(strategy="fedtrimmedavg", clients=3,
+                                    fl=FederationConfig(min_train_clients=2)))

@@ -61,8 +61,10 @@ def test_client_level_dp_records_epsilon_and_stops_before_the_budget(
     # Act
     results = run(argv)
     rounds = _rounds(tmp_path / "run")
-    # Assert: epsilon recorded each round, equal to the accountant's; no third release
-    assert [r["round"] for r in rounds] == [0, 1, 2]
+    # Assert: epsilon recorded each round, equal to the accountant's; round 3 is
+    # recorded as the one the run stopped in, with no third release
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[3]["stopped"] and rounds[3]["privacy/epsilon"] == pytest.approx(two)
     assert rounds[1]["privacy/epsilon"] == pytest.approx(one, rel=1e-6)
     assert rounds[2]["privacy/epsilon"] == pytest.approx(two, rel=1e-6)
     assert rounds[2]["privacy/sample_rate"] == 1.0 and rounds[2]["privacy/delta"] == 0.05

@@ -152,3 +152,22 @@ def test_class_weights_come_from_noisy_counts_and_cost_budget(tmp_path, tiny_ove
     assert 1.95 <= total <= 2.0
     result = train_round(env, 0, server_round=1)
     assert tuple(result.ledger["history"][0]) == (10.0, 1.0, 1)
+
+
+def test_a_handed_back_ledger_is_checked_against_the_clients_own_config(
+        tmp_path, tiny_overrides) -> None:
+    # Arrange: the ledger client 0 reported after round 1 (balanced weights, eps=2)
+    from fedimg.errors import UpdateError
+    from fedimg.privacy.dp_sgd import adopted_ledger
+
+    env = _env(tmp_path, tiny_overrides, "train.class_weighting=balanced",
+               "privacy.target_epsilon=2")
+    reported = train_round(env, 0, server_round=1).ledger
+    # Act / Assert: the honest copy is adopted as is ...
+    assert adopted_ledger(env, 0, reported) == reported
+    # ... a smaller sigma, a bigger budget or a negative class weight are refused
+    for key, value in (("noise_multiplier", reported["noise_multiplier"] / 2),
+                       ("target_epsilon", 50.0),
+                       ("class_weights", [-2.0] + reported["class_weights"][1:])):
+        with pytest.raises(UpdateError, match="does not match this client's privacy config"):
+            adopted_ledger(env, 0, {**reported, key: value})
