@@ -61,8 +61,9 @@ def _rounds(strategy, state: dict[str, torch.Tensor], rounds: int = 2) -> ArrayR
         messages = strategy.configure_train(r, arrays, ConfigRecord(), _Nodes())
         replies = []
         for m in messages:
-            moved = {k: Array((v.numpy() + 1e-3 * m.metadata.dst_node_id).astype(v.numpy().dtype)
-                              if v.numpy().dtype.kind == "f" else v.numpy())
+            step = 1e-3 * m.metadata.dst_node_id
+            moved = {k: Array(np.asarray(v.numpy() + step, dtype=v.numpy().dtype)
+                              if v.numpy().dtype.kind == "f" else np.asarray(v.numpy()))
                      for k, v in m.content["arrays"].items()}
             content = reply_content(metrics=metric_record({}, num_examples=10),
                                     arrays=ArrayRecord(moved))
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    TaskIdentity.run_id = 1  # Flower replies need a run id outside a ServerApp
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # ids outside an app
     out = Path(args.out or tempfile.mkdtemp(prefix="fedimg-ckpt-"))
     print("| strategy | final.pt MB | last.pt MB | plain s | resume s | **resume / plain** |")  # noqa: T201
     print("|---|---|---|---|---|---|")  # noqa: T201
