@@ -86,3 +86,23 @@ def test_kill_9_then_resume_ends_with_the_metrics_of_an_uninterrupted_run(tmp_pa
     assert resumed["privacy"]["clients"] == uninterrupted["privacy"]["clients"]
     assert resumed["privacy"]["clients"]["0"]["dp/epsilon"] > 0
     assert not list((killed / "checkpoints").glob(".*"))  # no half-written files left
+
+
+def test_a_run_whose_clients_all_fail_stops_cleanly_with_its_results(tmp_path) -> None:
+    # Arrange: both clients raise in rounds 1 and 2; no retries; two skips end the run.
+    from fedimg.simulate import main
+
+    run_dir = tmp_path / "run"
+    argv = [*TINY, "clients=2", "rounds=4", f"hydra.run.dir={run_dir}",
+            "faults.raise_at=[[1,0],[1,1],[2,0],[2,1]]", "fl.round_retries=0",
+            "fl.max_skipped_rounds=2"]
+    # Act
+    code = main(argv)
+    # Assert: exit code 8, rounds 1-2 recorded as skipped, results and checkpoints written
+    assert code == 8
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["skipped_rounds"] == [1, 2]
+    assert "2 rounds in a row were skipped" in results["stopped_early"]
+    assert [r["skipped"] for r in _rounds(run_dir)] == [False, True, True]
+    assert (run_dir / "checkpoints" / "final.pt").is_file()
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
