@@ -3,7 +3,7 @@
 Usage::
 
     FEDIMG_DATA=../shared/data python bench/robustness.py
-        [--fractions 0,0.1,0.3] [--strategies fedavg,fedmedian,fedtrimmedavg,krum]
+        [--fractions 0,0.1,0.3] [--strategies fedavg,fedmedian,fedtrimmedavg,krum,multikrum]
         [--attack sign_flip] [--rounds 6] [--out runs/robustness] [-- key=value ...]
 
 Every cell is one real simulation (Flower + Ray) of the ``medical`` scenario moved to
@@ -11,8 +11,8 @@ the blood-cell crops (``bccd_cells``, 3 classes, 1014 training images): 10 clien
 with Dirichlet(1.0) label skew, EfficientNet-Lite0 with ImageNet weights fine-tuned
 head-only at 64 px, 6 rounds of one local epoch. ``attack.byzantine_fraction`` of the
 clients are malicious (the same seeded clients for every strategy) and, with the
-default ``sign_flip``, send w_g - 4 (w_i - w_g). Krum is told f = 3 (the 30% case)
-in every row; FedTrimmedAvg cuts ``fl.trim_beta`` = 0.2 at each end (its default).
+default ``sign_flip``, send w_g - 4 (w_i - w_g). Krum and MultiKrum are told f = 3
+(the 30% case) in every row, MultiKrum averaging the n - f = 7 best-scored updates; FedTrimmedAvg cuts ``fl.trim_beta`` = 0.2 at each end (its default).
 Extra ``key=value`` arguments after ``--`` apply to every run.
 
 It prints, and writes to ``<out>/robustness.md``, the final test accuracy of each
@@ -69,7 +69,7 @@ def _table(cells: dict, strategies: list[str], fractions: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", default="0,0.1,0.3")
-    parser.add_argument("--strategies", default="fedavg,fedmedian,fedtrimmedavg,krum")
+    parser.add_argument("--strategies", default="fedavg,fedmedian,fedtrimmedavg,krum,multikrum")
     parser.add_argument("--attack", default="sign_flip")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="runs/robustness")

@@ -96,7 +96,8 @@ class FederationConfig:
     beta_2: float = 0.99
     tau: float = 1e-3
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
-    num_malicious: int = 0  # Krum: assumed Byzantine clients
+    num_malicious: int = 0  # Krum / MultiKrum: assumed Byzantine clients
+    krum_select: Optional[int] = None  # MultiKrum: updates averaged; None = sampled - f
     timeout_s: float = 3600.0  # how long the server waits for replies
     connect_timeout_s: float = 300.0  # how long it waits for all clients to connect
     # Update validation (besides NaN/Inf, keys, shapes, dtypes, which are always checked)

@@ -14,6 +14,8 @@ arguments and a NaN-aware metric aggregator.
 * ``fedmedian``: coordinate-wise median, Yin et al. 2018.
 * ``fedtrimmedavg``: coordinate-wise trimmed mean, Yin et al. 2018.
 * ``krum``: Blanchard et al. 2017.
+* ``multikrum``: Krum's m best-scored updates averaged (Blanchard et al. 2017);
+  m = ``fl.krum_select``, by default the sampled clients minus ``fl.num_malicious``.
 
 Server optimisers (FedAvgM, FedAdam, FedYogi) treat every array as a parameter.
 BatchNorm running statistics are not: an Adam step moves ``running_var`` by about
@@ -38,6 +40,7 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    MultiKrum,
     Strategy,
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -159,16 +162,34 @@ def fedtrimmedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     return FedTrimmedAvg(**common_kwargs(cfg), beta=cfg.fl.trim_beta)
 
 
+def _check_krum(cfg: FedimgConfig) -> int:
+    """The clients sampled per round, if Krum's n > 2f + 2 holds for them."""
+    sampled = sampled_clients(cfg)
+    if sampled < 2 * cfg.fl.num_malicious + 3:
+        raise ConfigError(f"{cfg.strategy} with fl.num_malicious={cfg.fl.num_malicious} needs "
+                          f"at least {2 * cfg.fl.num_malicious + 3} clients per round, but "
+                          f"{sampled} are sampled; raise clients/fl.fraction_train or lower "
+                          "fl.num_malicious (Blanchard et al. 2017: n > 2f + 2)")
+    return sampled
+
+
 @STRATEGIES.register()
 def krum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """Krum: the client model closest to its neighbours."""
-    sampled = sampled_clients(cfg)
-    if sampled < 2 * cfg.fl.num_malicious + 3:
-        raise ConfigError(f"krum with fl.num_malicious={cfg.fl.num_malicious} needs at "
-                          f"least {2 * cfg.fl.num_malicious + 3} clients per round, but "
-                          f"{sampled} are sampled; raise clients/fl.fraction_train or lower "
-                          "fl.num_malicious (Blanchard et al. 2017: n > 2f + 2)")
+    _check_krum(cfg)
     return Krum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious)
+
+
+@STRATEGIES.register()
+def multikrum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """MultiKrum: the mean of the m client models Krum scores best."""
+    sampled = _check_krum(cfg)
+    select = cfg.fl.krum_select or sampled - cfg.fl.num_malicious
+    if not 1 <= select <= sampled:
+        raise ConfigError(f"fl.krum_select={select} must be between 1 and the {sampled} "
+                          "clients sampled per round")
+    return MultiKrum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious,
+                     num_nodes_to_select=select)
 
 
 # Replies a robust aggregator needs to be robust at all: Krum n > 2f + 2 (Blanchard et
@@ -176,6 +197,7 @@ def krum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
 # median of two is their mean.
 _ROBUST_MIN_REPLIES: dict[str, Callable[[FedimgConfig], int]] = {
     "krum": lambda cfg: 2 * cfg.fl.num_malicious + 3,
+    "multikrum": lambda cfg: 2 * cfg.fl.num_malicious + 3,
     "fedtrimmedavg": lambda cfg: math.ceil(1 / cfg.fl.trim_beta) if cfg.fl.trim_beta else 1,
     "fedmedian": lambda cfg: 3,
 }

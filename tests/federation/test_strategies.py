@@ -20,7 +20,7 @@ def _reply(arrays: dict[str, np.ndarray], n: int) -> Message:
 
 EXPECTED = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam",
             "fedyogi": "FedYogi", "fedavgm": "FedAvgM", "fedmedian": "FedMedian",
-            "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum"}
+            "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum", "multikrum": "MultiKrum"}
 
 
 @pytest.mark.parametrize(("name", "cls"), sorted(EXPECTED.items()))
@@ -102,3 +102,18 @@ def test_robust_strategies_need_enough_replies_to_stay_robust() -> None:
     with pytest.raises(ConfigError, match="fedtrimmedavg needs at least 5 updates"):
         build_strategy(FedimgConfig(strategy="fedtrimmedavg", clients=3,
                                     fl=FederationConfig(min_train_clients=2)))
+
+
+def test_multikrum_averages_the_best_scored_updates() -> None:
+    # Five clients, f=1: Krum scores each update by its squared distances to its
+    # n - f - 2 = 2 nearest others: 0 -> .0325, .1 -> .0125, .2 -> .0125, 10 -> 96+,
+    # .15 -> .005. The three best (.15, .1, .2) average to .15; 10 is never chosen.
+    cfg = FedimgConfig(strategy="multikrum", clients=5,
+                       fl=FederationConfig(num_malicious=1, krum_select=3))
+    strategy = build_strategy(cfg)
+    replies = [_reply({"w": np.array([v], np.float32)}, 10) for v in (0, .1, .2, 10, .15)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays["w"].numpy()[0] == pytest.approx(0.15, abs=1e-6)
+    default = build_strategy(FedimgConfig(strategy="multikrum", clients=5,
+                                          fl=FederationConfig(num_malicious=1)))
+    assert default.num_nodes_to_select == 4  # sampled - f
