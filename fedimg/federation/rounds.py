@@ -27,6 +27,7 @@ client's status and reason). Nothing waits forever: every exchange is bounded by
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,8 +82,11 @@ class RoundLoop:
         """One training round under the short-round policy."""
         fl = self.cfg.fl
         attempts = 1 + (fl.round_retries if fl.on_too_few == "retry" else 0)
+        tried: list[ClientExchange] = []
         for attempt in range(1, attempts + 1):
             mark = len(self.grid.exchanges)
+            if not self._enough_nodes(server_round):
+                continue
             messages = self.strategy.configure_train(server_round, arrays,
                                                      self.train_config, self.grid)
             replies = list(self.grid.send_and_receive(messages, timeout=fl.timeout_s))
@@ -103,8 +107,30 @@ class RoundLoop:
         log.warning("round %d skipped: the global model is kept", server_round)
         return RoundOutcome(arrays, attempts, skipped=True)
 
+    def _enough_nodes(self, server_round: int) -> bool:
+        """Wait up to ``fl.connect_timeout_s`` for the nodes the strategy samples from.
+
+        Flower's sampling waits for ``min_available_nodes`` without a limit; in a
+        deployment where SuperNodes went away that would hang the run. A simulation
+        always has all its nodes.
+        """
+        need = _innermost(self.strategy).min_available_nodes
+        deadline = time.monotonic() + self.cfg.fl.connect_timeout_s
+        while (have := len(list(self.grid.get_node_ids()))) < need:
+            if time.monotonic() > deadline:
+                log.warning("round %d: only %d of the %d clients needed are connected "
+                            "after fl.connect_timeout_s=%gs", server_round, have, need,
+                            self.cfg.fl.connect_timeout_s)
+                return False
+            time.sleep(min(1.0, self.cfg.fl.connect_timeout_s / 10))
+        return True
+
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
         """Federated evaluation on the clients' validation splits (recorded by the grid)."""
+        if len(list(self.grid.get_node_ids())) < _innermost(self.strategy).min_available_nodes:
+            log.warning("round %d: too few clients connected; federated evaluation skipped",
+                        server_round)
+            return
         messages = self.strategy.configure_evaluate(server_round, arrays,
                                                     self.evaluate_config, self.grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.fl.timeout_s))
@@ -118,6 +144,13 @@ class RoundLoop:
             raise RunStopped(f"round {server_round}: {self.consecutive_skips} rounds in a "
                              f"row were skipped (fl.max_skipped_rounds={limit}); see the "
                              "client statuses in metrics.jsonl")
+
+
+def _innermost(strategy: Strategy) -> Strategy:
+    """The strategy a wrapper (Flower's DP wrappers) delegates sampling to."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
+    return strategy
 
 
 def _discard(exchanges: list[ClientExchange], attempt: int) -> None:

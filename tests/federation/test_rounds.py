@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -135,3 +136,14 @@ def test_repeated_skips_end_the_run() -> None:
         loop.run(ArrayRecord({"w": Array(np.zeros(3, np.float32))}), start=1,
                  on_round_end=_record(seen))
     assert [s[3] for s in seen[1:]] == [True, True]
+
+
+def test_a_round_without_enough_connected_nodes_is_skipped_not_hung() -> None:
+    # Flower's sampling would wait forever for 3 nodes when only 2 are connected.
+    loop, seen = _loop([], on_too_few="skip", connect_timeout_s=0.3)
+    loop.grid.inner.get_node_ids = lambda: [1, 2]
+    started = time.monotonic()
+    loop.run(ArrayRecord({"w": Array(np.zeros(3, np.float32))}), start=3,
+             on_round_end=_record(seen))
+    assert seen == [(3, 0.0, 1, True)]
+    assert time.monotonic() - started < 5
