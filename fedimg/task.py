@@ -33,7 +33,7 @@ from fedimg.data import (
     partition_dataset,
 )
 from fedimg.errors import DataError
-from fedimg.models import build_model
+from fedimg.models import build_model, frozen_state_keys
 from fedimg.training import evaluate, resolve_device, scheduled_lr, train_local
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,11 @@ class TaskEnvironment:
     def trained_keys(self) -> frozenset[str]:
         """State-dict names of the parameters local training updates."""
         return frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
+
+    @functools.cached_property
+    def frozen_keys(self) -> frozenset[str]:
+        """State-dict names local training never changes (frozen weights and BatchNorm)."""
+        return frozen_state_keys(self.model)
 
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of the model's state dict on the CPU (never aliasing the live model)."""

@@ -3,6 +3,7 @@
 from fedimg.config.checks import validate
 from fedimg.config.schema import (
     AttackConfig,
+    CompressionConfig,
     DataConfig,
     FaultsConfig,
     FederationConfig,
@@ -20,7 +21,7 @@ from fedimg.config.schema import (
 )
 
 __all__ = [
-    "AttackConfig", "DataConfig", "FaultsConfig", "FederationConfig", "FedimgConfig",
+    "AttackConfig", "CompressionConfig", "DataConfig", "FaultsConfig", "FederationConfig", "FedimgConfig",
     "OutputConfig", "PrivacyConfig", "SimConfig", "SyntheticConfig", "TrainConfig",
     "TransferConfig", "from_dict", "from_json", "to_dict", "to_json", "validate",
 ]

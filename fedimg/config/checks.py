@@ -151,6 +151,10 @@ def _validate_attack_and_faults(cfg: FedimgConfig) -> None:
     _check(0 <= a.byzantine_fraction < 1, f"attack.byzantine_fraction="
            f"{a.byzantine_fraction} must be in [0, 1)")
     _check(a.scale > 0, f"attack.scale={a.scale} must be > 0")
+    c = cfg.compression
+    _check(0 < c.topk_fraction <= 1, f"compression.topk_fraction={c.topk_fraction} must be "
+           "in (0, 1]")
+
     for name in ("raise_at", "kill_at"):
         for entry in getattr(cfg.faults, name):
             _check(len(entry) == 2 and 1 <= entry[0] <= cfg.rounds
@@ -178,6 +182,7 @@ def _validate_names(cfg: FedimgConfig) -> None:
     # Imported here: the registries pull in torch/torchvision/flwr, and this module
     # must stay importable for tools that only read configs.
     from fedimg.attacks import ATTACKS
+    from fedimg.compression import CODECS
     from fedimg.data import AUGMENTATIONS, DATASETS, PARTITIONERS
     from fedimg.federation.strategies import STRATEGIES
     from fedimg.models import MODELS
@@ -196,6 +201,8 @@ def _validate_names(cfg: FedimgConfig) -> None:
         (ATTACKS, cfg.attack.kind),
     ):
         registry.get(value)
+    if cfg.compression.kind != "none":
+        CODECS.get(cfg.compression.kind)
 
 
 def validate(cfg: FedimgConfig) -> FedimgConfig:

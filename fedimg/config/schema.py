@@ -151,6 +151,15 @@ class FaultsConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Compression of client updates on the uplink (see :mod:`fedimg.compression`)."""
+
+    kind: str = "none"  # none | fp16 | int8 | topk
+    topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
+    error_feedback: bool = True  # carry what was not sent into the next round
+
+
+@dataclass
 class OutputConfig:
     """What a run writes into its run directory."""
 
@@ -209,6 +218,7 @@ class FedimgConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

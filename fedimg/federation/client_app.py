@@ -12,15 +12,26 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedimg.attacks import inject_fault, poisoned_update
+from fedimg.compression import compress_update
 from fedimg.config import FedimgConfig
 from fedimg.errors import DataError
 from fedimg.federation.records import (
     ARRAYS_KEY,
+    COMPRESSION_KEY,
     CONFIG_KEY,
     DECLINED_KEY,
     LEDGER_KEY,
@@ -36,7 +47,9 @@ from fedimg.privacy import PRIVACY_MODES
 from fedimg.task import TaskEnvironment, environment
 
 # A client's DP ledger lives in its Flower context.state between rounds: a fresh
-# accountant every round would restart epsilon at zero.
+# accountant every round would restart epsilon at zero. So does the error-feedback
+# residual of update compression.
+RESIDUAL_KEY = "fedimg-ef-residual"
 
 app = ClientApp()
 
@@ -113,12 +126,39 @@ def train(msg: Message, context: Context) -> Message:
         content[DECLINED_KEY] = ConfigRecord({"reason": result.declined})
     else:
         sent = poisoned_update(env.cfg, pid, start, env.state(), env.trained_keys())
-        content = reply_content(metrics=metrics, arrays=state_dict_to_record(sent))
+        content = _update_content(env, context, metrics, start, sent)
     if result.ledger is not None:
         ledger = ConfigRecord({"json": json.dumps(result.ledger)})
         context.state[LEDGER_KEY] = ledger
         content[LEDGER_KEY] = ledger  # accountant history only: sigma, q, steps, noisy counts
     return Message(content, reply_to=msg)
+
+
+def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecord,
+                    start: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]
+                    ) -> RecordDict:
+    """The reply carrying ``sent``: the weights, or their compressed delta.
+
+    Error feedback keeps what compression dropped in ``context.state`` (on the
+    client), to be added to the next round's delta.
+    """
+    comp = env.cfg.compression
+    if comp.kind == "none":
+        return reply_content(metrics=metrics, arrays=state_dict_to_record(sent))
+    residual = None
+    if comp.error_feedback:
+        kept = context.state.array_records.get(RESIDUAL_KEY)
+        residual = {k: torch.from_numpy(v.numpy()) for k, v in kept.items()} if kept else {}
+    arrays, memory = compress_update(
+        comp.kind, comp.topk_fraction, global_state=start, local_state=sent,
+        trained=env.trained_keys(), frozen=env.frozen_keys, residual=residual)
+    if comp.error_feedback:
+        context.state[RESIDUAL_KEY] = ArrayRecord(
+            {k: Array(np.asarray(v.numpy(), order="C")) for k, v in memory.items()})
+    content = reply_content(metrics=metrics, arrays=ArrayRecord(
+        {k: Array(np.asarray(v, order="C")) for k, v in arrays.items()}))
+    content[COMPRESSION_KEY] = ConfigRecord({"codec": comp.kind})
+    return content
 
 
 @app.evaluate()

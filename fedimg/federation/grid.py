@@ -28,12 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedimg.compression import decompress_update
 from fedimg.errors import FedimgError, UpdateError
-from fedimg.federation.records import DECLINED_KEY, LEDGER_KEY, record_bytes
+from fedimg.federation.records import (
+    ARRAYS_KEY,
+    COMPRESSION_KEY,
+    DECLINED_KEY,
+    LEDGER_KEY,
+    record_bytes,
+)
 from fedimg.federation.validation import UpdateChecks, metrics_of
 from fedimg.reporting.run_dir import write_json
 
@@ -178,7 +186,7 @@ class InstrumentedGrid(Grid):
             log.warning("client %d failed in %s: %s", exchange.partition_id,
                         exchange.phase, exchange.reason)
             return True  # the strategy counts it as a failure itself
-        exchange.bytes_up = _content_bytes(reply.content)
+        exchange.bytes_up = _content_bytes(reply.content)  # on the wire: compressed
         exchange.metrics, exchange.num_examples = metrics_of(reply.content)
         if LEDGER_KEY in reply.content.config_records:
             self._keep_ledger(exchange.partition_id, str(reply.content[LEDGER_KEY]["json"]))
@@ -190,12 +198,27 @@ class InstrumentedGrid(Grid):
             return False
         if exchange.phase == MessageType.TRAIN:
             try:
+                self._decompress(reply.content, sent.content)
                 exchange.update_norm = self.checks.check(reply.content, sent.content,
                                                          exchange.partition_id)
             except UpdateError as exc:
                 self._reject(exchange, str(exc))
                 return False
         return True
+
+    def _decompress(self, content: RecordDict, sent: RecordDict) -> None:
+        """Replace a compressed update by the full weights it stands for (in place)."""
+        if COMPRESSION_KEY not in content.config_records or ARRAYS_KEY not in content:
+            return
+        codec = str(content[COMPRESSION_KEY]["codec"])
+        arrays = {k: v.numpy() for k, v in content[ARRAYS_KEY].items()}
+        start = {k: v.numpy() for k, v in sent[ARRAYS_KEY].items()}
+        try:
+            full = decompress_update(codec, arrays, start, self.checks.immutable_keys)
+        except FedimgError as exc:  # an unknown codec is a malformed update here
+            raise UpdateError(str(exc)) from exc
+        content[ARRAYS_KEY] = ArrayRecord({k: Array(np.asarray(v, order="C"))
+                                           for k, v in full.items()})
 
     def _keep_ledger(self, partition_id: int, ledger: str) -> None:
         """Keep a client's latest DP ledger, on disk at once if ``ledger_path`` is set."""

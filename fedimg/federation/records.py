@@ -28,6 +28,7 @@ NUM_EXAMPLES_KEY = "num-examples"  # Flower's default weighting key
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 DECLINED_KEY = "declined"  # ConfigRecord {"reason": ...} of a client that refused to train
+COMPRESSION_KEY = "fedimg-compression"  # ConfigRecord {"codec": ...}: arrays are compressed
 LEDGER_KEY = "fedimg-privacy-ledger"  # ConfigRecord {"json": ...}: a client's DP accountant
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops.misc import FrozenBatchNorm2d
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -49,7 +48,7 @@ from fedimg.federation.rounds import RoundLoop
 from fedimg.federation.strategies import build_strategy
 from fedimg.federation.tracker import RoundTracker, checkpoint_meta
 from fedimg.federation.validation import UpdateChecks
-from fedimg.models import build_model
+from fedimg.models import build_model, frozen_state_keys
 from fedimg.privacy import PRIVACY_MODES
 from fedimg.reporting import RunRecorder, library_versions
 from fedimg.reporting.run_dir import write_json
@@ -99,13 +98,9 @@ def initial_model(cfg: FedimgConfig, num_classes: int) -> tuple[dict[str, torch.
     model = build_model(cfg.model, num_classes=num_classes, weights=cfg.weights,
                         transfer=cfg.transfer)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    frozen |= {f"{name}.{buffer}" if name else buffer
-               for name, module in model.named_modules()
-               if isinstance(module, FrozenBatchNorm2d)
-               for buffer, _ in module.named_buffers(recurse=False)}
+    frozen = frozen_state_keys(model)
     fixed = {name for name, _ in model.named_buffers()} | frozen
-    return state, frozenset(fixed), frozenset(frozen)
+    return state, frozenset(fixed), frozen
 
 
 def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:

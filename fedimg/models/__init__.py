@@ -15,7 +15,12 @@ This package never imports flwr, ray or opacus.
 """
 
 from fedimg.models.inplace import inplace_ops, make_inplace_free
-from fedimg.models.transfer import apply_transfer, count_parameters, freeze_batchnorm
+from fedimg.models.transfer import (
+    apply_transfer,
+    count_parameters,
+    freeze_batchnorm,
+    frozen_state_keys,
+)
 from fedimg.models.zoo import MODELS, ModelSpec, build_model, imagenet_model, list_models
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "freeze_batchnorm",
+    "frozen_state_keys",
     "imagenet_model",
     "inplace_ops",
     "list_models",

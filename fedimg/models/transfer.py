@@ -81,6 +81,17 @@ def apply_transfer(
     return model
 
 
+def frozen_state_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys local training never changes: frozen parameters and the
+    statistics and affine values of FrozenBatchNorm2d layers."""
+    keys = {name for name, p in model.named_parameters() if not p.requires_grad}
+    keys |= {f"{name}.{buffer}" if name else buffer
+             for name, module in model.named_modules()
+             if isinstance(module, FrozenBatchNorm2d)
+             for buffer, _ in module.named_buffers(recurse=False)}
+    return frozenset(keys)
+
+
 def set_trainable(params: Iterable[nn.Parameter], *, trainable: bool) -> None:
     """Set ``requires_grad`` on every parameter of ``params``."""
     for param in params:

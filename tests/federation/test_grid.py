@@ -166,3 +166,34 @@ def test_restored_ledger_goes_to_its_own_client_once() -> None:
     # Assert: only client 1; until it replies with a ledger, it gets it every time.
     assert seen == {10: ["", ""], 11: ['{"history": []}', '{"history": []}']}
     assert grid.pending_ledgers == {1: '{"history": []}'}
+
+
+def test_compressed_updates_are_rebuilt_and_bad_ones_rejected() -> None:
+    from flwr.app import ConfigRecord
+
+    from fedimg.federation.records import COMPRESSION_KEY
+
+    class _Compressed(_ScriptedGrid):
+        codec = "fp16"
+
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            for reply in replies:
+                w = reply.content["arrays"]["w"].numpy()
+                reply.content["arrays"] = ArrayRecord(
+                    {"w::h": Array(w.astype(np.float16))})
+                reply.content[COMPRESSION_KEY] = ConfigRecord({"codec": self.codec})
+            return replies
+
+    inner = _Compressed({1: np.full((2, 2), 0.5, np.float32)})
+    grid = InstrumentedGrid(inner, reference=REFERENCE)
+    (kept,) = grid.send_and_receive(_train_messages([1]))
+    # The strategy sees full float32 weights: global (0) + delta (0.5)
+    assert kept.content["arrays"]["w"].numpy().tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    (exchange,) = grid.drain()
+    assert exchange.bytes_up < exchange.bytes_down  # counted as sent: fp16, not float32
+    # An unknown codec is a malformed update: rejected with the valid names.
+    inner.codec = "zip"
+    assert list(grid.send_and_receive(_train_messages([1]))) == []
+    (exchange,) = grid.drain()
+    assert exchange.status == "rejected" and "fp16, int8, topk" in exchange.reason
