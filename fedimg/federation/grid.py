@@ -94,6 +94,7 @@ class InstrumentedGrid(Grid):
         self.rejections: Counter[int] = Counter()
         self.ledgers: dict[int, str] = {}  # partition -> latest DP ledger (JSON) it reported
         self.pending_ledgers: dict[int, str] = {}  # restored ledgers not yet handed back
+        self._decoded: dict[int, dict[str, np.ndarray] | None] = {}  # id(content) -> arrays
 
     # --- plain delegation -------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -125,6 +126,7 @@ class InstrumentedGrid(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         messages = [self._with_ledger(m) for m in messages]
         sent = {m.metadata.dst_node_id: m for m in messages}
+        self._decoded = {}  # the global arrays of this call's messages, decoded once
         pending = {nid: self._exchange_for(m) for nid, m in sent.items()}
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         kept: dict[int, tuple[Message, ClientExchange]] = {}
@@ -198,27 +200,42 @@ class InstrumentedGrid(Grid):
             return False
         if exchange.phase == MessageType.TRAIN:
             try:
-                self._decompress(reply.content, sent.content)
-                exchange.update_norm = self.checks.check(reply.content, sent.content,
-                                                         exchange.partition_id)
+                start = self._global_arrays(sent.content)
+                arrays = self._update_arrays(reply.content, start)
+                exchange.update_norm = self.checks.check(
+                    arrays, start, num_examples=exchange.num_examples,
+                    partition_id=exchange.partition_id)
             except UpdateError as exc:
                 self._reject(exchange, str(exc))
                 return False
         return True
 
-    def _decompress(self, content: RecordDict, sent: RecordDict) -> None:
-        """Replace a compressed update by the full weights it stands for (in place)."""
-        if COMPRESSION_KEY not in content.config_records or ARRAYS_KEY not in content:
-            return
-        codec = str(content[COMPRESSION_KEY]["codec"])
+    def _global_arrays(self, sent: RecordDict) -> dict[str, np.ndarray] | None:
+        """The global arrays a message carried, decoded once per round's shared content."""
+        key = id(sent)
+        if key not in self._decoded:
+            self._decoded[key] = ({k: v.numpy() for k, v in sent[ARRAYS_KEY].items()}
+                                  if ARRAYS_KEY in sent.array_records else None)
+        return self._decoded[key]
+
+    def _update_arrays(self, content: RecordDict,
+                       start: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """A training reply's weights; a compressed one is rebuilt, in ``content`` too."""
+        if ARRAYS_KEY not in content.array_records:
+            raise UpdateError("training reply carries no model update")
         arrays = {k: v.numpy() for k, v in content[ARRAYS_KEY].items()}
-        start = {k: v.numpy() for k, v in sent[ARRAYS_KEY].items()}
+        if COMPRESSION_KEY not in content.config_records:
+            return arrays
+        if start is None:
+            raise UpdateError("compressed update for a message that carried no model")
         try:
-            full = decompress_update(codec, arrays, start, self.checks.immutable_keys)
+            arrays = decompress_update(str(content[COMPRESSION_KEY]["codec"]), arrays, start,
+                                       self.checks.immutable_keys)
         except FedimgError as exc:  # an unknown codec is a malformed update here
             raise UpdateError(str(exc)) from exc
         content[ARRAYS_KEY] = ArrayRecord({k: Array(np.asarray(v, order="C"))
-                                           for k, v in full.items()})
+                                           for k, v in arrays.items()})
+        return arrays
 
     def _keep_ledger(self, partition_id: int, ledger: str) -> None:
         """Keep a client's latest DP ledger, on disk at once if ``ledger_path`` is set."""

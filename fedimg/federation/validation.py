@@ -31,7 +31,7 @@ from flwr.app import RecordDict
 
 from fedimg.config import FederationConfig
 from fedimg.errors import UpdateError
-from fedimg.federation.records import ARRAYS_KEY, check_arrays
+from fedimg.federation.records import check_arrays
 
 
 def metrics_of(content: RecordDict) -> tuple[dict[str, float], int]:
@@ -58,23 +58,23 @@ class UpdateChecks:
         self.norm_keys = sorted(k for k, v in self.reference.items()
                                 if k not in self.fixed_keys and v.is_floating_point())
 
-    def check(self, content: RecordDict, sent: RecordDict, partition_id: int) -> float:
-        """Raise UpdateError for a malformed update; return ||w_i - w_global||_2 (or NaN)."""
-        if ARRAYS_KEY not in content.array_records:
-            raise UpdateError("training reply carries no model update")
-        _, num_examples = metrics_of(content)
+    def check(self, arrays: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray] | None,
+              *, num_examples: int, partition_id: int) -> float:
+        """Raise UpdateError for a malformed update; return ||w_i - w_global||_2 (or NaN).
+
+        ``arrays`` is the client's update and ``start`` the global arrays it was sent
+        (None if the message carried none), both already decoded.
+        """
         expected = self.expected_sizes.get(partition_id)
         if num_examples <= 0 or (expected is not None and num_examples != expected):
             raise UpdateError(f"update claims {num_examples} training examples; this "
                               f"client's partition has {expected}")
-        arrays = {k: v.numpy() for k, v in content[ARRAYS_KEY].items()}
         check_arrays(arrays, self.reference, exact_dtypes=True)
         for key, value in arrays.items():
             if key.endswith("running_var") and value.size and value.min() < 0:
                 raise UpdateError(f"update '{key}' has a negative running variance")
-        if ARRAYS_KEY not in sent.array_records:
+        if start is None:
             return float("nan")
-        start = {k: v.numpy() for k, v in sent[ARRAYS_KEY].items()}
         for key in self.immutable_keys:
             if not np.array_equal(arrays[key], start[key].astype(arrays[key].dtype)):
                 raise UpdateError(f"update changes '{key}', which is frozen; an honest "
