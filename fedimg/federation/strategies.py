@@ -162,28 +162,16 @@ def fedtrimmedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     return FedTrimmedAvg(**common_kwargs(cfg), beta=cfg.fl.trim_beta)
 
 
-def _check_krum(cfg: FedimgConfig) -> int:
-    """The clients sampled per round, if Krum's n > 2f + 2 holds for them."""
-    sampled = sampled_clients(cfg)
-    if sampled < 2 * cfg.fl.num_malicious + 3:
-        raise ConfigError(f"{cfg.strategy} with fl.num_malicious={cfg.fl.num_malicious} needs "
-                          f"at least {2 * cfg.fl.num_malicious + 3} clients per round, but "
-                          f"{sampled} are sampled; raise clients/fl.fraction_train or lower "
-                          "fl.num_malicious (Blanchard et al. 2017: n > 2f + 2)")
-    return sampled
-
-
 @STRATEGIES.register()
 def krum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """Krum: the client model closest to its neighbours."""
-    _check_krum(cfg)
     return Krum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious)
 
 
 @STRATEGIES.register()
 def multikrum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """MultiKrum: the mean of the m client models Krum scores best."""
-    sampled = _check_krum(cfg)
+    sampled = sampled_clients(cfg)
     select = cfg.fl.krum_select or sampled - cfg.fl.num_malicious
     if not 1 <= select <= sampled:
         raise ConfigError(f"fl.krum_select={select} must be between 1 and the {sampled} "
@@ -219,11 +207,13 @@ def build_strategy(cfg: FedimgConfig, *, buffer_keys: Iterable[str] = ()) -> Str
     from fedimg.privacy import PRIVACY_MODES
 
     buffers = frozenset(buffer_keys)
-    strategy = STRATEGIES.get(cfg.strategy)(cfg, buffers)
+    builder = STRATEGIES.get(cfg.strategy)
     sampled, needed = sampled_clients(cfg), min_replies(cfg)
     if sampled < needed:
         raise ConfigError(f"strategy={cfg.strategy} needs at least {needed} updates per round "
-                          f"to be robust, but {sampled} clients are sampled; raise clients or "
-                          "fl.fraction_train, or change fl.trim_beta / fl.num_malicious")
+                          f"to be robust (Krum: n > 2f + 2; trimmed mean: n >= 1/beta; "
+                          f"median: n >= 3), but {sampled} clients are sampled; raise clients "
+                          "or fl.fraction_train, or lower fl.num_malicious / fl.trim_beta")
+    strategy = builder(cfg, buffers)
     wrap = PRIVACY_MODES.get(cfg.privacy.mode).wrap_strategy
     return wrap(strategy, cfg, buffers) if wrap is not None else strategy

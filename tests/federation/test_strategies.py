@@ -86,7 +86,7 @@ def test_plain_fedadam_would_push_small_variances_negative() -> None:
 
 def test_krum_refuses_too_few_clients_for_its_guarantee() -> None:
     cfg = FedimgConfig(strategy="krum", clients=5, fl=FederationConfig(num_malicious=2))
-    with pytest.raises(ConfigError, match=r"needs at least 7 clients per round, but 5"):
+    with pytest.raises(ConfigError, match=r"krum needs at least 7 updates per round .* but 5"):
         build_strategy(cfg)
 
 
