@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from flwr.serverapp.strategy import Strategy
+from omegaconf import OmegaConf
 
 from fedimg.config import FedimgConfig, from_dict, to_dict, validate
 from fedimg.errors import ConfigError
@@ -84,29 +84,15 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> FedimgConfig:
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"cannot resume {run_dir}: {path} is unreadable ({exc})") from exc
     for override in overrides:
-        key, sep, text = override.partition("=")
+        key, sep, _ = override.partition("=")
         if not sep or not key.startswith(RESUMABLE_OVERRIDES):
             raise ConfigError(f"'{override}' cannot change a resumed run; resume continues "
                               f"the saved config and accepts only {', '.join(RESUMABLE_OVERRIDES)}"
                               "<key>=...")
-        *parents, leaf = key.split(".")
-        section = values
-        for name in parents:
-            section = section.setdefault(name, {})
-        section[leaf] = _scalar(text)
-    values.setdefault("output", {})["run_dir"] = str(run_dir.resolve())
+    merged = OmegaConf.merge(OmegaConf.create(values), OmegaConf.from_dotlist(list(overrides)))
+    values = OmegaConf.to_container(merged)
+    values["output"]["run_dir"] = str(run_dir.resolve())
     return validate(from_dict(values))
-
-
-def _scalar(text: str) -> Any:
-    """A command-line value as YAML reads it, with numbers like ``1e3`` read as floats."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:

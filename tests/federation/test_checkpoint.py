@@ -140,8 +140,10 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path) -> None:
 def test_resumed_config_takes_the_saved_one_and_only_safe_overrides(tmp_path) -> None:
     cfg = FedimgConfig(rounds=4, seed=7)
     write_json(tmp_path / "config.json", {"config": to_dict(cfg), "seed": 7})
-    resumed = resumed_config(tmp_path, ["rounds=6", "sim.num_cpus_per_client=2"])
+    resumed = resumed_config(tmp_path, ["rounds=6", "sim.num_cpus_per_client=2",
+                                        "fl.timeout_s=1e3"])
     assert (resumed.rounds, resumed.seed, resumed.sim.num_cpus_per_client) == (6, 7, 2.0)
+    assert resumed.fl.timeout_s == 1000.0
     assert resumed.output.run_dir == str(tmp_path)
     with pytest.raises(ConfigError, match="'train.lr=0.1' cannot change a resumed run"):
         resumed_config(tmp_path, ["train.lr=0.1"])
