@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from offline_grid import OfflineGrid
 
 from fedimg.federation.grid import InstrumentedGrid
 from fedimg.federation.records import metric_record, reply_content
@@ -17,19 +17,12 @@ from fedimg.federation.validation import UpdateChecks
 REFERENCE = {"w": torch.zeros(2, 2)}
 
 
-class _ScriptedGrid(Grid):
+class _ScriptedGrid(OfflineGrid):
     """A Grid whose clients answer with pre-written update arrays (node id -> array)."""
 
     def __init__(self, updates: dict[int, np.ndarray]) -> None:
         self.updates = updates
-
-    def set_run(self, run) -> None: ...
-    @property
-    def run(self): return None
-    def create_message(self, *args, **kwargs) -> Message: raise NotImplementedError
-    def push_messages(self, messages): return []
-    def pull_messages(self, message_ids): return []
-    def get_node_ids(self) -> Iterable[int]: return list(self.updates)
+        self.node_ids = list(updates)
 
     def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
         replies = []

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
+from offline_grid import OfflineGrid
 
 from fedimg.config import FedimgConfig, FederationConfig
 from fedimg.errors import RunStopped
@@ -22,7 +21,7 @@ from fedimg.federation.rounds import RoundLoop, RoundOutcome
 REFERENCE = {"w": torch.zeros(3)}
 
 
-class _FlakyGrid(Grid):
+class _FlakyGrid(OfflineGrid):
     """Three clients; each adds (node id) to the weights it gets, unless told to fail.
 
     ``failing`` holds one set of node ids per training call, consumed in order.
@@ -31,14 +30,6 @@ class _FlakyGrid(Grid):
     def __init__(self, failing: list[set[int]]) -> None:
         self.failing = failing
         self.train_calls = 0
-
-    def set_run(self, run) -> None: ...
-    @property
-    def run(self): return None
-    def create_message(self, *args, **kwargs) -> Message: raise NotImplementedError
-    def push_messages(self, messages): return []
-    def pull_messages(self, message_ids): return []
-    def get_node_ids(self) -> Iterable[int]: return [1, 2, 3]
 
     def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
         messages = list(messages)
@@ -60,11 +51,6 @@ class _FlakyGrid(Grid):
         for reply, m in zip(replies, messages):
             reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
         return replies
-
-
-@pytest.fixture(autouse=True)
-def _run_id(monkeypatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # replies need a run id
 
 
 def _loop(failing: list[set[int]], **fl) -> tuple[RoundLoop, list]:
@@ -141,7 +127,7 @@ def test_repeated_skips_end_the_run() -> None:
 def test_a_round_without_enough_connected_nodes_is_skipped_not_hung() -> None:
     # Flower's sampling would wait forever for 3 nodes when only 2 are connected.
     loop, seen = _loop([], on_too_few="skip", connect_timeout_s=0.3)
-    loop.grid.inner.get_node_ids = lambda: [1, 2]
+    loop.grid.inner.node_ids = [1, 2]
     started = time.monotonic()
     loop.run(ArrayRecord({"w": Array(np.zeros(3, np.float32))}), start=3,
              on_round_end=_record(seen))
