@@ -31,6 +31,7 @@ from fedimg.data.partition import (
 )
 from fedimg.data.partitioners import PARTITIONERS
 from fedimg.data.roots import resolve_data_root
+from fedimg.data.site import SiteData, read_site_data, site_fingerprint
 from fedimg.data.sources import DATASETS, load_dataset
 from fedimg.data.transforms import AUGMENTATIONS, build_transform
 from fedimg.data.types import Dataset, ImageSet, Provenance
@@ -44,11 +45,14 @@ __all__ = [
     "ImageSet",
     "InMemoryLoader",
     "Provenance",
+    "SiteData",
     "build_transform",
     "label_distribution",
     "load_dataset",
     "load_partitions",
     "partition_dataset",
+    "read_site_data",
     "resolve_data_root",
     "save_partitions",
+    "site_fingerprint",
 ]
