@@ -1,0 +1,1 @@
+"""Deployment glue: site configs, client daemon, SuperLink launcher, certificates."""
