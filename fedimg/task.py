@@ -11,6 +11,7 @@ benchmark in ``bench/`` runs the very same steps without Flower.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -24,13 +25,18 @@ import torch
 from fedimg.attacks import poisoned_labels
 from fedimg.config import FedimgConfig, from_json
 from fedimg.data import (
+    DATASETS,
     ClientPartition,
     Dataset,
+    ImageSet,
     InMemoryLoader,
+    Provenance,
+    SiteData,
     build_transform,
     load_dataset,
     load_partitions,
     partition_dataset,
+    read_site_data,
 )
 from fedimg.errors import DataError
 from fedimg.models import build_model, frozen_state_keys
@@ -50,6 +56,31 @@ def make_partitions(cfg: FedimgConfig, dataset: Dataset) -> list[ClientPartition
             return parts
     return partition_dataset(dataset.train, cfg=cfg.data, num_clients=cfg.clients,
                              seed=cfg.seed)
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    """A deployed site's own settings (its SuperNode's node config), not the run's."""
+
+    data_path: str
+    name: str = ""
+    device: str = ""  # "" = the run's train.device
+    num_threads: int = 0
+    min_samples: int = 16
+    max_samples: int | None = None
+
+
+def site_as_dataset(cfg: FedimgConfig, site: SiteData) -> tuple[Dataset, list[ClientPartition]]:
+    """A site's images as a one-client dataset: train then val rows, one partition."""
+    n_train, n_val = len(site.train.labels), len(site.val.labels)
+    pooled = ImageSet(images=torch.cat([site.train.images, site.val.images]),
+                      labels=torch.cat([site.train.labels, site.val.labels]))
+    dataset = Dataset(name=cfg.data.dataset, classes=site.classes,
+                      channels=int(pooled.images.shape[1]), train=pooled, test=site.val,
+                      val=None, provenance=Provenance(source="real", location=site.location,
+                                                      warnings=site.warnings))
+    part = ClientPartition(0, np.arange(n_train), np.arange(n_train, n_train + n_val))
+    return dataset, [part]
 
 
 @dataclass
@@ -80,13 +111,17 @@ def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tens
 class TaskEnvironment:
     """Dataset, partitions and one reusable model for a run config, in one process."""
 
-    def __init__(self, cfg: FedimgConfig, *, num_threads: int | None = None) -> None:
+    def __init__(self, cfg: FedimgConfig, *, num_threads: int | None = None,
+                 site: SiteData | None = None) -> None:
         started = time.perf_counter()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg = cfg
-        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
-        self.partitions = make_partitions(cfg, self.dataset)
+        if site is None:
+            self.dataset = load_dataset(cfg.data, seed=cfg.seed)
+            self.partitions = make_partitions(cfg, self.dataset)
+        else:  # a deployed site: its own images are the only client
+            self.dataset, self.partitions = site_as_dataset(cfg, site)
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, num_classes=self.dataset.num_classes,
@@ -103,6 +138,11 @@ class TaskEnvironment:
     @property
     def num_classes(self) -> int:
         return self.dataset.num_classes
+
+    @property
+    def site_location(self) -> str:
+        """Where the data was read (a deployed site's folder)."""
+        return self.dataset.provenance.location
 
     def client(self, partition_id: int) -> ClientData:
         """Loaders of client ``partition_id`` (built on first use, then cached)."""
@@ -219,3 +259,21 @@ class CentralEvaluator:
 def environment(config_json: str, num_threads: int | None = None) -> TaskEnvironment:
     """The process-wide TaskEnvironment of a run config (keyed by its canonical JSON)."""
     return TaskEnvironment(from_json(config_json), num_threads=num_threads)
+
+
+@functools.lru_cache(maxsize=2)
+def site_environment(config_json: str, site: SiteOptions) -> TaskEnvironment:
+    """The TaskEnvironment of a deployed site: its own data, device and thread limit.
+
+    The images are checked against the run's class list here (unknown class
+    folders, unreadable files, too few samples are a :class:`DataError` naming them),
+    so a site whose data does not fit the federation fails its first message.
+    """
+    cfg = from_json(config_json)
+    if site.device:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=site.device))
+    data = read_site_data(site.data_path, classes=DATASETS.get(cfg.data.dataset).classes,
+                          image_size=cfg.data.image_size, min_samples=site.min_samples,
+                          val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+                          on_corrupt=cfg.data.on_corrupt, max_samples=site.max_samples)
+    return TaskEnvironment(cfg, num_threads=site.num_threads or None, site=data)

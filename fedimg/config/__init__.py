@@ -5,6 +5,7 @@ from fedimg.config.schema import (
     AttackConfig,
     CompressionConfig,
     DataConfig,
+    DeployConfig,
     FaultsConfig,
     FederationConfig,
     FedimgConfig,
@@ -21,7 +22,8 @@ from fedimg.config.schema import (
 )
 
 __all__ = [
-    "AttackConfig", "CompressionConfig", "DataConfig", "FaultsConfig", "FederationConfig", "FedimgConfig",
+    "AttackConfig", "CompressionConfig", "DataConfig", "DeployConfig", "FaultsConfig",
+    "FederationConfig", "FedimgConfig",
     "OutputConfig", "PrivacyConfig", "SimConfig", "SyntheticConfig", "TrainConfig",
     "TransferConfig", "from_dict", "from_json", "to_dict", "to_json", "validate",
 ]

@@ -108,6 +108,7 @@ class FederationConfig:
     on_too_few: str = "retry"  # retry (then skip) | skip (keep the model) | stop (end the run)
     round_retries: int = 2  # re-samples of a short round before it is skipped
     max_skipped_rounds: int = 3  # this many skipped rounds in a row end the run
+    pack_arrays: bool = True  # model arrays travel as one buffer (fedimg.federation.packing)
 
 
 @dataclass
@@ -198,6 +199,20 @@ class PrivacyConfig:
 
 
 @dataclass
+class DeployConfig:
+    """A real federation (``fedimg-server run``): the data stays at the sites.
+
+    Each SuperNode reads its own images from the ``data-path`` of its node config;
+    the server loads no training data and learns each site's size from the site.
+    ``clients`` is the number of sites the run waits for. Central evaluation then
+    needs the dataset's test split on the server (``data.root``), or
+    ``fl.central_eval=false``.
+    """
+
+    enabled: bool = False
+
+
+@dataclass
 class FedimgConfig:
     """A whole fedimg run."""
 
@@ -219,6 +234,7 @@ class FedimgConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

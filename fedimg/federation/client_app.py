@@ -37,14 +37,17 @@ from fedimg.federation.records import (
     LEDGER_KEY,
     PROXIMAL_MU_KEY,
     ROUND_KEY,
+    SITE_KEY,
     config_from_record,
     metric_record,
     record_to_state_dict,
     reply_content,
+    site_options,
     state_dict_to_record,
 )
+from fedimg.federation.packing import PACKED_ARRAYS_KEY, pack_content, unpack_content
 from fedimg.privacy import PRIVACY_MODES
-from fedimg.task import TaskEnvironment, environment
+from fedimg.task import TaskEnvironment, environment, site_environment
 
 # A client's DP ledger lives in its Flower context.state between rounds: a fresh
 # accountant every round would restart epsilon at zero. So does the error-feedback
@@ -67,24 +70,50 @@ def _partition_id(context: Context) -> int:
 
 def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, RecordDict,
                                                     dict[str, torch.Tensor]]:
-    config = msg.content["config"]
-    cfg = config_from_record(config)
-    env = environment(str(config[CONFIG_KEY]), _threads(cfg))
+    """This process's task environment with the global weights loaded, and the client id.
+
+    A deployed SuperNode names its own data (``data-path`` in its node config): its
+    environment holds that site's images, as client 0. A simulated node is one
+    partition (``partition-id``) of the dataset every worker loads.
+    """
+    content = unpack_content(msg.content)
+    config = content["config"]
+    site = site_options(context.node_config)
+    if site is None:
+        env, pid = environment(str(config[CONFIG_KEY]),
+                               _threads(config_from_record(config))), _partition_id(context)
+    else:
+        env, pid = site_environment(str(config[CONFIG_KEY]), site), 0
     state: dict[str, torch.Tensor] = {}
-    if ARRAYS_KEY in msg.content.array_records:
-        state = record_to_state_dict(msg.content[ARRAYS_KEY], env.reference)
+    if ARRAYS_KEY in content.array_records:
+        state = record_to_state_dict(content[ARRAYS_KEY], env.reference)
         env.load_state(state)
-    return env, _partition_id(context), config, state
+    return env, pid, config, state
+
+
+def _reply(msg: Message, content: RecordDict) -> Message:
+    """The reply to ``msg``, its arrays packed the way the server packed its own."""
+    if PACKED_ARRAYS_KEY in msg.content.array_records:
+        content = pack_content(content, ARRAYS_KEY)
+    return Message(content, reply_to=msg)
 
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    """Report this client's partition id and split sizes (and build its environment)."""
+    """Report this client's partition id and split sizes (and build its environment).
+
+    A deployed site also reports its name and class counts; the server numbers the
+    sites by name, since their own ids are all 0.
+    """
     env, pid, _, _ = _setup(msg, context)
     data = env.client(pid)
     info = MetricRecord({"partition-id": pid, "num-train": data.num_train,
-                         "num-val": data.num_val})
-    return Message(RecordDict({"metrics": info}), reply_to=msg)
+                         "num-val": data.num_val, "num-classes": env.num_classes})
+    content = RecordDict({"metrics": info})
+    site = site_options(context.node_config)
+    if site is not None:
+        content[SITE_KEY] = ConfigRecord({"name": site.name, "location": env.site_location})
+    return Message(content, reply_to=msg)
 
 
 def _ledger(context: Context, msg: Message, env: TaskEnvironment,
@@ -131,7 +160,7 @@ def train(msg: Message, context: Context) -> Message:
         ledger = ConfigRecord({"json": json.dumps(result.ledger)})
         context.state[LEDGER_KEY] = ledger
         content[LEDGER_KEY] = ledger  # accountant history only: sigma, q, steps, noisy counts
-    return Message(content, reply_to=msg)
+    return _reply(msg, content)
 
 
 def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecord,
@@ -166,5 +195,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
     env, pid, _, _ = _setup(msg, context)
     metrics, num_examples = env.evaluate_client(pid)
-    return Message(reply_content(metrics=metric_record(metrics, num_examples=num_examples)),
-                   reply_to=msg)
+    return _reply(msg, reply_content(metrics=metric_record(metrics, num_examples=num_examples)))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from fedimg.federation.records import (
     LEDGER_KEY,
     record_bytes,
 )
+from fedimg.federation.packing import pack_content, unpack_content
 from fedimg.federation.validation import UpdateChecks, metrics_of
 from fedimg.reporting.run_dir import write_json
 
@@ -84,8 +84,10 @@ class InstrumentedGrid(Grid):
     """Delegates to ``inner`` while logging exchanges and filtering bad updates."""
 
     def __init__(self, inner: Grid, *, reference: Mapping[str, torch.Tensor],
-                 checks: UpdateChecks | None = None, ledger_path: Path | None = None) -> None:
+                 checks: UpdateChecks | None = None, ledger_path: Path | None = None,
+                 pack: bool = False) -> None:
         self.inner = inner
+        self.pack = pack  # send model arrays as one buffer (fedimg.federation.packing)
         self.reference = reference
         self.checks = checks or UpdateChecks(reference)
         self.ledger_path = ledger_path
@@ -126,9 +128,10 @@ class InstrumentedGrid(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         messages = [self._with_ledger(m) for m in messages]
         sent = {m.metadata.dst_node_id: m for m in messages}
+        wire = self._packed(messages)
         self._decoded = {}  # the global arrays of this call's messages, decoded once
-        pending = {nid: self._exchange_for(m) for nid, m in sent.items()}
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        pending = {m.metadata.dst_node_id: self._exchange_for(m) for m in wire}
+        replies = list(self.inner.send_and_receive(wire, timeout=timeout))
         kept: dict[int, tuple[Message, ClientExchange]] = {}
         for reply in replies:
             exchange = pending.pop(reply.metadata.src_node_id, None)
@@ -146,6 +149,22 @@ class InstrumentedGrid(Grid):
         return sorted((reply for reply, _ in kept.values()),
                       key=lambda r: (self.partition_of(r.metadata.src_node_id),
                                      r.metadata.src_node_id))
+
+    def _packed(self, messages: list[Message]) -> list[Message]:
+        """``messages`` with their model arrays packed, once per shared content."""
+        if not self.pack:
+            return messages
+        packed: dict[int, RecordDict] = {}
+        out = []
+        for m in messages:
+            if id(m.content) not in packed:
+                packed[id(m.content)] = pack_content(m.content, ARRAYS_KEY)
+            content = packed[id(m.content)]
+            out.append(m if content is m.content else Message(
+                content=content, message_type=m.metadata.message_type,
+                dst_node_id=m.metadata.dst_node_id, group_id=m.metadata.group_id,
+                ttl=m.metadata.ttl))
+        return out
 
     def _with_ledger(self, message: Message) -> Message:
         """``message``, carrying its client's restored DP ledger if one is pending."""
@@ -188,7 +207,12 @@ class InstrumentedGrid(Grid):
             log.warning("client %d failed in %s: %s", exchange.partition_id,
                         exchange.phase, exchange.reason)
             return True  # the strategy counts it as a failure itself
-        exchange.bytes_up = _content_bytes(reply.content)  # on the wire: compressed
+        exchange.bytes_up = _content_bytes(reply.content)  # on the wire: packed, compressed
+        try:
+            reply.content = unpack_content(reply.content)
+        except UpdateError as exc:
+            self._reject(exchange, str(exc))
+            return False
         exchange.metrics, exchange.num_examples = metrics_of(reply.content)
         if LEDGER_KEY in reply.content.config_records:
             self._keep_ledger(exchange.partition_id, str(reply.content[LEDGER_KEY]["json"]))
@@ -243,61 +267,3 @@ class InstrumentedGrid(Grid):
         self.pending_ledgers.pop(partition_id, None)  # the client holds its ledger now
         if self.ledger_path is not None:
             write_json(self.ledger_path, {str(k): v for k, v in sorted(self.ledgers.items())})
-
-
-def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout: float,
-                        connect_timeout: float,
-                        expected_sizes: list[int]) -> dict[int, dict[str, float]]:
-    """Ask every node for its partition id and sizes (a Flower ``query`` message).
-
-    Also warms the workers up: each builds its task environment (data, model) here,
-    so start-up cost is not charged to round 1. Raises FedimgError unless every
-    partition answered with the training-set size the server computed for it, so
-    a worker that cannot read the data stops the run before round 1.
-    """
-    started = time.perf_counter()
-    nodes = _wait_for_nodes(grid.inner, len(expected_sizes), timeout=connect_timeout)
-    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
-                for n in nodes]
-    info: dict[int, dict[str, float]] = {}
-    failures = []
-    for reply in grid.inner.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            failures.append(str(reply.error.reason).strip().splitlines()[-1:])
-            continue
-        metrics, _ = metrics_of(reply.content)
-        grid.node_to_partition[reply.metadata.src_node_id] = int(metrics["partition-id"])
-        info[int(metrics["partition-id"])] = metrics
-    log.info("%d of %d clients ready in %.1fs", len(info), len(nodes),
-             time.perf_counter() - started)
-    _check_discovery(info, expected_sizes, failures)
-    grid.checks.expected_sizes = dict(enumerate(expected_sizes))
-    return info
-
-
-def _wait_for_nodes(grid: Grid, count: int, *, timeout: float) -> list[int]:
-    """Node ids once ``count`` nodes are connected (they register after the ServerApp starts)."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < count:
-        if time.monotonic() > deadline:
-            raise FedimgError(f"only {len(nodes)} of {count} clients connected within "
-                              f"{timeout:.0f}s (fl.connect_timeout_s); under `flwr run` pass "
-                              f"--federation-config 'num-supernodes={count}'")
-        time.sleep(0.1)
-    return nodes
-
-
-def _check_discovery(info: dict[int, dict[str, float]], expected_sizes: list[int],
-                     failures: list[list[str]]) -> None:
-    missing = sorted(set(range(len(expected_sizes))) - set(info))
-    if missing:
-        first = f"; first failure: {failures[0]}" if failures else ""
-        raise FedimgError(f"clients {missing[:10]} did not start ({len(failures)} "
-                          f"failed){first}")
-    wrong = [(pid, int(m["num-train"]), expected_sizes[pid]) for pid, m in info.items()
-             if int(m["num-train"]) != expected_sizes[pid]]
-    if wrong:
-        pid, got, want = wrong[0]
-        raise FedimgError(f"client {pid} sees {got} training samples but the server "
-                          f"partitioned {want} for it: the workers read different data "
-                          "(check FEDIMG_DATA / data.root on every machine)")

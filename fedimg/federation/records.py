@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedimg.config import FedimgConfig, from_json, to_json
-from fedimg.errors import UpdateError
+from fedimg.errors import DataError, UpdateError
+from fedimg.task import SiteOptions
 
 CONFIG_KEY = "fedimg-config"
 ROUND_KEY = "server-round"
@@ -30,11 +32,31 @@ METRICS_KEY = "metrics"
 DECLINED_KEY = "declined"  # ConfigRecord {"reason": ...} of a client that refused to train
 COMPRESSION_KEY = "fedimg-compression"  # ConfigRecord {"codec": ...}: arrays are compressed
 LEDGER_KEY = "fedimg-privacy-ledger"  # ConfigRecord {"json": ...}: a client's DP accountant
+SITE_KEY = "fedimg-site"  # ConfigRecord {"name", "location"}: a deployed site's describe reply
+
+# A deployed SuperNode's --node-config keys (see fedimg.deploy.site.node_config).
+_SITE_FIELDS = {"site": "name", "data-path": "data_path", "device": "device",
+                "num-threads": "num_threads", "min-samples": "min_samples",
+                "max-samples": "max_samples"}
 
 
 def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Model weights (parameters and buffers) as a Flower ArrayRecord."""
     return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+def site_options(node_config: Mapping[str, Any]) -> SiteOptions | None:
+    """A deployed site's options from its node config; None for a simulated node."""
+    if "data-path" not in node_config:
+        return None
+    unknown = sorted(set(node_config) - set(_SITE_FIELDS) - {"partition-id", "num-partitions"})
+    if unknown:
+        raise DataError(f"unknown node-config keys {unknown}; valid: {sorted(_SITE_FIELDS)}")
+    values = {field: node_config[key] for key, field in _SITE_FIELDS.items()
+              if key in node_config}
+    values.setdefault("name", str(node_config["data-path"]))
+    return SiteOptions(**{k: (str(v) if k in ("name", "data_path", "device") else int(v))
+                          for k, v in values.items()})
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -26,8 +26,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedimg.config import FedimgConfig
-from fedimg.errors import PrivacyBudgetExhausted
+from fedimg.errors import DataError, PrivacyBudgetExhausted
 from fedimg.data import (
+    DATASETS,
     ClientPartition,
     Dataset,
     label_distribution,
@@ -42,7 +43,8 @@ from fedimg.federation.checkpoint import (
     restore_rng,
     restore_strategy_state,
 )
-from fedimg.federation.grid import InstrumentedGrid, discover_partitions
+from fedimg.federation.discovery import discover_partitions, discover_sites
+from fedimg.federation.grid import InstrumentedGrid
 from fedimg.federation.records import config_record, state_dict_to_record
 from fedimg.federation.rounds import RoundLoop
 from fedimg.federation.strategies import build_strategy
@@ -59,18 +61,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedRun:
-    """A validated config with its data loaded and partitioned, before round 1."""
+    """A validated config with its data loaded and partitioned, before round 1.
+
+    In a deployment (``deploy.enabled``) the server holds no training data:
+    ``partitions`` is empty, ``dataset`` is the held-out test set's dataset for
+    central evaluation (None without it), and the sites report their own sizes.
+    """
 
     cfg: FedimgConfig
-    dataset: Dataset
+    dataset: Dataset | None
     partitions: list[ClientPartition]
     recorder: RunRecorder
+    classes: tuple[str, ...]
     initial_state: dict[str, torch.Tensor]
     strategy: Strategy
     fixed_keys: frozenset[str] = frozenset()  # buffers and frozen parameters
     frozen_keys: frozenset[str] = frozenset()  # frozen parameters and frozen-BN statistics
     resume: ResumeState | None = None
     started: float = field(default_factory=time.perf_counter)
+    sites: dict[int, dict[str, Any]] = field(default_factory=dict)  # deployment: id -> report
 
     @property
     def client_cfg(self) -> FedimgConfig:
@@ -79,7 +88,7 @@ class PreparedRun:
         A worker that cannot find the data then fails loudly instead of silently
         training on the synthetic fallback while results.json says "real".
         """
-        if self.dataset.provenance.source != "real":
+        if self.dataset is None or self.dataset.provenance.source != "real":
             return self.cfg
         return dataclasses.replace(self.cfg,
                                    data=dataclasses.replace(self.cfg.data, source="strict"))
@@ -113,6 +122,8 @@ def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:
     recorder = RunRecorder(cfg.output.run_dir or "runs/unnamed")
     if not resume:
         recorder.write_config(cfg)
+    if cfg.deploy.enabled:
+        return _prepare_deployment(cfg, recorder, resume=resume)
     dataset = load_dataset(cfg.data, seed=cfg.seed)
     partitions = partition_dataset(dataset.train, cfg=cfg.data, num_clients=cfg.clients,
                                    seed=cfg.seed)
@@ -134,23 +145,51 @@ def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:
     if resume:
         recorder.write_config(cfg, keep_metrics=True)  # it may have extended rounds
     return PreparedRun(cfg=cfg, dataset=dataset, partitions=partitions, recorder=recorder,
-                       initial_state=state, fixed_keys=fixed, frozen_keys=frozen,
-                       resume=saved, strategy=build_strategy(cfg, buffer_keys=fixed))
+                       classes=dataset.classes, initial_state=state, fixed_keys=fixed,
+                       frozen_keys=frozen, resume=saved,
+                       strategy=build_strategy(cfg, buffer_keys=fixed))
+
+
+def _prepare_deployment(cfg: FedimgConfig, recorder: RunRecorder, *,
+                        resume: bool) -> PreparedRun:
+    """:func:`prepare_run` for a real federation: no training data on the server.
+
+    The class list is the dataset's (every site's folders are checked against it);
+    central evaluation reads the test split from the server's own ``data.root``,
+    strictly: a missing test set is an error here, never a synthetic stand-in.
+    """
+    classes = DATASETS.get(cfg.data.dataset).classes
+    dataset = None
+    if cfg.fl.central_eval:
+        strict = dataclasses.replace(cfg.data, source="strict")
+        try:
+            dataset = load_dataset(strict, seed=cfg.seed)
+        except DataError as exc:
+            raise DataError(f"{exc}. In a deployment the server only needs the test split "
+                            "for central evaluation; or set fl.central_eval=false") from exc
+    state, fixed, frozen = initial_model(cfg, len(classes))
+    saved = load_resume_state(recorder.run_dir, cfg, list(classes)) if resume else None
+    if resume:
+        recorder.write_config(cfg, keep_metrics=True)
+    log.info("deployment: %d sites expected; classes %s; central evaluation %s",
+             cfg.clients, list(classes), "on" if dataset is not None else "off")
+    return PreparedRun(cfg=cfg, dataset=dataset, partitions=[], recorder=recorder,
+                       classes=classes, initial_state=state, fixed_keys=fixed,
+                       frozen_keys=frozen, resume=saved,
+                       strategy=build_strategy(cfg, buffer_keys=fixed))
 
 
 def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> dict[str, Any]:
     cfg, rounds = prepared.cfg, tracker.rounds
     final = {k: v for k, v in rounds[-1].items() if k != "clients"} if rounds else {}
-    prov = prepared.dataset.provenance
+    data = _data_summary(prepared)
     trained = [r for r in rounds if r["round"] > 0]
     return {
         "name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "model": cfg.model,
         "strategy": cfg.strategy, "run_dir": str(prepared.recorder.run_dir),
         "select_metric": cfg.output.select_metric,
         "final": final, "best": tracker.best, "initial": rounds[0] if rounds else {},
-        "data": {"dataset": prepared.dataset.name, "source": prov.source,
-                 "location": prov.location, "fallback_reason": prov.fallback_reason,
-                 "warnings": list(prov.warnings)},
+        "data": data,
         "timing": {"startup_s": startup_s,
                    "rounds_s": sum(r["wall_s"] for r in trained),
                    "mean_round_s": (sum(r["wall_s"] for r in trained) / len(trained))
@@ -163,6 +202,18 @@ def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> 
         "stopped_early": tracker.stopped,
         "privacy": privacy_summary(cfg, rounds),
         "versions": library_versions()}
+
+
+def _data_summary(prepared: PreparedRun) -> dict[str, Any]:
+    """Where the data came from: the server's dataset, or the sites of a deployment."""
+    prov = prepared.dataset.provenance if prepared.dataset is not None else None
+    where = ({"source": prov.source, "location": prov.location,
+              "fallback_reason": prov.fallback_reason, "warnings": list(prov.warnings)}
+             if prov is not None else None)
+    if not prepared.cfg.deploy.enabled:
+        return {"dataset": prepared.cfg.data.dataset, **(where or {})}
+    return {"dataset": prepared.cfg.data.dataset, "source": "sites",
+            "sites": dict(prepared.sites), "test_set": where}
 
 
 def privacy_summary(cfg: FedimgConfig, rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -233,6 +284,23 @@ def _trailing_skips(rounds: list[dict[str, Any]]) -> int:
     return count
 
 
+def _discover(prepared: PreparedRun, igrid: InstrumentedGrid) -> None:
+    """Find every client before round 1 (the sites of a deployment, or the partitions)."""
+    cfg = prepared.cfg
+    content = RecordDict({"config": config_record(prepared.client_cfg)})
+    if cfg.deploy.enabled:
+        prepared.sites = discover_sites(
+            igrid, content=content, timeout=cfg.fl.timeout_s,
+            connect_timeout=cfg.fl.connect_timeout_s, num_sites=cfg.clients,
+            num_classes=len(prepared.classes))
+        write_json(prepared.recorder.run_dir / "sites.json",
+                   {str(k): v for k, v in prepared.sites.items()})
+    else:
+        discover_partitions(igrid, content=content, timeout=cfg.fl.timeout_s,
+                            connect_timeout=cfg.fl.connect_timeout_s,
+                            expected_sizes=[len(p.train_indices) for p in prepared.partitions])
+
+
 def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     """Run all rounds of ``prepared`` on ``grid`` (from its checkpoint if resuming).
 
@@ -245,10 +313,8 @@ def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     igrid = InstrumentedGrid(grid, reference=initial, checks=UpdateChecks(
         initial, fl=cfg.fl, fixed_keys=prepared.fixed_keys, immutable_keys=prepared.frozen_keys,
         screen_norms=not PRIVACY_MODES.get(cfg.privacy.mode).clips_updates),
-        ledger_path=prepared.recorder.run_dir / LEDGERS_FILE)
-    discover_partitions(igrid, content=RecordDict({"config": config_record(client_cfg)}),
-                        timeout=cfg.fl.timeout_s, connect_timeout=cfg.fl.connect_timeout_s,
-                        expected_sizes=[len(p.train_indices) for p in prepared.partitions])
+        ledger_path=prepared.recorder.run_dir / LEDGERS_FILE, pack=cfg.fl.pack_arrays)
+    _discover(prepared, igrid)
     igrid.drain()
     startup_s = time.perf_counter() - prepared.started
     start_round = prepared.resume.round + 1 if prepared.resume else 1

@@ -79,7 +79,7 @@ def _counts(exchanges: list[ClientExchange]) -> dict[str, int]:
 def checkpoint_meta(prepared: PreparedRun, record: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint needs to be reused: config, classes, seed, round, metrics."""
     return {"round": record.get("round"), "model": prepared.cfg.model,
-            "classes": list(prepared.dataset.classes), "seed": prepared.cfg.seed,
+            "classes": list(prepared.classes), "seed": prepared.cfg.seed,
             "config": to_dict(prepared.cfg),
             "metrics": {k: v for k, v in record.items() if k != "clients"}}
 
@@ -92,7 +92,8 @@ class RoundTracker:
         self.prepared, self.cfg, self.grid = prepared, prepared.cfg, grid
         self.reference = reference
         self.evaluator = (CentralEvaluator(self.cfg, prepared.dataset)
-                          if self.cfg.fl.central_eval else None)
+                          if self.cfg.fl.central_eval and prepared.dataset is not None
+                          else None)
         self.progress = RoundProgress(self.cfg.rounds, enabled=self.cfg.output.progress,
                                       initial=start_round - 1)
         self.rounds: list[dict[str, Any]] = []
@@ -184,7 +185,7 @@ class RoundTracker:
                              rounds=self.rounds, best=self.best,
                              rejections=dict(self.grid.rejections),
                              ledgers=dict(self.grid.ledgers))
-        payload = resume_payload(resume, self.cfg, list(self.prepared.dataset.classes))
+        payload = resume_payload(resume, self.cfg, list(self.prepared.classes))
         self.prepared.recorder.save_payload(RESUME_NAME, payload)
 
     def score(self, record: dict[str, Any]) -> float:

@@ -80,7 +80,7 @@ def test_node_ids_are_ordered_by_partition() -> None:
 
 def test_discovery_refuses_missing_clients_and_mismatched_data() -> None:
     from fedimg.errors import FedimgError
-    from fedimg.federation.grid import _check_discovery
+    from fedimg.federation.discovery import _check_discovery
 
     info = {0: {"num-train": 10.0}, 1: {"num-train": 12.0}}
     _check_discovery(info, [10, 12], [])  # all present, sizes agree: no error
