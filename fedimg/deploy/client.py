@@ -1,0 +1,321 @@
+"""The client daemon: ``fedimg-client --site clients/sites/hospital_a.yaml [--check]``.
+
+1. Load the site config (:mod:`fedimg.deploy.site`; a bad key exits 2).
+2. Read the local images against the federation's classes before joining
+   (unknown class folders, unreadable files, too few images exit 3, naming them);
+   log a summary. ``--check`` stops here with 0: run it before asking to register.
+3. Run ``flower-supernode`` (TLS + node authentication, :func:`supernode_command`)
+   as a child in its own process group and forward its output to stdout.
+4. Supervise it (:func:`supervise`): SIGTERM/SIGINT stop the whole group and exit 0.
+   A SuperNode whose key the server does not know ("Failed to activate SuperNode",
+   Flower exit code 305) exits 10 without a restart, unless this daemon was connected
+   before (then the SuperLink has just restarted and is re-registering keys). A TLS
+   rejection (wrong ``ca_certificate``) exits 2. Any other exit, including the
+   clean exit Flower makes when a restarted in-memory SuperLink no longer knows the
+   node, is restarted after ``reconnect.backoff_s``; after ``reconnect.max_wait_s``
+   without a working connection the daemon exits 11. With ``limits.memory_gb``, a
+   SuperNode whose process group (ClientApps included) grows past it is stopped and
+   restarted the same way.
+
+Flower's own process exit code is 1 for every error (its codes such as 305 appear
+only in its log), so outcomes are read from the output, see :data:`MARKERS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedimg.deploy.site import (
+    ReconnectPolicy,
+    SiteConfig,
+    federation_classes,
+    load_site_config,
+    node_config,
+)
+from fedimg.errors import ConfigError, FedimgError
+
+log = logging.getLogger(__name__)
+
+EXIT_UNREGISTERED = 10  # the server does not know this node's key
+EXIT_GAVE_UP = 11  # reconnect.max_wait_s passed without a working connection
+STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL of the SuperNode's process group
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+# What Flower prints for each outcome (its exit status is 1 for all errors).
+MARKERS = {"unregistered": "Failed to activate SuperNode",
+           "tls": "CERTIFICATE_VERIFY_FAILED",
+           "connected": "SuperNode ID:",
+           "gave_up": "Giving up reconnection"}  # after --max-wait-time
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+# --- processes ------------------------------------------------------------------------
+
+def stop_group(proc: subprocess.Popen, *, grace_s: float = STOP_GRACE_S) -> int:
+    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace_s``; return its exit code."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %.0fs; killing it", proc.pid, grace_s)
+    return proc.wait()
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT set ``stop`` (main thread only; else a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every process in group ``pgid`` (from Linux /proc; 0 elsewhere)."""
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            if int(fields[2]) == pgid:  # pgrp
+                total += int(fields[21]) * page  # rss in pages
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+    return total
+
+
+def run_until_stopped(proc: subprocess.Popen, stop: threading.Event, *,
+                      memory_bytes: int | None = None) -> int | None:
+    """Wait for ``proc``; on ``stop`` terminate its group. None if it was stopped by us.
+
+    With ``memory_bytes``, the group is also stopped (like an OOM kill) when its
+    resident memory exceeds it; checked every 2 s.
+    """
+    polls = 0
+    while proc.poll() is None:
+        if stop.wait(0.2):
+            log.info("stopping pid %d and its process group", proc.pid)
+            stop_group(proc)
+            return None
+        polls += 1
+        if memory_bytes and polls % 10 == 0 and group_rss_bytes(proc.pid) > memory_bytes:
+            log.error("pid %d and its children use more than %.1f GB (limits.memory_gb); "
+                      "stopping them", proc.pid, memory_bytes / 2**30)
+            return stop_group(proc)
+    try:  # leftovers of the group (e.g. flower-superexec) follow their parent
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.returncode
+
+
+def start(command: Sequence[str], *, env: Mapping[str, str] | None = None,
+          stdout: int | None = None) -> subprocess.Popen:
+    """Start ``command`` in a new process group (stderr joins ``stdout`` when piped)."""
+    try:
+        return subprocess.Popen(list(command), env=None if env is None else dict(env),
+                                stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
+                                text=True, errors="replace", start_new_session=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot start {command[0]} ({exc}). Fix: install flwr==1.41 in "
+                          "this environment (pip install -e .) or put it on PATH.") from exc
+
+
+# --- one SuperNode run ----------------------------------------------------------------
+
+@dataclass
+class _Outcome:
+    """How one child run ended: exit code (None: stopped by us) and markers seen."""
+
+    returncode: int | None = None
+    seen: set[str] = field(default_factory=set)
+    last_line: str = ""
+
+
+def _forward(stream: Iterator[str], outcome: _Outcome, echo: Callable[[str], None]) -> None:
+    for line in stream:
+        line = _ANSI.sub("", line)
+        echo(line)
+        outcome.seen.update(k for k, marker in MARKERS.items() if marker in line)
+        if line.strip():
+            outcome.last_line = line.strip()
+
+
+def _echo(line: str) -> None:
+    sys.stdout.write(line)  # the SuperNode's own log, streamed (journald keeps it)
+    sys.stdout.flush()
+
+
+def _run_once(command: Sequence[str], *, env: Mapping[str, str] | None, stop: threading.Event,
+              memory_bytes: int | None) -> _Outcome:
+    outcome = _Outcome()
+    proc = start(command, env=env, stdout=subprocess.PIPE)
+    reader = threading.Thread(target=_forward, args=(proc.stdout, outcome, _echo), daemon=True)
+    reader.start()
+    outcome.returncode = run_until_stopped(proc, stop, memory_bytes=memory_bytes)
+    reader.join(timeout=5)
+    return outcome
+
+
+def supervise(command: Sequence[str], *, reconnect: ReconnectPolicy | None = None,
+              env: Mapping[str, str] | None = None, memory_bytes: int | None = None,
+              public_key: str = "<node>.pub") -> int:
+    """Run ``command`` until stopped, restarting it per ``reconnect``; return the exit code."""
+    reconnect = reconnect or ReconnectPolicy()
+    stop, connected, failing_since = threading.Event(), False, None
+    with stop_on_signals(stop):
+        while True:
+            started = time.monotonic()
+            out = _run_once(command, env=env, stop=stop, memory_bytes=memory_bytes)
+            if out.returncode is None or stop.is_set():
+                return 0
+            if "tls" in out.seen:
+                log.error("TLS rejected the SuperLink's certificate: it is not signed by this "
+                          "site's ca_certificate, or does not name the host dialled. Fix: "
+                          "install the coordinator's ca.crt; dial a host in its certificate")
+                return ConfigError.exit_code
+            if "unregistered" in out.seen and not connected:
+                log.error("node key not registered at the server: ask the coordinator to run "
+                          "`fedimg-server register --connection fedimg %s`, then start again",
+                          public_key)
+                return EXIT_UNREGISTERED
+            if "connected" in out.seen:
+                connected, failing_since = True, time.monotonic()
+            failing_since = failing_since or started
+            waited = time.monotonic() + reconnect.backoff_s - failing_since
+            if reconnect.max_wait_s is not None and (waited > reconnect.max_wait_s
+                                                     or "gave_up" in out.seen):
+                log.error("no working connection within reconnect.max_wait_s=%ss; giving up. "
+                          "Last output: %s", reconnect.max_wait_s, out.last_line)
+                return EXIT_GAVE_UP
+            log.warning("SuperNode exited with code %s (%s); restarting in %.0fs",
+                        out.returncode, out.last_line or "no output", reconnect.backoff_s)
+            if stop.wait(reconnect.backoff_s):
+                return 0
+
+
+# --- the daemon -----------------------------------------------------------------------
+
+def executable(name: str) -> str:
+    """``name`` beside this Python (same virtualenv), else as found on PATH."""
+    sibling = Path(sys.executable).parent / name
+    return str(sibling) if sibling.is_file() else name
+
+
+def supernode_command(site: SiteConfig) -> list[str]:
+    """The ``flower-supernode`` command line of ``site`` (TLS and node auth, never insecure).
+
+    A ``warm`` site runs it with ``--isolation process`` under :mod:`fedimg.deploy.warm`,
+    whose one long-lived process serves every ClientApp message.
+    """
+    command = [executable("flower-supernode"), "--superlink", site.superlink,
+               "--root-certificates", str(site.ca_certificate),
+               "--auth-supernode-private-key", str(site.private_key),
+               "--node-config", node_config(site), "--port", str(site.port)]
+    if site.reconnect.max_wait_s is not None:
+        command += ["--max-wait-time", f"{site.reconnect.max_wait_s:g}"]
+    if site.warm:
+        command = [sys.executable, "-m", "fedimg.deploy.warm", "--runtime-api-address",
+                   f"127.0.0.1:{site.port}", "--", *command, "--isolation", "process"]
+    return command
+
+
+def supernode_env(site: SiteConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The SuperNode's environment: Flower switches, thread limits, cache dir, venv on PATH."""
+    env = dict(os.environ if base is None else base)
+    env.update(FLOWER_ENV)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if site.limits.num_threads > 0:
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[key] = str(site.limits.num_threads)
+    if site.state_dir is not None:
+        env["FEDIMG_CACHE"] = str(site.state_dir / "cache")
+    return env
+
+
+def check_site_data(site: SiteConfig) -> None:
+    """Read the site's images as the ClientApp will; log a summary; DataError if unfit."""
+    from fedimg.compose import compose_config
+    from fedimg.data.site import read_site_data, site_fingerprint
+
+    cfg = compose_config(site.scenario, [])
+    classes = federation_classes(site)
+    data = read_site_data(site.data, classes=classes, image_size=cfg.data.image_size,
+                          min_samples=site.limits.min_samples,
+                          val_fraction=cfg.data.val_fraction, seed=cfg.seed, on_corrupt="refuse",
+                          max_samples=site.limits.max_samples)
+    counts = ", ".join(f"{c}={n}" for c, n in zip(classes, data.label_counts))
+    log.info("site %s: %s: %d training + %d validation images; training per class: %s; "
+             "fingerprint %s", site.name, data.location, len(data.train), len(data.val),
+             counts, site_fingerprint(site.data))
+    for warning in data.warnings:
+        log.warning("site %s: %s", site.name, warning)
+
+
+def run_site(site: SiteConfig, *, check_only: bool = False) -> int:
+    """Check the data, then (unless ``check_only``) run and supervise the SuperNode."""
+    if site.state_dir is not None:
+        try:
+            (site.state_dir / "cache").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"site config {site.source}: state_dir {site.state_dir} cannot "
+                              f"be created ({exc}). Fix: create it writable for this user, "
+                              "or point state_dir elsewhere.") from exc
+        os.environ["FEDIMG_CACHE"] = str(site.state_dir / "cache")  # the check's cache too
+    check_site_data(site)
+    if check_only:
+        log.info("site %s: data OK; node public key to register: %s", site.name,
+                 site.public_key)
+        return 0
+    command = supernode_command(site)
+    log.info("starting SuperNode %s -> %s: %s", site.name, site.superlink, shlex.join(command))
+    memory = site.limits.memory_gb
+    return supervise(command, reconnect=site.reconnect, env=supernode_env(site),
+                     memory_bytes=int(memory * 2**30) if memory else None,
+                     public_key=str(site.public_key))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point of ``fedimg-client``; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="fedimg-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--site", type=Path, required=True, help="site YAML file")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and local data, then exit (starts nothing)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    try:
+        return run_site(load_site_config(args.site), check_only=args.check)
+    except FedimgError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,357 @@
+"""The coordinator's launcher: ``fedimg-server certs | superlink | register | run``.
+
+* ``certs --out DIR --host H --node NAME``: development PKI (:mod:`fedimg.deploy.certs`).
+* ``superlink --config server/server.yaml`` (or ``--certs DIR --keys DIR --host --port``):
+  start ``flower-superlink`` with TLS and SuperNode authentication
+  (:func:`superlink_command`), wait for its port, write the ``[superlink.<name>]``
+  connection into ``$FLWR_HOME/config.toml`` (:func:`write_connection`), register
+  every ``*.pub`` in the keys folder, then supervise it in the foreground
+  (SIGTERM/SIGINT stop it; its exit code is ours). An in-memory SuperLink forgets
+  registrations when it stops, so they are redone at every start.
+* ``register [--connection fedimg] KEY.pub ... | --keys DIR``: register node keys
+  with a running SuperLink. A key registered before is reported, not an error:
+  Flower answers "Public key already in use" (API code 23) and keeps the old node.
+* ``run scenario=medical [key=value ...] [--connection fedimg] [--runs-dir DIR]``:
+  validate the config here (a bad key exits 2 before anything is submitted), then
+  ``flwr run <source checkout> <connection> --stream`` and print the run folder.
+  Run it on the SuperLink's host: the ServerApp writes the run folder there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import fedimg
+from fedimg.deploy.client import executable, run_until_stopped, start, stop_on_signals
+from fedimg.deploy.site import check_keys, read_yaml_mapping, split_address, toml_string, typed
+from fedimg.errors import ConfigError, FedimgError
+
+log = logging.getLogger(__name__)
+
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+PORT_TIMEOUT_S = 60.0
+CERT_FILES = ("ca.crt", "server.crt", "server.key")
+_CONNECTION_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_SPEC = {"name": "str", "host": "str", "port": "int", "certs": "path", "keys": "path?",
+         "runs_dir": "path", "database": "path?", "cli_address": "str?"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The SuperLink of one federation (``server/server.yaml``)."""
+
+    certs: Path  # ca.crt, server.crt, server.key
+    name: str = "fedimg"  # flwr connection name
+    host: str = "0.0.0.0"
+    port: int = 9092
+    keys: Path | None = None  # folder of the sites' <name>.pub keys
+    runs_dir: Path = Path("runs/deployed")
+    database: Path | None = None  # None: in-memory
+    cli_address: str | None = None  # what flwr dials; None: 127.0.0.1:<port>
+
+    @property
+    def address(self) -> str:
+        """The address the flwr CLI on this host dials (must be in server.crt's SANs)."""
+        return self.cli_address or f"127.0.0.1:{self.port}"
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    """Read and validate ``server.yaml``; relative paths start at its folder."""
+    path = Path(path).expanduser().resolve()
+    raw, where = read_yaml_mapping(path, what="server config"), f"server config {path}"
+    check_keys(raw, _SPEC, where=where, required=("certs",))
+    values = {k: typed(v, _SPEC[k], where=where, key=k, base=path.parent)
+              for k, v in raw.items() if v is not None}
+    return checked(ServerConfig(**values), where=where)
+
+
+def checked(cfg: ServerConfig, *, where: str) -> ServerConfig:
+    """``cfg`` if its name, port and addresses are valid; a ConfigError otherwise."""
+    if not _CONNECTION_RE.match(cfg.name):
+        raise ConfigError(f"{where}: name '{cfg.name}' is not a valid connection name. Fix: "
+                          "use letters, digits, '_' and '-' (e.g. fedimg).")
+    split_address(f"{cfg.host}:{cfg.port}", where=where, key="host/port")
+    if cfg.cli_address:
+        split_address(cfg.cli_address, where=where, key="cli_address")
+    return cfg
+
+
+def superlink_command(cfg: ServerConfig) -> list[str]:
+    """``flower-superlink`` with TLS, node auth and no runtime ``uv sync``."""
+    missing = [str(cfg.certs / f) for f in CERT_FILES if not (cfg.certs / f).is_file()]
+    if missing:
+        raise ConfigError(f"certificate file(s) {', '.join(missing)} do not exist. Fix: create "
+                          f"them (fedimg-server certs --out {cfg.certs} --host <server name>) "
+                          "or point certs at the folder holding ca.crt, server.crt, server.key.")
+    command = [executable("flower-superlink"),
+               "--ssl-ca-certfile", str(cfg.certs / "ca.crt"),
+               "--ssl-certfile", str(cfg.certs / "server.crt"),
+               "--ssl-keyfile", str(cfg.certs / "server.key"),
+               "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+               "--host", cfg.host, "--port", str(cfg.port)]
+    return command + (["--database", str(cfg.database)] if cfg.database else [])
+
+
+# --- flwr connection and registration --------------------------------------------------
+
+def flwr_home() -> Path:
+    """``$FLWR_HOME``, else ``~/.flwr``: where ``config.toml`` lives."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
+
+
+def _without_table(text: str, name: str) -> str:
+    """``text`` without the ``[superlink.<name>]`` table (and its sub-tables)."""
+    own = re.compile(rf'^\s*\[\s*superlink\s*\.\s*("?){re.escape(name)}\1\s*(\..*)?\]\s*(#.*)?$')
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("["):
+            skipping = bool(own.match(line))
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).rstrip()
+
+
+def write_connection(name: str, *, address: str, root_certificates: Path,
+                     home: Path | None = None) -> Path:
+    """Add or replace ``[superlink.<name>]`` in ``config.toml``, keeping every other table."""
+    path = (home or flwr_home()) / "config.toml"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    table = {"address": address, "root-certificates": str(Path(root_certificates).resolve())}
+    block = f"[superlink.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+    rest = _without_table(old, name)
+    new = f"{rest}\n\n{block}" if rest else block
+    try:
+        parsed = tomllib.loads(new)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML after adding [superlink.{name}] ({exc}). "
+                          "Fix: correct or move the file; flwr recreates a default.") from exc
+    if parsed.get("superlink", {}).get(name) != table:
+        raise ConfigError(f"{path} defines superlink '{name}' in a form this launcher cannot "
+                          f"replace. Fix: delete its entry by hand and rerun.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("flwr connection '%s' -> %s in %s", name, address, path)
+    return path
+
+
+def register_key(public_key: Path, *, connection: str) -> str | None:
+    """Register one node key; its node id, or None if the SuperLink already knows it."""
+    if not public_key.is_file():
+        raise ConfigError(f"public key {public_key} does not exist. Fix: pass the site's "
+                          "<name>.pub (an OpenSSH EC public key line).")
+    command = [executable("flwr"), "supernode", "register", str(public_key), connection,
+               "--format", "json"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ConfigError(f"registering {public_key}: no answer from connection '{connection}' "
+                          "within 120s. Fix: check that the SuperLink is up.") from exc
+    start = proc.stdout.find("{")
+    try:
+        reply = json.loads(proc.stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        reply = {}
+    if reply.get("success"):
+        return str(reply["node-id"])
+    message = str(reply.get("error-message") or proc.stderr or proc.stdout).strip()
+    if "already in use" in message:
+        return None
+    raise ConfigError(f"registering {public_key} with connection '{connection}' failed: "
+                      f"{message}. Fix: check the key file (an OpenSSH EC public key) and that "
+                      "the SuperLink is running (fedimg-server superlink).")
+
+
+def register_keys(keys: Sequence[Path], *, connection: str) -> int:
+    """Register ``keys``, logging each node id; return how many failed."""
+    failed = 0
+    for key in keys:
+        try:
+            node_id = register_key(key, connection=connection)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            failed += 1
+            continue
+        log.info("%s: %s", key.name, f"node id {node_id}" if node_id
+                 else "already registered (Flower keeps its node id)")
+    return failed
+
+
+def key_files(folder: Path) -> list[Path]:
+    """The ``*.pub`` files of ``folder``; a ConfigError if it does not exist."""
+    if not folder.is_dir():
+        raise ConfigError(f"keys folder {folder} does not exist. Fix: collect the sites' "
+                          "<name>.pub files there, or pass the key files themselves.")
+    return sorted(folder.glob("*.pub"))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **FLOWER_ENV}
+
+
+# --- superlink ----------------------------------------------------------------------
+
+def wait_for_port(address: str, proc: subprocess.Popen, stop: threading.Event, *,
+                  timeout_s: float = PORT_TIMEOUT_S) -> bool:
+    """True once ``address`` accepts TCP connections; False if ``proc`` exits or ``stop``."""
+    host, port = split_address(address, where="SuperLink", key="address")
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and not stop.is_set() and time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            stop.wait(0.3)
+    return False
+
+
+def serve(cfg: ServerConfig) -> int:
+    """Start, register keys, and supervise the SuperLink; return its exit code."""
+    command, keys = superlink_command(cfg), key_files(cfg.keys) if cfg.keys else []
+    log.info("starting SuperLink: %s", shlex.join(command))
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        proc = start(command, env=_env())
+        if wait_for_port(cfg.address, proc, stop):
+            write_connection(cfg.name, address=cfg.address,
+                             root_certificates=cfg.certs / "ca.crt")
+            failed = register_keys(keys, connection=cfg.name)
+            log.info("SuperLink ready on %s:%d; %d of %d node key(s) registered", cfg.host,
+                     cfg.port, len(keys) - failed, len(keys))
+        elif proc.poll() is None and not stop.is_set():
+            log.error("SuperLink did not open %s within %.0fs; stopping it", cfg.address,
+                      PORT_TIMEOUT_S)
+            stop.set()
+        code = run_until_stopped(proc, stop)
+    return 0 if code is None else code
+
+
+# --- run ----------------------------------------------------------------------------
+
+def app_dir() -> Path:
+    """The source checkout holding fedimg's pyproject.toml (the Flower app for flwr run)."""
+    root = Path(fedimg.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise ConfigError(f"fedimg is installed at {root} without its pyproject.toml, which "
+                          "flwr run needs as the app. Fix: run fedimg-server from a source "
+                          "checkout (pip install -e .).")
+    return root
+
+
+def run_config(scenario: str, overrides: Sequence[str]) -> str:
+    """The ``--run-config`` value: ``scenario="..." overrides="k=v ..."``."""
+    bad = [o for o in [scenario, *overrides] if '"' in o]
+    if bad:
+        raise ConfigError(f"argument(s) {bad} contain '\"', which flwr's --run-config cannot "
+                          "carry. Fix: quote with single quotes, e.g. key='a b'.")
+    return f"scenario={toml_string(scenario)} overrides={toml_string(shlex.join(overrides))}"
+
+
+def submit_run(args: Sequence[str], *, connection: str, runs_dir: Path) -> int:
+    """Validate ``scenario=... key=value ...`` here, submit it with ``flwr run``; its exit code."""
+    from fedimg.compose import compose_config, split_argv
+
+    scenario, overrides = split_argv(args)
+    if scenario.endswith((".yaml", ".yml")):
+        scenario = str(Path(scenario).resolve())  # the ServerApp runs elsewhere
+    if not any(o.lstrip("+").startswith(("output.run_dir=", "hydra.run.dir=")) for o in overrides):
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        run_dir = runs_dir.expanduser().resolve() / f"{Path(scenario).stem}-{stamp}"
+        overrides = [f"output.run_dir={run_dir}", *overrides]
+    overrides = ["deploy.enabled=true", *overrides]
+    cfg = compose_config(scenario, overrides)  # ConfigError before anything is submitted
+    command = [executable("flwr"), "run", str(app_dir()), connection, "--stream",
+               "--run-config", run_config(scenario, overrides)]
+    log.info("submitting: %s", shlex.join(command))
+    code = subprocess.run(command, cwd=app_dir(), env=_env(), check=False).returncode
+    print(f"run directory: {cfg.output.run_dir}")  # noqa: T201 - the command's result
+    return code
+
+
+# --- CLI ----------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedimg-server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("certs", help="development PKI (see fedimg-server certs --help)")
+    link = sub.add_parser("superlink", help="start and supervise the SuperLink")
+    link.add_argument("--config", type=Path, help="server YAML (server/server.yaml)")
+    for flag, kind in (("--certs", Path), ("--keys", Path), ("--host", str), ("--port", int),
+                       ("--name", str), ("--database", Path)):
+        link.add_argument(flag, type=kind, help="overrides the config's value")
+    reg = sub.add_parser("register", help="register node keys with a running SuperLink")
+    reg.add_argument("public_keys", nargs="*", type=Path, metavar="KEY.pub")
+    reg.add_argument("--keys", type=Path, help="register every *.pub in this folder")
+    reg.add_argument("--connection", default="fedimg", help="flwr connection name")
+    run = sub.add_parser("run", help="submit a run: scenario=NAME [key=value ...]")
+    run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.add_argument("--config", type=Path, help="take the connection and runs dir from it")
+    run.add_argument("--connection", help="flwr connection name (default fedimg)")
+    run.add_argument("--runs-dir", type=Path, help="parent of run folders (runs/deployed)")
+    return parser
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    base = load_server_config(args.config) if args.config else None
+    flags = {k: (v.expanduser().resolve() if isinstance(v, Path) else v)
+             for k, v in vars(args).items() if k in _SPEC and v is not None}
+    if base is None and "certs" not in flags:
+        raise ConfigError("superlink needs --config server/server.yaml or --certs DIR. Fix: "
+                          "pass one (fedimg-server certs --out DIR makes a development PKI).")
+    cfg = replace(base, **flags) if base else ServerConfig(**flags)
+    return checked(cfg, where="fedimg-server superlink")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "superlink":
+        return serve(_server_config(args))
+    if args.command == "register":
+        keys = [*args.public_keys, *(key_files(args.keys) if args.keys else [])]
+        if not keys:
+            raise ConfigError("register needs KEY.pub files or --keys DIR. Fix: pass them.")
+        failed = register_keys(keys, connection=args.connection)
+        return ConfigError.exit_code if failed else 0
+    cfg = load_server_config(args.config) if args.config else None
+    return submit_run(args.overrides, connection=args.connection or (cfg.name if cfg else "fedimg"),
+                      runs_dir=args.runs_dir or (cfg.runs_dir if cfg else Path("runs/deployed")))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point of ``fedimg-server``; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["certs"]:
+        from fedimg.deploy.certs import main as certs_main
+
+        return certs_main(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except FedimgError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Tests of the site YAML: paths, validation messages, the --node-config string, the examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedimg.deploy.site import (
+    ReconnectPolicy,
+    SiteLimits,
+    federation_classes,
+    load_site_config,
+    node_config,
+)
+from fedimg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "clients" / "sites").glob("*.yaml"))
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck")
+
+
+def _site_folder(tmp_path: Path) -> Path:
+    """A site folder with a CA file and a node key, as a site would have them."""
+    folder = tmp_path / "etc"
+    (folder / "keys").mkdir(parents=True)
+    (folder / "ca.crt").write_text("CA")
+    (folder / "keys" / "hospital_a.key").write_text("KEY")
+    return folder
+
+
+def _write(folder: Path, body: str) -> Path:
+    path = folder / "hospital_a.yaml"
+    path.write_text(body)
+    return path
+
+
+VALID = """\
+name: hospital_a
+superlink: fl.example.org:9092
+ca_certificate: ca.crt
+private_key: keys/hospital_a.key
+data: data/xray
+device: cpu
+port: 9095
+limits: {num_threads: 2, min_samples: 16}
+reconnect: {backoff_s: 5}
+"""
+
+
+def test_valid_site_resolves_relative_paths_against_its_folder(tmp_path: Path) -> None:
+    # Arrange
+    folder = _site_folder(tmp_path)
+    path = _write(folder, VALID)
+    # Act
+    site = load_site_config(path)
+    # Assert
+    assert site.name == "hospital_a" and site.superlink == "fl.example.org:9092"
+    assert site.ca_certificate == folder / "ca.crt"
+    assert site.private_key == folder / "keys" / "hospital_a.key"
+    assert site.public_key == folder / "keys" / "hospital_a.pub"
+    assert site.data == folder / "data" / "xray"
+    assert (site.device, site.port, site.scenario, site.classes) == ("cpu", 9095, "medical", ())
+    assert site.limits == SiteLimits(num_threads=2, max_samples=None, min_samples=16)
+    assert site.reconnect == ReconnectPolicy(max_wait_s=None, backoff_s=5.0)
+    assert site.source == path
+
+
+def test_unknown_key_is_named_with_the_close_valid_one(tmp_path: Path) -> None:
+    # Arrange
+    path = _write(_site_folder(tmp_path), VALID + "devcie: cuda\n")
+    # Act
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    # Assert
+    message = str(err.value)
+    assert str(path) in message and "devcie: unknown key" in message
+    assert "did you mean 'device'?" in message
+
+
+def test_unknown_nested_key_is_named_with_its_section(tmp_path: Path) -> None:
+    # Arrange
+    path = _write(_site_folder(tmp_path), VALID.replace("min_samples: 16", "min_sample: 16"))
+    # Act
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    # Assert
+    assert "limits.min_sample: unknown key (did you mean 'limits.min_samples'?)" in str(err.value)
+
+
+def test_missing_ca_file_is_named(tmp_path: Path) -> None:
+    # Arrange
+    folder = _site_folder(tmp_path)
+    (folder / "ca.crt").unlink()
+    path = _write(folder, VALID)
+    # Act
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    # Assert
+    assert f"ca_certificate: file {folder / 'ca.crt'} does not exist" in str(err.value)
+
+
+def test_superlink_without_port_is_refused(tmp_path: Path) -> None:
+    # Arrange
+    path = _write(_site_folder(tmp_path), VALID.replace("fl.example.org:9092", "fl.example.org"))
+    # Act
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    # Assert
+    assert "superlink: 'fl.example.org' is not host:port" in str(err.value)
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("port: 9095", "port: '9095'", "port: '9095' is not an integer"),
+    ("device: cpu", "device: gpu", "device: 'gpu' is unknown"),
+    ("name: hospital_a", "name: -a", "name: '-a' is not a valid node name"),
+    ("name: hospital_a\n", "", "name: required but missing"),
+])
+def test_bad_values_are_refused_with_key_and_value(tmp_path: Path, old: str, new: str,
+                                                   expected: str) -> None:
+    # Arrange
+    path = _write(_site_folder(tmp_path), VALID.replace(old, new))
+    # Act
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    # Assert
+    assert expected in str(err.value)
+
+
+def test_node_config_string_is_exact(tmp_path: Path) -> None:
+    # Arrange
+    folder = _site_folder(tmp_path)
+    site = load_site_config(_write(folder, VALID))
+    # Act
+    text = node_config(site)
+    # Assert
+    assert text == (f'site="hospital_a" data-path="{folder / "data" / "xray"}" device="cpu" '
+                    "num-threads=2 min-samples=16")
+
+
+def test_node_config_adds_max_samples_only_when_set(tmp_path: Path) -> None:
+    # Arrange
+    body = VALID.replace("min_samples: 16}", "min_samples: 16, max_samples: 500}")
+    site = load_site_config(_write(_site_folder(tmp_path), body))
+    # Act
+    text = node_config(site)
+    # Assert
+    assert text.endswith("num-threads=2 min-samples=16 max-samples=500")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_shipped_site_examples_load(path: Path) -> None:
+    # Act
+    site = load_site_config(path, check_files=False)
+    # Assert
+    assert site.name == path.stem
+    assert site.ca_certificate == REPO / "clients" / "certs" / "ca.crt"
+    assert site.private_key == REPO / "clients" / "keys" / f"{path.stem}.key"
+
+
+def test_shipped_examples_use_distinct_ports() -> None:
+    # Act
+    ports = [load_site_config(p, check_files=False).port for p in EXAMPLES]
+    # Assert
+    assert len(EXAMPLES) == 3 and sorted(ports) == [9094, 9095, 9096]
+
+
+def test_federation_classes_come_from_the_scenario_or_the_explicit_list() -> None:
+    # Arrange
+    hospital = load_site_config(REPO / "clients/sites/hospital_a.yaml", check_files=False)
+    camera = load_site_config(REPO / "clients/sites/camera_01.yaml", check_files=False)
+    # Act / Assert: scenario "medical" is PneumoniaMNIST
+    assert federation_classes(hospital) == ("normal", "pneumonia")
+    assert federation_classes(camera) == CIFAR10
