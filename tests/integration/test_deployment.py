@@ -11,13 +11,9 @@ data with a corrupt image or an unknown class.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +22,7 @@ import pytest
 from PIL import Image
 
 from fedimg.deploy.certs import create_dev_pki
+from fedimg.deploy.localhost import LocalFederation, free_port, site_yaml
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("flower-superlink") is None,
@@ -34,12 +31,6 @@ pytestmark = [pytest.mark.slow,
 CLASSES = ("Platelets", "RBC", "WBC")  # the bccd_cells class list the run checks sites against
 RUN = ["scenario=medical", "data.dataset=bccd_cells", "data.image_size=32", "rounds=2",
        "clients=2", "transfer.mode=head", "train.local_epochs=1", "output.progress=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _images(folder: Path, *, per_class: int, seed: int) -> None:
@@ -54,78 +45,19 @@ def _images(folder: Path, *, per_class: int, seed: int) -> None:
             Image.fromarray(pixels).save(folder / name / f"{seed}_{i}.png")
 
 
-def _site(root: Path, pki_dir: Path, *, name: str, port: int, superlink: str,
-          data: Path, ca: Path | None = None, key: str | None = None) -> Path:
-    ca = ca or pki_dir / "ca.crt"
-    path = root / f"{name}.yaml"
-    path.write_text(
-        f"name: {name}\nsuperlink: {superlink}\nca_certificate: {ca}\n"
-        f"private_key: {pki_dir / 'nodes' / f'{key or name}.key'}\ndata: {data}\n"
-        f"scenario: medical\nclasses: [{', '.join(CLASSES)}]\ndevice: cpu\nport: {port}\n"
-        f"state_dir: {root / 'state' / name}\nlimits: {{num_threads: 1, min_samples: 16}}\n"
-        "reconnect: {backoff_s: 2}\n")
-    return path
-
-
-class Federation:
-    """The processes of one localhost federation, and what they printed."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.procs = root, {}
-        self.env = {**os.environ, "FLWR_HOME": str(root / "flwr_home"),
-                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                    "FEDIMG_CACHE": str(root / "cache")}
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def output(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def wait_for(self, name: str, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output(name):
-            proc = self.procs[name]
-            assert proc.poll() is None, f"{name} exited {proc.returncode}: {self.output(name)[-3000:]}"
-            assert time.monotonic() < deadline, f"{name}: no '{text}' in {self.output(name)[-3000:]}"
-            time.sleep(0.5)
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def superlink(self) -> None:
-        self.start("server", "fedimg.server", "superlink", "--certs", str(self.root / "pki"),
-                   "--keys", str(self.root / "keys"), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--name", "fedimg-test")
-        self.wait_for("server", "SuperLink ready")
-
-    def run(self, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedimg.server", "run", "--connection", "fedimg-test",
-             "--runs-dir", str(self.root / "runs"), *RUN, *overrides],
-            env=self.env, capture_output=True, text=True, timeout=600)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("run directory:")),
-                    "run directory: ?")
-        return proc, Path(line.split(":", 1)[1].strip())
+def _site(fed: LocalFederation, name: str, data: Path, *, file: str | None = None,
+          key: str | None = None, ca: Path | None = None) -> Path:
+    pki = fed.root / "pki"
+    return site_yaml(fed.root / f"{file or name}.yaml", name=name, superlink=fed.address,
+                     ca=ca or pki / "ca.crt", key=pki / "nodes" / f"{key or name}.key",
+                     data=data, classes=CLASSES, port=free_port(),
+                     state_dir=fed.root / "state" / name)
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     root = tmp_path_factory.mktemp("federation")
-    fed = Federation(root)
+    fed = LocalFederation(root)
     create_dev_pki(root / "pki", nodes=["hospital_a", "hospital_b", "intruder"])
     (root / "keys").mkdir()
     for name in ("hospital_a", "hospital_b"):  # the intruder's key is never registered
@@ -135,21 +67,17 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     for split in ("train", "test"):  # the server's own held-out set for central evaluation
         _images(root / "server_data" / "bccd_cells" / split, per_class=6, seed=10)
     try:
-        fed.superlink()
-        for i, name in enumerate(("hospital_a", "hospital_b")):
-            site = _site(root, root / "pki", name=name, port=_free_port(),
-                         superlink=fed.address, data=root / "data" / f"site_{'ab'[i]}")
-            fed.start(name, "fedimg.client", "--site", str(site))
-            fed.wait_for(name, "SuperNode ID:")
+        fed.superlink(pki=root / "pki", keys=root / "keys")
+        for name, data in (("hospital_a", "site_a"), ("hospital_b", "site_b")):
+            fed.daemon(name, _site(fed, name, root / "data" / data))
         yield fed
     finally:
-        for name in list(fed.procs):
-            fed.stop(name)
+        fed.stop_all()
 
 
 def test_two_sites_train_two_rounds_and_the_server_writes_the_run(federation) -> None:
     # Act
-    proc, run_dir = federation.run(f"data.root={federation.root / 'server_data'}")
+    proc, run_dir = federation.run([*RUN, f"data.root={federation.root / 'server_data'}"])
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -171,40 +99,35 @@ def test_two_sites_train_two_rounds_and_the_server_writes_the_run(federation) ->
 def test_daemons_rejoin_after_the_superlink_restarts(federation) -> None:
     # Arrange: the in-memory SuperLink forgets every node; its launcher re-registers keys.
     federation.stop("server")
-    federation.superlink()
+    federation.superlink(pki=federation.root / "pki", keys=federation.root / "keys")
     # Act: the daemons' SuperNodes notice, and their supervisors start them again.
-    proc, run_dir = federation.run("rounds=1", "fl.central_eval=false",
-                                   "fl.connect_timeout_s=120")
+    proc, run_dir = federation.run([*RUN, "rounds=1", "fl.central_eval=false",
+                                    "fl.connect_timeout_s=120"])
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["final"]["clients_ok"] == 2
 
 
-def _daemon(federation: Federation, name: str, site: Path) -> tuple[int, str]:
+def _daemon(federation: LocalFederation, site: Path) -> tuple[int, str]:
     proc = subprocess.run([sys.executable, "-m", "fedimg.client", "--site", str(site)],
                           env=federation.env, capture_output=True, text=True, timeout=180)
     return proc.returncode, proc.stdout + proc.stderr
 
 
 def test_a_node_whose_key_is_not_registered_is_refused(federation) -> None:
-    root = federation.root
-    site = _site(root, root / "pki", name="intruder", port=_free_port(),
-                 superlink=federation.address, data=root / "data" / "site_a")
-    code, output = _daemon(federation, "intruder", site)
+    site = _site(federation, "intruder", federation.root / "data" / "site_a")
+    code, output = _daemon(federation, site)
     assert code == 10, output[-2000:]
     assert "Failed to activate SuperNode" in output and "not registered" in output
 
 
 def test_a_client_without_the_federation_ca_cannot_connect(federation) -> None:
     # Arrange: a site trusting some other CA (it lacks the federation's certificate).
-    root = federation.root
-    other = create_dev_pki(root / "other_pki")
-    site = _site(root, root / "pki", name="hospital_a", key="hospital_a", port=_free_port(),
-                 superlink=federation.address, data=root / "data" / "site_a",
-                 ca=other.ca_cert)
-    site = site.rename(root / "no_ca.yaml")
+    other = create_dev_pki(federation.root / "other_pki")
+    site = _site(federation, "hospital_a", federation.root / "data" / "site_a",
+                 file="no_ca", ca=other.ca_cert)
     # Act
-    code, output = _daemon(federation, "no_ca", site)
+    code, output = _daemon(federation, site)
     # Assert: TLS refuses the server's certificate; the daemon exits 2 (no retry loop).
     assert code == 2, output[-2000:]
     assert "CERTIFICATE_VERIFY_FAILED" in output
@@ -223,11 +146,9 @@ def test_a_site_with_bad_data_is_refused_before_it_joins(federation, damage, nam
         (data / "RBC" / "broken.png").write_bytes(b"not a png")
     else:
         shutil.copytree(data / "WBC", data / "Neutrophil")
-    site = _site(root, root / "pki", name="hospital_b", port=_free_port(),
-                 superlink=federation.address, data=data)
-    site = site.rename(root / f"{damage}.yaml")
+    site = _site(federation, "hospital_b", data, file=damage)
     # Act
-    code, output = _daemon(federation, damage, site)
+    code, output = _daemon(federation, site)
     # Assert: exit 3 (DataError) naming the problem; no SuperNode was started.
     assert code == 3, output[-2000:]
     assert named in output and "starting SuperNode" not in output
