@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from fedimg.federation.validation import UpdateChecks, metrics_of
 from fedimg.reporting.run_dir import write_json
 
 log = logging.getLogger(__name__)
+
+POLL_S = 0.1  # seconds between pulls for replies (Flower's in-memory Grid uses 0.1 too)
 
 
 @dataclass
@@ -131,7 +134,7 @@ class InstrumentedGrid(Grid):
         wire = self._packed(messages)
         self._decoded = {}  # the global arrays of this call's messages, decoded once
         pending = {m.metadata.dst_node_id: self._exchange_for(m) for m in wire}
-        replies = list(self.inner.send_and_receive(wire, timeout=timeout))
+        replies = self._push_and_pull(wire, timeout=timeout)
         kept: dict[int, tuple[Message, ClientExchange]] = {}
         for reply in replies:
             exchange = pending.pop(reply.metadata.src_node_id, None)
@@ -149,6 +152,26 @@ class InstrumentedGrid(Grid):
         return sorted((reply for reply, _ in kept.values()),
                       key=lambda r: (self.partition_of(r.metadata.src_node_id),
                                      r.metadata.src_node_id))
+
+    def _push_and_pull(self, messages: list[Message], *,
+                       timeout: float | None) -> list[Message]:
+        """Flower's ``send_and_receive`` loop, polling for replies every ``POLL_S``.
+
+        Flower's HTTP Grid (a real SuperLink) sleeps 3 s between pulls, so every
+        exchange of a deployed round ended on a 3 s boundary; its in-memory Grid
+        (simulation) already polls every 0.1 s, as this loop does for both.
+        """
+        pending = set(self.inner.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.inner.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(POLL_S)
+        return replies
 
     def _packed(self, messages: list[Message]) -> list[Message]:
         """``messages`` with their model arrays packed, once per shared content."""
