@@ -118,3 +118,13 @@ def test_bad_privacy_settings_are_refused(overrides, message, tmp_path) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         compose_config("medical", [*overrides, f"hydra.run.dir={tmp_path}"])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["attack.byzantine_fraction=0.2"],
+    ["faults.kill_at=[[1,0]]"],
+    ["data.source=synthetic"],
+])
+def test_simulation_only_settings_are_refused_in_a_deployment(overrides) -> None:
+    with pytest.raises(ConfigError, match="deploy.enabled=true"):
+        compose_config("medical", ["deploy.enabled=true", *overrides])

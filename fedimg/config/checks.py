@@ -175,6 +175,20 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_federation(cfg)
     _validate_privacy(cfg)
     _validate_attack_and_faults(cfg)
+    _validate_deploy(cfg)
+
+
+def _validate_deploy(cfg: FedimgConfig) -> None:
+    """Simulation-only knobs make no sense at real sites: refuse them in a deployment."""
+    if not cfg.deploy.enabled:
+        return
+    _check(cfg.attack.byzantine_fraction == 0 and not cfg.faults.raise_at
+           and not cfg.faults.kill_at,
+           "attack.* and faults.* simulate malicious or crashing clients; a deployment "
+           "(deploy.enabled=true) has real sites. Fix: remove them from the run's overrides")
+    _check(cfg.data.source != "synthetic",
+           "data.source=synthetic with deploy.enabled=true: the sites read their own images. "
+           "Fix: drop data.source")
 
 
 def _validate_names(cfg: FedimgConfig) -> None:

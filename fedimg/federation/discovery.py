@@ -66,8 +66,9 @@ def _wait_for_nodes(grid: Grid, count: int, *, timeout: float) -> list[int]:
     while len(nodes := list(grid.get_node_ids())) < count:
         if time.monotonic() > deadline:
             raise FedimgError(f"only {len(nodes)} of {count} clients connected within "
-                              f"{timeout:.0f}s (fl.connect_timeout_s); under `flwr run` pass "
-                              f"--federation-config 'num-supernodes={count}'")
+                              f"{timeout:.0f}s (fl.connect_timeout_s). Fix: in a deployment, "
+                              "start the missing site daemons (or lower clients=); under "
+                              f"`flwr run` pass --federation-config 'num-supernodes={count}'")
         time.sleep(0.1)
     return nodes
 
