@@ -3,7 +3,7 @@
 By default a Flower 1.41 SuperNode starts a fresh ``flwr-clientapp`` process for
 every message it receives. Each one imports torch, Flower and fedimg, unpacks the
 app bundle, reads the site's images and builds the network before it trains for
-a second or two; here that start-up took about 7 s of every message
+a second or two; here that start-up took about 4.5 s of every message
 (BENCHMARKS.md §8).
 
 Flower leaves the executor pluggable: a SuperNode started with
@@ -15,10 +15,13 @@ with the steps ``flwr-clientapp`` runs (Flower's own ``pull_task_input``,
 imports, the decoded site data and the model (``fedimg.task.site_environment``)
 therefore stay in memory between messages and rounds.
 
-Isolation is what this trades: every run's ClientApp shares the process, so a
-site should use it for the fedimg app only (``fedimg-client`` runs it; set
-``warm: false`` in the site config for Flower's process per message). A task that
-raises is reported as failed, like in ``flwr-clientapp``, and the executor goes on.
+Isolation is what this trades, so the executor runs nothing but the fedimg
+ClientApp installed at the site: a task whose app bundle carries other fedimg
+sources (an upgraded coordinator) or another app is refused with an error reply
+saying why (``warm: false`` in the site config gives Flower's process per message,
+which runs whatever app is submitted). A task that raises, or whose reply cannot
+be pushed, is reported as failed, like in ``flwr-clientapp``, and the executor goes
+on to the next one.
 Built against flwr 1.41.0 (pinned in pyproject.toml); its Runtime API internals may
 change in other versions.
 """
@@ -26,24 +29,34 @@ change in other versions.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
-from flwr.app import Message
+import httpx
+from flwr.app import Context, Message
 from flwr.app.error import Error
-from flwr.cli.install import install_from_fab
 from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import (
@@ -51,6 +64,9 @@ from flwr.supernode.runtime.run_clientapp import (
     push_message,
     push_task_output,
 )
+
+import fedimg
+from fedimg.federation import client_app
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +82,61 @@ def _client(address: str, component: str, token: str | None = None) -> RuntimeHt
         interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
 
 
+def _heartbeat_fn(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """Flower's task heartbeat without its side effects on this long-lived process.
+
+    Flower's version raises SIGINT in the process when the SuperNode says the task
+    is over and re-raises HTTP errors, which would end a ``flwr-clientapp``
+    process but here would kill the executor and every later task.
+    """
+    request = SendTaskHeartbeatRequest()
+
+    def send() -> bool:
+        try:
+            if not client.SendTaskHeartbeat(request).success:
+                log.warning("the SuperNode no longer knows this task (stopped or expired)")
+            return True
+        except (httpx.HTTPError, OSError):
+            return False
+
+    return send
+
+
+def source_digest(files: Mapping[str, bytes]) -> str:
+    """SHA-256 over the ``fedimg/**.py`` entries of ``files`` (relative path -> bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in files if n.startswith("fedimg/") and n.endswith(".py")):
+        digest.update(name.encode() + b"\0" + files[name] + b"\0")
+    return digest.hexdigest()
+
+
+def installed_digest() -> str:
+    """:func:`source_digest` of the fedimg package this process imported."""
+    package = Path(fedimg.__file__).resolve().parent
+    return source_digest({f"fedimg/{p.relative_to(package).as_posix()}": p.read_bytes()
+                          for p in package.rglob("*.py") if "__pycache__" not in p.parts})
+
+
+def fab_digest(content: bytes) -> str:
+    """:func:`source_digest` of the fedimg sources inside a FAB (a zip)."""
+    with zipfile.ZipFile(io.BytesIO(content)) as fab:
+        return source_digest({n: fab.read(n) for n in fab.namelist()})
+
+
 class WarmExecutor:
-    """Takes ClientApp tasks from a SuperNode's Runtime API and runs them in-process."""
+    """Takes ClientApp tasks from a SuperNode's Runtime API and runs them in-process.
+
+    It runs fedimg's ClientApp as installed at the site, and serves a run only if
+    the submitted app's fedimg sources are byte-identical to it; any other app (an
+    upgraded coordinator, a foreign app) is refused with an error reply that says so.
+    """
 
     def __init__(self, runtime_address: str, *, poll_interval: float = DEFAULT_POLL_S) -> None:
         self.address = runtime_address
         self.poll_interval = poll_interval
-        self.apps: dict[str, ClientApp] = {}  # FAB hash -> loaded ClientApp
+        self.checked: dict[str, str] = {}  # FAB hash -> "" if served, else why refused
         self.served = 0
-        self._load: Callable[..., ClientApp] = get_load_client_app_fn(
-            default_app_ref="", app_path=None, multi_app=True)
+        self._installed = installed_digest()
 
     def serve(self, *, max_tasks: int | None = None) -> None:
         """Poll for tasks and run them until stopped (or after ``max_tasks``)."""
@@ -92,24 +153,30 @@ class WarmExecutor:
         finally:
             poller.close()
 
-    def _app(self, fab_hash: str, fab_id: str, fab_version: str, content: bytes) -> ClientApp:
-        if fab_hash not in self.apps:
-            install_from_fab(content, skip_prompt=True)
-            self.apps[fab_hash] = self._load(fab_id, fab_version, fab_hash)
-        return self.apps[fab_hash]
+    def app_for(self, fab: Fab) -> ClientApp:
+        """The site's fedimg ClientApp, if ``fab`` carries the same fedimg sources."""
+        if fab.hash_str not in self.checked:
+            same = fab_digest(fab.content) == self._installed
+            self.checked[fab.hash_str] = "" if same else (
+                "the submitted app is not the fedimg installed at this site (its fedimg "
+                "sources differ); the warm executor only runs the installed fedimg. Fix: "
+                "install the coordinator's fedimg version at the site, or set warm: false "
+                "in the site config")
+        if self.checked[fab.hash_str]:
+            raise LoadClientAppError(self.checked[fab.hash_str])
+        return client_app.app
 
     def run_task(self, token: str) -> None:
         """Run one ClientApp task: pull its message, call the app, push the reply."""
         started = time.perf_counter()
         client = _client(self.address, "flwr-clientapp", token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat = HeartbeatSender(_heartbeat_fn(client))
         heartbeat.start()
         message = reply = context = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            message, context, run, fab = pull_task_input(client)
-            app = self._app(fab.hash_str, run.fab_id, run.fab_version, fab.content)
-            reply = app(message=message, context=context)
+            message, context, _, fab = pull_task_input(client)
+            reply = self.app_for(fab)(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # noqa: BLE001 - reported to the server as the task's error
             code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(exc, LoadClientAppError)
@@ -119,17 +186,27 @@ class WarmExecutor:
             if message is not None:
                 reply = Message(Error(code=code, reason=details), reply_to=message)
         finally:
-            try:
-                if reply is not None and context is not None:
-                    push_message(client, reply, context)
-            finally:
-                push_task_output(client=client, context=context, sub_status=status,
-                                 details=details)
-                heartbeat.stop()
-                client.close()
+            self._finish(client, heartbeat, reply=reply, context=context, status=status,
+                         details=details)
         self.served += 1
         log.info("task %d done in %.2fs (%s)", self.served, time.perf_counter() - started,
                  status)
+
+    @staticmethod
+    def _finish(client: RuntimeHttpClient, heartbeat: HeartbeatSender, *,
+                reply: Message | None, context: Context | None, status: str,
+                details: str) -> None:
+        """Push the reply and the task's status; never raise (the next task must run)."""
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        except Exception as exc:  # noqa: BLE001 - as flwr-clientapp: logged, task failed
+            log.error("failed to push the reply", exc_info=exc)
+            status, details = SubStatus.FAILED, f"pushing the reply failed: {exc}"
+        if heartbeat.is_running:
+            heartbeat.stop()
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        client.close()
 
 
 def watch(command: Sequence[str]) -> subprocess.Popen:
