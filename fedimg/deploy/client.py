@@ -186,6 +186,7 @@ def supervise(command: Sequence[str], *, reconnect: ReconnectPolicy | None = Non
     """Run ``command`` until stopped, restarting it per ``reconnect``; return the exit code."""
     reconnect = reconnect or ReconnectPolicy()
     stop, connected, failing_since = threading.Event(), False, None
+    refused_since: float | None = None  # first "not registered" answer before connecting
     with stop_on_signals(stop):
         while True:
             started = time.monotonic()
@@ -198,10 +199,12 @@ def supervise(command: Sequence[str], *, reconnect: ReconnectPolicy | None = Non
                           "install the coordinator's ca.crt; dial a host in its certificate")
                 return ConfigError.exit_code
             if "unregistered" in out.seen and not connected:
-                log.error("node key not registered at the server: ask the coordinator to run "
-                          "`fedimg-server register --connection fedimg %s`, then start again",
-                          public_key)
-                return EXIT_UNREGISTERED
+                refused_since = refused_since or started
+                if time.monotonic() - refused_since >= reconnect.activation_grace_s:
+                    log.error("node key not registered at the server: ask the coordinator to "
+                              "run `fedimg-server register --connection fedimg %s`, then start "
+                              "again", public_key)
+                    return EXIT_UNREGISTERED
             if "connected" in out.seen:
                 connected, failing_since = True, time.monotonic()
             failing_since = failing_since or started

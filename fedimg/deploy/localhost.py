@@ -28,12 +28,17 @@ def free_port() -> int:
 
 def site_yaml(path: Path, *, name: str, superlink: str, ca: Path, key: Path, data: Path,
               classes: Sequence[str], port: int, state_dir: Path, warm: bool = True) -> Path:
-    """Write a site config for a daemon on this machine (one thread, quick reconnects)."""
+    """Write a site config for a daemon on this machine (one thread, quick reconnects).
+
+    A refused activation is believed at once (``activation_grace_s: 0``): nodes here
+    never die uncleanly and come straight back.
+    """
     path.write_text(
         f"name: {name}\nsuperlink: {superlink}\nca_certificate: {ca}\nprivate_key: {key}\n"
         f"data: {data}\nscenario: medical\nclasses: [{', '.join(classes)}]\ndevice: cpu\n"
         f"port: {port}\nstate_dir: {state_dir}\nwarm: {str(warm).lower()}\n"
-        "limits: {num_threads: 1, min_samples: 16}\nreconnect: {backoff_s: 2}\n")
+        "limits: {num_threads: 1, min_samples: 16}\n"
+        "reconnect: {backoff_s: 2, activation_grace_s: 0}\n")
     return path
 
 

@@ -41,7 +41,7 @@ _TOP = {"name": "str", "superlink": "str", "ca_certificate": "path", "private_ke
         "reconnect": "mapping"}
 _LIMITS = {"num_threads": "int", "max_samples": "int?", "min_samples": "int",
            "memory_gb": "number?"}
-_RECONNECT = {"max_wait_s": "number?", "backoff_s": "number"}
+_RECONNECT = {"max_wait_s": "number?", "backoff_s": "number", "activation_grace_s": "number"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class ReconnectPolicy:
 
     max_wait_s: float | None = None  # give up after this long without the server; None = never
     backoff_s: float = 10.0  # pause before each restart
+    # Flower refuses to activate a node it still counts as online (up to 2 heartbeat
+    # intervals, 60 s, after an unclean death) with the same message as an unknown key,
+    # so "not registered" is believed only after it persists this long.
+    activation_grace_s: float = 75.0
 
 
 @dataclass(frozen=True)

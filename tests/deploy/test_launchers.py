@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -118,9 +119,20 @@ def test_unregistered_node_exits_10_after_one_start(tmp_path: Path) -> None:
     # Arrange
     command = _child(tmp_path, [(UNREGISTERED, 1)])
     # Act
-    code = supervise(command, reconnect=ReconnectPolicy(backoff_s=0))
+    code = supervise(command, reconnect=ReconnectPolicy(backoff_s=0, activation_grace_s=0))
     # Assert
     assert code == EXIT_UNREGISTERED == 10 and _starts(tmp_path) == 1
+
+
+def test_a_refused_activation_is_retried_for_the_grace_period(tmp_path: Path) -> None:
+    # Arrange: a node Flower still counts as online is refused like an unknown key.
+    command = _child(tmp_path, [(UNREGISTERED, 1)] * 50)
+    # Act
+    started = time.monotonic()
+    code = supervise(command, reconnect=ReconnectPolicy(backoff_s=0.2, activation_grace_s=1.0))
+    # Assert: restarted until the refusal had lasted 1 s, then believed.
+    assert code == EXIT_UNREGISTERED and _starts(tmp_path) >= 3
+    assert time.monotonic() - started >= 1.0
 
 
 def test_tls_rejection_exits_2_after_one_start(tmp_path: Path) -> None:
