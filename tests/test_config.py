@@ -124,6 +124,7 @@ def test_bad_privacy_settings_are_refused(overrides, message, tmp_path) -> None:
     ["attack.byzantine_fraction=0.2"],
     ["faults.kill_at=[[1,0]]"],
     ["data.source=synthetic"],
+    ["data.dataset=synthetic"],
 ])
 def test_simulation_only_settings_are_refused_in_a_deployment(overrides) -> None:
     with pytest.raises(ConfigError, match="deploy.enabled=true"):

@@ -186,9 +186,9 @@ def _validate_deploy(cfg: FedimgConfig) -> None:
            and not cfg.faults.kill_at,
            "attack.* and faults.* simulate malicious or crashing clients; a deployment "
            "(deploy.enabled=true) has real sites. Fix: remove them from the run's overrides")
-    _check(cfg.data.source != "synthetic",
-           "data.source=synthetic with deploy.enabled=true: the sites read their own images. "
-           "Fix: drop data.source")
+    _check(cfg.data.source != "synthetic" and cfg.data.dataset != "synthetic",
+           "synthetic data with deploy.enabled=true: the sites read their own images. "
+           "Fix: name the federation's dataset (data.dataset), whose classes the sites hold")
 
 
 def _validate_names(cfg: FedimgConfig) -> None:

@@ -94,7 +94,8 @@ def discover_sites(grid: InstrumentedGrid, *, content: RecordDict, timeout: floa
                    num_classes: int) -> dict[int, dict[str, Any]]:
     """Ask every deployed site for its name and sizes; number the sites by name.
 
-    Returns ``{client id: {"name", "location", "num_train", "num_val"}}``. Raises
+    Returns ``{client id: {"name", "location", "num_train", "num_val"}}``; from then
+    on only these nodes take part (a site connecting later is left out). Raises
     FedimgError naming each site that failed (its own error line: a bad file, an
     unknown class) or reported another class count, and on duplicate site names.
     """
@@ -114,15 +115,19 @@ def discover_sites(grid: InstrumentedGrid, *, content: RecordDict, timeout: floa
         if site is None:
             failures.append(f"node {node}: no data-path in its node config (not a site)")
             continue
-        reports[node] = {"name": str(site["name"]), "location": str(site["location"]),
-                         "num_train": int(metrics["num-train"]),
-                         "num_val": int(metrics["num-val"]),
-                         "num_classes": int(metrics["num-classes"])}
+        try:
+            reports[node] = {"name": str(site["name"]), "location": str(site["location"]),
+                             "num_train": int(metrics["num-train"]),
+                             "num_val": int(metrics["num-val"]),
+                             "num_classes": int(metrics["num-classes"])}
+        except KeyError as exc:
+            failures.append(f"node {node} ({site.get('name', '?')}): its reply lacks {exc}")
     _check_sites(reports, failures, num_sites=num_sites, num_classes=num_classes)
     by_name = sorted(reports.items(), key=lambda item: item[1]["name"])
     sites = {cid: report for cid, (_, report) in enumerate(by_name)}
     grid.node_to_partition.update({node: cid for cid, (node, _) in enumerate(by_name)})
     grid.checks.expected_sizes = {cid: r["num_train"] for cid, r in sites.items()}
+    grid.known_only = True
     log.info("%d sites ready in %.1fs: %s", len(sites), time.perf_counter() - started,
              ", ".join(f"{r['name']} ({r['num_train']} train)" for r in sites.values()))
     return sites

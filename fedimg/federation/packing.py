@@ -47,18 +47,31 @@ def unpack_arrays(packed: ArrayRecord, layout: list[list[object]]) -> ArrayRecor
         raise UpdateError(f"packed buffer must be 1-D uint8, got {buffer.dtype} {buffer.shape}")
     out: dict[str, Array] = {}
     offset = 0
-    for key, dtype_str, shape in layout:
-        dtype = np.dtype(str(dtype_str))
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        end = offset + count * dtype.itemsize
+    for entry in layout:
+        key, dtype, shape = _layout_entry(entry)
+        end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end > buffer.size:
             raise UpdateError(f"packed layout overruns the buffer at '{key}' "
                               f"({end} > {buffer.size} bytes)")
-        out[str(key)] = Array(buffer[offset:end].view(dtype).reshape([int(s) for s in shape]))
+        out[key] = Array(buffer[offset:end].view(dtype).reshape(shape))
         offset = end
     if offset != buffer.size:
         raise UpdateError(f"packed buffer holds {buffer.size} bytes, its layout {offset}")
     return ArrayRecord(out)
+
+
+def _layout_entry(entry: object) -> tuple[str, np.dtype, list[int]]:
+    """One ``[key, dtype, shape]`` layout entry, checked; UpdateError if malformed."""
+    try:
+        key, dtype_str, shape = entry  # type: ignore[misc]
+        dtype = np.dtype(str(dtype_str))
+        dims = [int(d) for d in shape]
+    except (TypeError, ValueError) as exc:
+        raise UpdateError(f"packed layout entry {str(entry)[:80]} is malformed: {exc}") from exc
+    if dtype.kind not in "biuf" or any(d < 0 for d in dims):
+        raise UpdateError(f"packed layout entry {str(entry)[:80]}: need a numeric dtype and "
+                          "non-negative dimensions")
+    return str(key), dtype, dims
 
 
 def pack_content(content: RecordDict, key: str) -> RecordDict:
@@ -81,9 +94,12 @@ def unpack_content(content: RecordDict) -> RecordDict:
     info = content[LAYOUT_KEY]
     try:
         layout = json.loads(str(info["json"]))
+        record = str(info["record"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise UpdateError(f"packed layout is malformed: {exc}") from exc
+    if not isinstance(layout, list):
+        raise UpdateError("packed layout is not a list of [key, dtype, shape] entries")
     out = RecordDict({k: v for k, v in content.items()
                       if k not in (PACKED_ARRAYS_KEY, LAYOUT_KEY)})
-    out[str(info["record"])] = unpack_arrays(content[PACKED_ARRAYS_KEY], layout)
+    out[record] = unpack_arrays(content[PACKED_ARRAYS_KEY], layout)
     return out

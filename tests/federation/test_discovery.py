@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from offline_grid import OfflineGrid
 
 from fedimg.errors import DataError, FedimgError
@@ -57,6 +57,9 @@ def test_sites_are_numbered_by_name_and_held_to_their_reported_sizes() -> None:
     assert [found[i]["name"] for i in range(3)] == ["camera_01", "hospital_a", "hospital_b"]
     assert grid.node_to_partition == {90: 0, 50: 1, 70: 2}
     assert grid.checks.expected_sizes == {0: 12, 1: 30, 2: 40}
+    assert list(grid.get_node_ids()) == [90, 50, 70]
+    # A node that connects after discovery has no size to be held to: left out.
+    grid.inner.node_ids.append(99)
     assert list(grid.get_node_ids()) == [90, 50, 70]
 
 

@@ -58,6 +58,10 @@ def test_content_keeps_other_records_and_is_unchanged_without_arrays() -> None:
 @pytest.mark.parametrize("layout, message", [
     ([["w", "<f4", [4]]], "overruns"),  # 16 bytes asked of an 8-byte buffer
     ([["w", "<f4", [1]]], "holds 8 bytes, its layout 4"),  # bytes left over
+    ([["w", "<f4"]], "malformed"),  # no shape
+    ([["w", "zz", [2]]], "malformed"),  # not a dtype
+    ([["w", "|O", [1]]], "numeric dtype"),  # objects are never model arrays
+    ([["w", "<f4", [-2]]], "non-negative"),
 ])
 def test_a_layout_that_does_not_fit_its_buffer_is_refused(layout, message) -> None:
     packed = ArrayRecord({"bytes": Array(np.zeros(8, dtype=np.uint8))})
