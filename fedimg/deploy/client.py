@@ -278,8 +278,23 @@ def check_site_data(site: SiteConfig) -> None:
         log.warning("site %s: %s", site.name, warning)
 
 
+def warn_if_key_exposed(site: SiteConfig) -> bool:
+    """Log a warning if the node's private key is readable by group or others; True then."""
+    try:
+        mode = site.private_key.stat().st_mode & 0o777
+    except OSError:
+        return False  # load_site_config has named a missing key already
+    if mode & 0o077:
+        log.warning("site %s: private key %s has mode %o: other users can read it and join "
+                    "the federation as this site. Fix: chmod 600 %s", site.name,
+                    site.private_key, mode, site.private_key)
+        return True
+    return False
+
+
 def run_site(site: SiteConfig, *, check_only: bool = False) -> int:
     """Check the data, then (unless ``check_only``) run and supervise the SuperNode."""
+    warn_if_key_exposed(site)
     if site.state_dir is not None:
         try:
             (site.state_dir / "cache").mkdir(parents=True, exist_ok=True)

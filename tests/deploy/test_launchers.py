@@ -28,6 +28,7 @@ from fedimg.deploy.client import (
     EXIT_UNREGISTERED,
     supernode_command,
     supervise,
+    warn_if_key_exposed,
 )
 from fedimg.deploy.client import (
     main as client_main,
@@ -102,6 +103,16 @@ def test_supernode_command_uses_tls_auth_and_the_node_config(tmp_path: Path) -> 
                           "num-threads=2 min-samples=16"),
         "--port", "9694"]
     assert "--insecure" not in command
+
+
+def test_a_private_key_readable_by_others_is_warned_about(tmp_path: Path, caplog) -> None:
+    site = load_site_config(_site_yaml(tmp_path, tmp_path / "data"))
+    site.private_key.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_key_exposed(site) is True
+    assert "chmod 600" in caplog.text and "644" in caplog.text
+    site.private_key.chmod(0o600)
+    assert warn_if_key_exposed(site) is False
 
 
 def test_a_warm_site_runs_the_supernode_under_the_warm_executor(tmp_path: Path) -> None:
