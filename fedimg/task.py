@@ -39,7 +39,7 @@ from fedimg.data import (
     read_site_data,
 )
 from fedimg.errors import DataError
-from fedimg.models import build_model, frozen_state_keys
+from fedimg.models import batchnorm_state_keys, build_model, frozen_state_keys
 from fedimg.training import evaluate, resolve_device, scheduled_lr, train_local
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,11 @@ class TaskEnvironment:
     def trained_keys(self) -> frozenset[str]:
         """State-dict names of the parameters local training updates."""
         return frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
+
+    @functools.cached_property
+    def batchnorm_keys(self) -> frozenset[str]:
+        """State-dict names of the trainable BatchNorm layers (kept local under FedBN)."""
+        return batchnorm_state_keys(self.model)
 
     @functools.cached_property
     def frozen_keys(self) -> frozenset[str]:

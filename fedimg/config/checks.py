@@ -65,6 +65,9 @@ def _validate_training(cfg: FedimgConfig) -> None:
 
 def _validate_federation(cfg: FedimgConfig) -> None:
     fl, sim = cfg.fl, cfg.sim
+    _check(not fl.local_bn or cfg.transfer.bn == "train",
+           "fl.local_bn=true (FedBN) keeps each client's BatchNorm, but transfer.bn=frozen "
+           "never changes it. Fix: set transfer.bn=train, or drop fl.local_bn")
     _check_fraction("fl.fraction_train", fl.fraction_train)
     _check_fraction("fl.fraction_evaluate", fl.fraction_evaluate, allow_zero=True)
     _check(1 <= fl.min_train_clients <= cfg.clients, f"fl.min_train_clients="

@@ -109,6 +109,7 @@ class FederationConfig:
     round_retries: int = 2  # re-samples of a short round before it is skipped
     max_skipped_rounds: int = 3  # this many skipped rounds in a row end the run
     pack_arrays: bool = True  # model arrays travel as one buffer (fedimg.federation.packing)
+    local_bn: bool = False  # FedBN (Li et al. 2021): each client keeps its own BatchNorm
 
 
 @dataclass

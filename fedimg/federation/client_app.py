@@ -53,6 +53,8 @@ from fedimg.task import TaskEnvironment, environment, site_environment
 # accountant every round would restart epsilon at zero. So does the error-feedback
 # residual of update compression.
 RESIDUAL_KEY = "fedimg-ef-residual"
+# FedBN: this client's own BatchNorm weights and statistics, between rounds.
+LOCAL_BN_KEY = "fedimg-local-bn"
 
 app = ClientApp()
 
@@ -89,6 +91,26 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
         state = record_to_state_dict(content[ARRAYS_KEY], env.reference)
         env.load_state(state)
     return env, pid, config, state
+
+
+def _use_local_bn(env: TaskEnvironment, context: Context) -> None:
+    """FedBN (``fl.local_bn``): put this client's own BatchNorm back over the global one.
+
+    Li et al. 2021, "FedBN: Federated Learning on Non-IID Features via Local Batch
+    Normalization": every other weight comes from the server; BatchNorm layers keep
+    what this client learnt (from the first global model on, until it has trained).
+    """
+    kept = context.state.array_records.get(LOCAL_BN_KEY)
+    if env.cfg.fl.local_bn and kept is not None:
+        env.model.load_state_dict({k: torch.from_numpy(np.array(v.numpy()))
+                                   for k, v in kept.items()}, strict=False)
+
+
+def _keep_local_bn(env: TaskEnvironment, context: Context) -> None:
+    if env.cfg.fl.local_bn:
+        state = env.state()
+        context.state[LOCAL_BN_KEY] = ArrayRecord(
+            {k: Array(np.asarray(state[k].numpy(), order="C")) for k in env.batchnorm_keys})
 
 
 def _reply(msg: Message, content: RecordDict) -> Message:
@@ -143,6 +165,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy metrics and the reason instead of an update.
     """
     env, pid, config, start = _setup(msg, context)
+    _use_local_bn(env, context)
     server_round = int(config[ROUND_KEY])
     inject_fault(env.cfg, server_round, pid)
     mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
@@ -150,6 +173,7 @@ def train(msg: Message, context: Context) -> Message:
                         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
                         ledger=_ledger(context, msg, env, pid))
     metrics = metric_record(result.metrics, num_examples=result.num_examples)
+    _keep_local_bn(env, context)
     if result.declined:
         content = reply_content(metrics=metrics)
         content[DECLINED_KEY] = ConfigRecord({"reason": result.declined})
@@ -194,5 +218,6 @@ def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecor
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
     env, pid, _, _ = _setup(msg, context)
+    _use_local_bn(env, context)
     metrics, num_examples = env.evaluate_client(pid)
     return _reply(msg, reply_content(metrics=metric_record(metrics, num_examples=num_examples)))

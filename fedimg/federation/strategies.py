@@ -17,6 +17,12 @@ arguments and a NaN-aware metric aggregator.
 * ``multikrum``: Krum's m best-scored updates averaged (Blanchard et al. 2017);
   m = ``fl.krum_select``, by default the sampled clients minus ``fl.num_malicious``.
 
+FedBN (Li et al. 2021) is not a server rule: with ``fl.local_bn=true`` any of these
+runs with every client keeping its own BatchNorm layers (client side, see
+:mod:`fedimg.federation.client_app`); the server still averages them, so its
+central evaluation uses the averaged BatchNorm, while federated evaluation uses
+each client's own.
+
 Server optimisers (FedAvgM, FedAdam, FedYogi) treat every array as a parameter.
 BatchNorm running statistics are not: an Adam step moves ``running_var`` by about
 ``eta`` whatever its scale and can make it negative (NaN outputs). Those three are

@@ -19,6 +19,7 @@ from fedimg.models.transfer import (
     apply_transfer,
     count_parameters,
     freeze_batchnorm,
+    batchnorm_state_keys,
     frozen_state_keys,
 )
 from fedimg.models.zoo import MODELS, ModelSpec, build_model, imagenet_model, list_models
@@ -30,6 +31,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "freeze_batchnorm",
+    "batchnorm_state_keys",
     "frozen_state_keys",
     "imagenet_model",
     "inplace_ops",

@@ -92,6 +92,19 @@ def frozen_state_keys(model: nn.Module) -> frozenset[str]:
     return frozenset(keys)
 
 
+def batchnorm_state_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of the trainable BatchNorm layers: affine weights and statistics.
+
+    These are what FedBN (Li et al. 2021, "FedBN: Federated Learning on Non-IID
+    Features via Local Batch Normalization") keeps local to each client.
+    FrozenBatchNorm2d layers are left out: they never change.
+    """
+    return frozenset(f"{name}.{key}" if name else key
+                     for name, module in model.named_modules()
+                     if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                     for key in module.state_dict())
+
+
 def set_trainable(params: Iterable[nn.Parameter], *, trainable: bool) -> None:
     """Set ``requires_grad`` on every parameter of ``params``."""
     for param in params:
