@@ -51,6 +51,28 @@ def _summarise(exchanges: list[ClientExchange], phase: str) -> dict[str, float]:
             for k in keys}
 
 
+def fairness(exchanges: list[ClientExchange], metric: str = "val/accuracy"
+             ) -> dict[str, float]:
+    """How evenly the global model serves the clients that evaluated it this round.
+
+    Worst client, 10th percentile (linear interpolation), spread (best - worst) and
+    standard deviation of ``metric`` over the clients' own validation splits, the
+    client-level view of fairness in federated learning (Li et al. 2020, "Fair
+    Resource Allocation in Federated Learning"). Empty if no client evaluated.
+    """
+    values = np.array([e.metrics[metric] for e in exchanges
+                       if e.phase == "evaluate" and e.status == "ok" and metric in e.metrics],
+                      dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {}
+    name = metric.split("/", 1)[-1]
+    return {f"fair/worst_{name}": float(values.min()),
+            f"fair/p10_{name}": float(np.percentile(values, 10)),
+            f"fair/spread_{name}": float(values.max() - values.min()),
+            f"fair/std_{name}": float(values.std())}
+
+
 def _clients(exchanges: list[ClientExchange]) -> dict[str, dict[str, Any]]:
     clients: dict[str, dict[str, Any]] = {}
     for e in exchanges:
@@ -136,7 +158,7 @@ class RoundTracker:
         exchanges = self.grid.drain()
         record: dict[str, Any] = {
             "round": server_round, **_summarise(exchanges, "train"),
-            **_summarise(exchanges, "evaluate"), **test,
+            **_summarise(exchanges, "evaluate"), **fairness(exchanges), **test,
             "central_eval_s": time.perf_counter() - eval_started,
             "wall_s": time.perf_counter() - self.round_started,
             "bytes_down": sum(e.bytes_down for e in exchanges),

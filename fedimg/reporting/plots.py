@@ -1,6 +1,7 @@
 """PNG figures of a run, drawn from the files in its run directory.
 
-* ``accuracy_loss.png``: test/val accuracy and train/test loss against round;
+* ``accuracy_loss.png``: test/val accuracy (and the worst client's val accuracy) and
+  train/test loss against round;
 * ``client_accuracy.png``: each client's validation accuracy against round;
 * ``label_distribution.png``: stacked label counts per client (the partition).
 
@@ -39,7 +40,7 @@ def _title(run_dir: Path, text: str) -> str:
 def _accuracy_loss(run_dir: Path, rounds: list[dict[str, Any]], out: Path) -> None:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("test/accuracy", "test (central)"), ("val/accuracy", "val (federated)"),
-                       ("train/accuracy", "train")):
+                       ("train/accuracy", "train"), ("fair/worst_accuracy", "worst client (val)")):
         ax_acc.plot(*_series(rounds, key), marker="o", label=label)
     for key, label in (("train/loss", "train"), ("test/loss", "test (central)"),
                        ("val/loss", "val (federated)")):
