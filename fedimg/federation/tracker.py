@@ -60,7 +60,10 @@ def fairness(exchanges: list[ClientExchange], metric: str = "val/accuracy"
     client-level view of fairness in federated learning (Li et al. 2020, "Fair
     Resource Allocation in Federated Learning"). Empty if no client evaluated.
     """
-    values = np.array([e.metrics[metric] for e in exchanges
+    # In partition order, not arrival order: the float sums are then the same in every
+    # run with the same seed (a resumed one included).
+    ordered = sorted(exchanges, key=lambda e: e.partition_id)
+    values = np.array([e.metrics[metric] for e in ordered
                        if e.phase == "evaluate" and e.status == "ok" and metric in e.metrics],
                       dtype=np.float64)
     values = values[np.isfinite(values)]
