@@ -107,10 +107,11 @@ def _use_local_bn(env: TaskEnvironment, context: Context) -> None:
 
 
 def _keep_local_bn(env: TaskEnvironment, context: Context) -> None:
-    if env.cfg.fl.local_bn:
-        state = env.state()
+    if env.cfg.fl.local_bn:  # the BatchNorm entries only, not a copy of the whole model
+        state = env.model.state_dict()
         context.state[LOCAL_BN_KEY] = ArrayRecord(
-            {k: Array(np.asarray(state[k].numpy(), order="C")) for k in env.batchnorm_keys})
+            {k: Array(state[k].detach().cpu().numpy().copy(order="C"))
+             for k in env.batchnorm_keys})
 
 
 def _reply(msg: Message, content: RecordDict) -> Message:

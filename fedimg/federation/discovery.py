@@ -127,7 +127,6 @@ def discover_sites(grid: InstrumentedGrid, *, content: RecordDict, timeout: floa
     sites = {cid: report for cid, (_, report) in enumerate(by_name)}
     grid.node_to_partition.update({node: cid for cid, (node, _) in enumerate(by_name)})
     grid.checks.expected_sizes = {cid: r["num_train"] for cid, r in sites.items()}
-    grid.known_only = True
     log.info("%d sites ready in %.1fs: %s", len(sites), time.perf_counter() - started,
              ", ".join(f"{r['name']} ({r['num_train']} train)" for r in sites.values()))
     return sites

@@ -91,7 +91,6 @@ class InstrumentedGrid(Grid):
                  pack: bool = False) -> None:
         self.inner = inner
         self.pack = pack  # send model arrays as one buffer (fedimg.federation.packing)
-        self.known_only = False  # deployment: only the sites found before round 1 take part
         self.reference = reference
         self.checks = checks or UpdateChecks(reference)
         self.ledger_path = ledger_path
@@ -123,8 +122,8 @@ class InstrumentedGrid(Grid):
     # --- instrumented -----------------------------------------------------
     def get_node_ids(self) -> Iterable[int]:
         ids = list(self.inner.get_node_ids())
-        if self.known_only:  # a node that joined later has no size to be held to
-            ids = [n for n in ids if n in self.node_to_partition]
+        if self.node_to_partition:  # after discovery, only the clients it found take part:
+            ids = [n for n in ids if n in self.node_to_partition]  # a later one has no size
         return sorted(ids, key=lambda n: (self.node_to_partition.get(n, 1 << 62), n))
 
     def partition_of(self, node_id: int) -> int:
