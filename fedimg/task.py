@@ -209,10 +209,21 @@ class TaskEnvironment:
         steps = self.cfg.train.local_steps
         return -(-steps // max(1, len(loader))) if steps else self.cfg.train.local_epochs
 
-    def train(self, partition_id: int, *, server_round: int,
-              proximal_mu: float = 0.0) -> tuple[dict[str, float], int]:
-        """Local training of client ``partition_id`` from the loaded weights."""
+    def local_steps(self, partition_id: int) -> int:
+        """Optimizer steps client ``partition_id`` takes in one full round."""
+        loader = self.client(partition_id).train
+        return self.cfg.train.local_steps or self.cfg.train.local_epochs * len(loader)
+
+    def train(self, partition_id: int, *, server_round: int, proximal_mu: float = 0.0,
+              steps: int | None = None) -> tuple[dict[str, float], int]:
+        """Local training of client ``partition_id`` from the loaded weights.
+
+        ``steps`` overrides the round's step count (a client dropping mid-round, or
+        the k steps of personalization).
+        """
         data = self.client(partition_id)
+        tcfg = self.cfg.train if steps is None else dataclasses.replace(
+            self.cfg.train, local_steps=steps)
         # Seed by (run, round, client), not by call order: which worker serves a client
         # varies between runs, and a resumed run must replay the same batches.
         torch.manual_seed(int(np.random.SeedSequence(
@@ -220,7 +231,7 @@ class TaskEnvironment:
         data.train.epoch = (server_round - 1) * self.epochs_per_round(data.train)
         lr = scheduled_lr(self.cfg.train, server_round=server_round,
                           total_rounds=self.cfg.rounds)
-        result = train_local(self.model, data.train, cfg=self.cfg.train, lr=lr,
+        result = train_local(self.model, data.train, cfg=tcfg, lr=lr,
                              device=self.device, proximal_mu=proximal_mu,
                              class_weights=data.class_weights)
         metrics = {"train/loss": result.loss, "train/accuracy": result.accuracy,

@@ -9,6 +9,7 @@ from fedimg.config.schema import (
     FaultsConfig,
     FederationConfig,
     FedimgConfig,
+    HeterogeneityConfig,
     OutputConfig,
     PrivacyConfig,
     SimConfig,
@@ -23,7 +24,7 @@ from fedimg.config.schema import (
 
 __all__ = [
     "AttackConfig", "CompressionConfig", "DataConfig", "DeployConfig", "FaultsConfig",
-    "FederationConfig", "FedimgConfig",
+    "FederationConfig", "FedimgConfig", "HeterogeneityConfig",
     "OutputConfig", "PrivacyConfig", "SimConfig", "SyntheticConfig", "TrainConfig",
     "TransferConfig", "from_dict", "from_json", "to_dict", "to_json", "validate",
 ]

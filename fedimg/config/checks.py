@@ -166,6 +166,24 @@ def _validate_attack_and_faults(cfg: FedimgConfig) -> None:
                    f"in 1..{cfg.rounds} and client in 0..{cfg.clients - 1}")
 
 
+def _validate_hetero(cfg: FedimgConfig) -> None:
+    h = cfg.hetero
+    _check_fraction("hetero.availability", h.availability)
+    _check(0 <= h.dropout < 1, f"hetero.dropout={h.dropout} must be in [0, 1)")
+    _check(h.speed_sigma >= 0, f"hetero.speed_sigma={h.speed_sigma} must be >= 0")
+    factors = h.speed_factors
+    _check(factors is None or (len(factors) == cfg.clients and min(factors) > 0),
+           f"hetero.speed_factors needs {cfg.clients} positive values (one per client), "
+           f"got {None if factors is None else len(factors)}")
+    for name in ("uplink_mbps", "downlink_mbps", "deadline_s"):
+        value = getattr(h, name)
+        _check(value is None or value > 0, f"hetero.{name}={value} must be > 0 or null")
+    _check(h.clock in ("simulated", "real"), f"hetero.clock='{h.clock}' is unknown; "
+           "valid: simulated, real")
+    _check(cfg.fl.personalize_steps >= 0, f"fl.personalize_steps={cfg.fl.personalize_steps}"
+           " must be >= 0")
+
+
 def _validate_values(cfg: FedimgConfig) -> None:
     """Range checks that need no registry."""
     _check(cfg.output.select_metric.startswith(("val/", "train/")),
@@ -178,6 +196,7 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_federation(cfg)
     _validate_privacy(cfg)
     _validate_attack_and_faults(cfg)
+    _validate_hetero(cfg)
     _validate_deploy(cfg)
 
 
@@ -189,6 +208,13 @@ def _validate_deploy(cfg: FedimgConfig) -> None:
            and not cfg.faults.kill_at,
            "attack.* and faults.* simulate malicious or crashing clients; a deployment "
            "(deploy.enabled=true) has real sites. Fix: remove them from the run's overrides")
+    h = cfg.hetero
+    _check(h.availability == 1 and h.dropout == 0 and h.speed_sigma == 0
+           and h.speed_factors is None and h.uplink_mbps is None and h.downlink_mbps is None,
+           "hetero.* simulates unreliable devices; a deployment's sites are real (a real "
+           "deadline is hetero.deadline_s with hetero.clock=real). Fix: remove the others")
+    _check(h.deadline_s is None or h.clock == "real", "hetero.deadline_s in a deployment "
+           "needs hetero.clock=real: real sites report no simulated time")
     _check(cfg.data.source != "synthetic" and cfg.data.dataset != "synthetic",
            "synthetic data with deploy.enabled=true: the sites read their own images. "
            "Fix: name the federation's dataset (data.dataset), whose classes the sites hold")

@@ -41,6 +41,7 @@ class DataConfig:
     quantity_skew: float = 0.0  # sigma of log-normal client sizes; 0 = equal sizes
     classes_per_client: int = 2  # shards (pathological) partitioner
     natural_column: str = "site"  # metadata column for natural partitions
+    natural_split: bool = False  # natural, more clients than groups: cut groups into runs
     val_fraction: float = 0.1  # each client's local validation split
     min_partition_size: int = 16
     image_size: int = 64  # input resolution of the model
@@ -110,6 +111,7 @@ class FederationConfig:
     max_skipped_rounds: int = 3  # this many skipped rounds in a row end the run
     pack_arrays: bool = True  # model arrays travel as one buffer (fedimg.federation.packing)
     local_bn: bool = False  # FedBN (Li et al. 2021): each client keeps its own BatchNorm
+    personalize_steps: int = 0  # >0: clients also report val accuracy after k local steps
 
 
 @dataclass
@@ -150,6 +152,33 @@ class FaultsConfig:
 
     raise_at: list[list[int]] = field(default_factory=list)
     kill_at: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class HeterogeneityConfig:
+    """Simulated device and network heterogeneity of the clients (:mod:`fedimg.fleet`).
+
+    Off by default. Each draw is seeded by (run seed, round, client), so a run repeats.
+    ``availability``: probability that a sampled client is online in a training round;
+    ``dropout``: probability that an online client dies part-way through its local
+    steps (it trains them, then sends nothing); ``speed_sigma``: each client's fixed
+    speed factor (how many times slower than this host it computes) is
+    LogNormal(0, sigma), or ``speed_factors`` lists them; ``uplink_mbps`` /
+    ``downlink_mbps`` add the transfer time of the bytes on the wire; ``deadline_s``:
+    training replies arriving later are not aggregated (stragglers). ``clock``:
+    ``simulated`` scales the measured compute by the speed factor and judges the
+    deadline on that time; ``real`` makes a slow client sleep the difference and the
+    server stop waiting at the deadline.
+    """
+
+    availability: float = 1.0
+    dropout: float = 0.0
+    speed_sigma: float = 0.0
+    speed_factors: Optional[list[float]] = None  # one per client; overrides speed_sigma
+    uplink_mbps: Optional[float] = None
+    downlink_mbps: Optional[float] = None
+    deadline_s: Optional[float] = None
+    clock: str = "simulated"  # simulated | real
 
 
 @dataclass
@@ -235,6 +264,7 @@ class FedimgConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    hetero: HeterogeneityConfig = field(default_factory=HeterogeneityConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
 

@@ -152,6 +152,9 @@ def natural(labels: np.ndarray, metadata: dict[str, np.ndarray], *, cfg: DataCon
     """Whole groups of ``natural_column`` per client, packed by size (largest first)."""
     ids = _natural_ids(metadata, cfg.natural_column)
     unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if len(unique) < num_clients and cfg.natural_split:
+        inverse, counts = _split_groups(inverse, -(-num_clients // len(unique)))
+        unique = counts  # only their number matters below
     if len(unique) < num_clients:
         empty = client_list(range(len(unique), num_clients))
         raise DataError(f"data.natural_column='{cfg.natural_column}' has {len(unique)} "
@@ -159,7 +162,7 @@ def natural(labels: np.ndarray, metadata: dict[str, np.ndarray], *, cfg: DataCon
                         f"cannot be shared, so {empty} would get 0 of the {len(labels)} "
                         f"training samples. Fix: use at most {len(unique)} clients, another "
                         "data.partitioner (e.g. dirichlet or iid), or a data.natural_column "
-                        "with more distinct values.")
+                        "with more distinct values, or data.natural_split=true.")
     shuffled = np.random.default_rng([seed, 3]).permutation(len(unique))
     order = shuffled[np.argsort(-counts[shuffled], kind="stable")]
     group_of = np.empty(len(unique), dtype=np.int64)
@@ -169,3 +172,19 @@ def natural(labels: np.ndarray, metadata: dict[str, np.ndarray], *, cfg: DataCon
         totals[group_of[g]] += counts[g]
     client = group_of[inverse]
     return [np.flatnonzero(client == c) for c in range(num_clients)]
+
+
+def _split_groups(group: np.ndarray, pieces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut every group into ``pieces`` contiguous runs (in dataset order): new ids, sizes.
+
+    A GTSRB track is the frames of one sign as a car approaches it; split, each
+    camera sees a stretch of it, so the natural skew (one sign per camera) stays.
+    """
+    new = np.empty_like(group)
+    sizes: list[int] = []
+    for g in range(int(group.max()) + 1):
+        for chunk in np.array_split(np.flatnonzero(group == g), pieces):
+            if chunk.size:
+                new[chunk] = len(sizes)
+                sizes.append(int(chunk.size))
+    return new, np.asarray(sizes, dtype=np.int64)

@@ -10,6 +10,7 @@ leave the client. Used unchanged by simulation (``python -m fedimg.simulate``),
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,14 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
 
+from fedimg import fleet
 from fedimg.attacks import inject_fault, poisoned_update
 from fedimg.compression import compress_update
 from fedimg.config import FedimgConfig
@@ -35,11 +38,13 @@ from fedimg.federation.records import (
     CONFIG_KEY,
     DECLINED_KEY,
     LEDGER_KEY,
+    METRICS_KEY,
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     SITE_KEY,
     config_from_record,
     metric_record,
+    record_bytes,
     record_to_state_dict,
     reply_content,
     site_options,
@@ -169,10 +174,16 @@ def train(msg: Message, context: Context) -> Message:
     _use_local_bn(env, context)
     server_round = int(config[ROUND_KEY])
     inject_fault(env.cfg, server_round, pid)
+    try:
+        device = _device_conditions(env, pid, server_round)
+    except fleet.DeviceAbsent as exc:  # an error reply: no update, no traceback in the logs
+        return msg.create_error_reply(Error(code=fleet.ABSENT_CODE, reason=str(exc)))
     mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
+    started = time.perf_counter()
     result = mode.train(env, pid, server_round=server_round,
                         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
                         ledger=_ledger(context, msg, env, pid))
+    compute_s = time.perf_counter() - started
     metrics = metric_record(result.metrics, num_examples=result.num_examples)
     _keep_local_bn(env, context)
     if result.declined:
@@ -185,7 +196,46 @@ def train(msg: Message, context: Context) -> Message:
         ledger = ConfigRecord({"json": json.dumps(result.ledger)})
         context.state[LEDGER_KEY] = ledger
         content[LEDGER_KEY] = ledger  # accountant history only: sigma, q, steps, noisy counts
+    if device is not None:
+        _pace(env, device, msg, content, compute_s)
     return _reply(msg, content)
+
+
+def _device_conditions(env: TaskEnvironment, pid: int,
+                       server_round: int) -> fleet.ClientConditions | None:
+    """This round's simulated device (``hetero.*``): offline and dropping clients raise.
+
+    A dropping client really runs the local steps it completes before it dies, and
+    sends nothing: the server sees a failed client, never an update.
+    """
+    h = env.cfg.hetero
+    if not fleet.enabled(h):
+        return None
+    cond = fleet.conditions(env.cfg, server_round, pid)
+    if not cond.online:
+        raise fleet.ClientOffline(f"client {pid} is offline in round {server_round} "
+                                  f"(hetero.availability={h.availability})")
+    if cond.drop_after is not None:
+        total = env.local_steps(pid)
+        done = fleet.steps_before_drop(total, cond.drop_after)
+        if done:
+            env.train(pid, server_round=server_round, steps=done)
+        raise fleet.ClientDropped(f"client {pid} dropped out of round {server_round} after "
+                                  f"{done} of its {total} local steps "
+                                  f"(hetero.dropout={h.dropout})")
+    return cond
+
+
+def _pace(env: TaskEnvironment, cond: fleet.ClientConditions, msg: Message,
+          content: RecordDict, compute_s: float) -> None:
+    """Report the device's round time; under ``hetero.clock=real``, take that long."""
+    h = env.cfg.hetero
+    sizes = {"bytes_down": sum(record_bytes(r) for r in msg.content.array_records.values()),
+             "bytes_up": sum(record_bytes(r) for r in content.array_records.values())}
+    metrics = content[METRICS_KEY]
+    metrics["hetero/speed"] = cond.speed
+    metrics["hetero/device_s"] = fleet.device_seconds(h, cond, compute_s=compute_s, **sizes)
+    time.sleep(fleet.real_delay(h, cond, compute_s=compute_s, **sizes))
 
 
 def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecord,
@@ -217,8 +267,20 @@ def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecor
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on the local validation split."""
-    env, pid, _, _ = _setup(msg, context)
+    """Evaluate the received global model on the local validation split.
+
+    With ``fl.personalize_steps=k`` the client then trains that model for k local
+    steps and evaluates again (``personal/*``): how well the global model serves as
+    a starting point for each client (the evaluation of personalized FL, e.g. Yu et
+    al. 2020, "Salvaging Federated Learning by Local Adaptation"). Nothing is sent back
+    but metrics, and the next message reloads the global weights.
+    """
+    env, pid, config, _ = _setup(msg, context)
     _use_local_bn(env, context)
     metrics, num_examples = env.evaluate_client(pid)
+    steps = env.cfg.fl.personalize_steps
+    if steps:  # the global model fine-tuned on this client's own data for k steps
+        env.train(pid, server_round=int(config[ROUND_KEY]), steps=steps)
+        tuned, _ = env.evaluate_client(pid)
+        metrics.update({f"personal/{k.split('/', 1)[1]}": v for k, v in tuned.items()})
     return _reply(msg, reply_content(metrics=metric_record(metrics, num_examples=num_examples)))

@@ -33,7 +33,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedimg import fleet
 from fedimg.compression import decompress_update
+from fedimg.config import HeterogeneityConfig
 from fedimg.errors import FedimgError, UpdateError
 from fedimg.federation.records import (
     ARRAYS_KEY,
@@ -62,7 +64,8 @@ class ClientExchange:
     bytes_up: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     num_examples: int = 0
-    status: str = "ok"  # ok | failed | rejected | timeout | declined
+    status: str = "ok"  # ok | failed | rejected | timeout | declined | offline | dropped
+    #                     | straggler (hetero.*: see fedimg.fleet)
     reason: str = ""
     update_norm: float = float("nan")  # ||w_i - w_global||_2 of a training update
 
@@ -88,8 +91,9 @@ class InstrumentedGrid(Grid):
 
     def __init__(self, inner: Grid, *, reference: Mapping[str, torch.Tensor],
                  checks: UpdateChecks | None = None, ledger_path: Path | None = None,
-                 pack: bool = False) -> None:
+                 pack: bool = False, hetero: HeterogeneityConfig | None = None) -> None:
         self.inner = inner
+        self.hetero = hetero or HeterogeneityConfig()  # the round deadline of stragglers
         self.pack = pack  # send model arrays as one buffer (fedimg.federation.packing)
         self.reference = reference
         self.checks = checks or UpdateChecks(reference)
@@ -129,8 +133,10 @@ class InstrumentedGrid(Grid):
     def partition_of(self, node_id: int) -> int:
         return self.node_to_partition.get(node_id, -1)
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         late: tuple[str, str] = ("timeout", "no reply before fl.timeout_s"),
+                         ) -> Iterable[Message]:
+        """Send, wait up to ``timeout``, record; ``late`` is the status of a missing reply."""
         messages = [self._with_ledger(m) for m in messages]
         sent = {m.metadata.dst_node_id: m for m in messages}
         wire = self._packed(messages)
@@ -147,7 +153,7 @@ class InstrumentedGrid(Grid):
             self.exchanges.append(exchange)
         self._reject_outlier_norms(kept)
         for exchange in pending.values():  # no reply within the timeout
-            exchange.status, exchange.reason = "timeout", "no reply before fl.timeout_s"
+            exchange.status, exchange.reason = late
             self.exchanges.append(exchange)
         # Replies arrive in completion order; aggregating them in partition order keeps
         # the float sums, and so the run, identical for the same seed.
@@ -228,9 +234,12 @@ class InstrumentedGrid(Grid):
     def _record_reply(self, exchange: ClientExchange, reply: Message, sent: Message) -> bool:
         """Fill ``exchange`` from ``reply``; False if the reply must not be aggregated."""
         if reply.has_error():
-            exchange.status, exchange.reason = "failed", error_summary(str(reply.error.reason))
-            log.warning("client %d failed in %s: %s", exchange.partition_id,
-                        exchange.phase, exchange.reason)
+            raw = str(reply.error.reason)
+            absent = fleet.absence_status(raw)  # simulated device behaviour, not a fault
+            exchange.status, exchange.reason = absent or "failed", error_summary(raw)
+            (log.debug if absent else log.warning)(
+                "client %d %s in %s: %s", exchange.partition_id, exchange.status,
+                exchange.phase, exchange.reason)
             return True  # the strategy counts it as a failure itself
         exchange.bytes_up = _content_bytes(reply.content)  # on the wire: packed, compressed
         try:
@@ -246,6 +255,12 @@ class InstrumentedGrid(Grid):
             exchange.reason = str(reply.content[DECLINED_KEY].get("reason", ""))
             log.info("client %d declined to train: %s", exchange.partition_id,
                      exchange.reason)
+            return False
+        device_s = exchange.metrics.get("hetero/device_s", 0.0)
+        if exchange.phase == MessageType.TRAIN and fleet.late(self.hetero, device_s):
+            exchange.status = "straggler"
+            exchange.reason = (f"arrived after {device_s:.2f}s of device time, past the "
+                               f"hetero.deadline_s={self.hetero.deadline_s}s")
             return False
         if exchange.phase == MessageType.TRAIN:
             try:

@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from flwr.serverapp.strategy import Strategy
@@ -89,7 +90,7 @@ class RoundLoop:
                 continue
             messages = self.strategy.configure_train(server_round, arrays,
                                                      self.train_config, self.grid)
-            replies = list(self.grid.send_and_receive(messages, timeout=fl.timeout_s))
+            replies = list(self.grid.send_and_receive(messages, **self._train_wait()))
             usable = sum(not reply.has_error() for reply in replies)
             if usable >= self.min_replies:
                 new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
@@ -106,6 +107,14 @@ class RoundLoop:
                              f"(fl.on_too_few=stop); {_failure_summary(tried)}")
         log.warning("round %d skipped: the global model is kept", server_round)
         return RoundOutcome(arrays, attempts, skipped=True)
+
+    def _train_wait(self) -> dict[str, Any]:
+        """How long a training round waits: ``fl.timeout_s``, or a real round deadline."""
+        h = self.cfg.hetero
+        if h.clock == "real" and h.deadline_s is not None and h.deadline_s < self.cfg.fl.timeout_s:
+            return {"timeout": h.deadline_s, "late": (
+                "straggler", f"no reply before the hetero.deadline_s={h.deadline_s}s deadline")}
+        return {"timeout": self.cfg.fl.timeout_s}
 
     def _enough_nodes(self, server_round: int) -> bool:
         """Wait up to ``fl.connect_timeout_s`` for the nodes the strategy samples from.

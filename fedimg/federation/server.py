@@ -188,6 +188,7 @@ def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> 
         "name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "model": cfg.model,
         "strategy": cfg.strategy, "run_dir": str(prepared.recorder.run_dir),
         "select_metric": cfg.output.select_metric,
+        "personalize_steps": cfg.fl.personalize_steps,
         "final": final, "best": tracker.best, "initial": rounds[0] if rounds else {},
         "data": data,
         "timing": {"startup_s": startup_s,
@@ -197,6 +198,9 @@ def _results(prepared: PreparedRun, tracker: RoundTracker, startup_s: float) -> 
                    "total_s": time.perf_counter() - prepared.started},
         "bytes": {"down": sum(r["bytes_down"] for r in rounds),
                   "up": sum(r["bytes_up"] for r in rounds)},
+        "participation": {k: sum(r.get(k, 0) for r in trained) for k in (
+            "clients_sampled", "clients_ok", "clients_offline", "clients_dropped",
+            "clients_straggler", "clients_failed", "clients_rejected")},
         "rejected_updates": {str(k): v for k, v in sorted(tracker.grid.rejections.items())},
         "skipped_rounds": [r["round"] for r in rounds if r.get("skipped")],
         "stopped_early": tracker.stopped,
@@ -313,7 +317,8 @@ def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     igrid = InstrumentedGrid(grid, reference=initial, checks=UpdateChecks(
         initial, fl=cfg.fl, fixed_keys=prepared.fixed_keys, immutable_keys=prepared.frozen_keys,
         screen_norms=not PRIVACY_MODES.get(cfg.privacy.mode).clips_updates),
-        ledger_path=prepared.recorder.run_dir / LEDGERS_FILE, pack=cfg.fl.pack_arrays)
+        ledger_path=prepared.recorder.run_dir / LEDGERS_FILE, pack=cfg.fl.pack_arrays,
+        hetero=cfg.hetero)
     _discover(prepared, igrid)
     igrid.drain()
     startup_s = time.perf_counter() - prepared.started

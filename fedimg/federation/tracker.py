@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from fedimg import fleet
 from fedimg.config import to_dict
 from fedimg.federation.checkpoint import (
     RESUME_NAME,
@@ -69,7 +70,7 @@ def fairness(exchanges: list[ClientExchange], metric: str = "val/accuracy"
     values = values[np.isfinite(values)]
     if values.size == 0:
         return {}
-    name = metric.split("/", 1)[-1]
+    name = metric.split("/", 1)[-1] if metric.startswith("val/") else metric.replace("/", "_")
     return {f"fair/worst_{name}": float(values.min()),
             f"fair/p10_{name}": float(np.percentile(values, 10)),
             f"fair/spread_{name}": float(values.max() - values.min()),
@@ -95,10 +96,28 @@ def _clients(exchanges: list[ClientExchange]) -> dict[str, dict[str, Any]]:
 
 def _counts(exchanges: list[ClientExchange]) -> dict[str, int]:
     trained = [e for e in exchanges if e.phase == "train"]
-    return {"clients_ok": sum(e.status == "ok" for e in trained),
+    return {"clients_sampled": len(trained),
+            "clients_ok": sum(e.status == "ok" for e in trained),
             "clients_failed": sum(e.status in ("failed", "timeout") for e in exchanges),
             "clients_rejected": sum(e.status == "rejected" for e in exchanges),
-            "clients_declined": sum(e.status == "declined" for e in exchanges)}
+            "clients_declined": sum(e.status == "declined" for e in exchanges),
+            **{f"clients_{s}": sum(e.status == s for e in trained)
+               for s in ("offline", "dropped", "straggler")}}
+
+
+def device_time(exchanges: list[ClientExchange], deadline_s: float | None) -> dict[str, float]:
+    """The round's length on the simulated devices (``hetero.*``): its slowest used reply.
+
+    A round that lost a straggler lasted until the deadline. Empty when no client
+    reported device time (heterogeneity off).
+    """
+    trained = [e for e in exchanges if e.phase == "train"]
+    times = [e.metrics["hetero/device_s"] for e in trained
+             if e.status == "ok" and "hetero/device_s" in e.metrics]
+    if not times and not any(e.status == "straggler" for e in trained):
+        return {}
+    cut = deadline_s is not None and any(e.status == "straggler" for e in trained)
+    return {"device/round_s": float(deadline_s) if cut else max(times)}
 
 
 def checkpoint_meta(prepared: PreparedRun, record: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +180,9 @@ class RoundTracker:
         exchanges = self.grid.drain()
         record: dict[str, Any] = {
             "round": server_round, **_summarise(exchanges, "train"),
-            **_summarise(exchanges, "evaluate"), **fairness(exchanges), **test,
+            **_summarise(exchanges, "evaluate"), **fairness(exchanges),
+            **fairness(exchanges, "personal/accuracy"),
+            **device_time(exchanges, self.cfg.hetero.deadline_s), **test,
             "central_eval_s": time.perf_counter() - eval_started,
             "wall_s": time.perf_counter() - self.round_started,
             "bytes_down": sum(e.bytes_down for e in exchanges),
@@ -174,6 +195,11 @@ class RoundTracker:
             "clients": _clients(exchanges)}
         self.prepared.recorder.append_round(record)
         self.rounds.append(record)
+        if server_round > 0 and fleet.enabled(self.cfg.hetero):
+            log.info("round %d devices: %d sampled, %d offline, %d dropped, %d late, "
+                     "%d aggregated", server_round, record["clients_sampled"],
+                     record["clients_offline"], record["clients_dropped"],
+                     record["clients_straggler"], record["clients_ok"])
         if outcome and outcome.stopped:  # recorded, but not a round to resume after
             return
         self.last_state = state

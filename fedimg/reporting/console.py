@@ -87,7 +87,8 @@ def _fmt(value: Any) -> str:
 
 _COLUMNS = (("round", "round"), ("train loss", "train/loss"), ("val acc", "val/accuracy"),
             ("test loss", "test/loss"), ("test acc", "test/accuracy"),
-            ("test auc", "test/auc"), ("clients", "clients_ok"), ("wall s", "wall_s"))
+            ("test auc", "test/auc"), ("worst val", "fair/worst_accuracy"),
+            ("clients", "clients_ok"), ("wall s", "wall_s"))
 
 
 def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> str:
@@ -106,6 +107,17 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
     out.append(f"best   test acc {_fmt(best.get('test/accuracy'))}  "
                f"(round {best.get('round')}, chosen on {metric} "
                f"{_fmt(best.get(metric))})")
+    out.append(f"fair   worst client val acc {_fmt(final.get('fair/worst_accuracy'))}  "
+               f"p10 {_fmt(final.get('fair/p10_accuracy'))}  "
+               f"spread {_fmt(final.get('fair/spread_accuracy'))}"
+               + (f"  after {final_k} local steps: mean "
+                  f"{_fmt(final.get('personal/accuracy'))} worst "
+                  f"{_fmt(final.get('fair/worst_personal_accuracy'))}"
+                  if (final_k := results.get("personalize_steps")) else ""))
+    part, sent = results.get("participation", {}), results.get("bytes", {})
+    out.append("clients " + "  ".join(f"{k.removeprefix('clients_')} {v}"
+                                      for k, v in part.items() if v)
+               + f"  |  MB down {sent.get('down', 0) / 1e6:.1f} up {sent.get('up', 0) / 1e6:.1f}")
     out.append(f"data   {results.get('data', {}).get('source')} "
                f"{results.get('data', {}).get('location', '')}")
     out.append(f"run    {results.get('run_dir')}")

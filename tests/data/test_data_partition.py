@@ -240,3 +240,22 @@ def test_save_then_load_partitions_round_trips(tmp_path) -> None:
     path.write_bytes(b"not an npz")
     with pytest.raises(DataError, match="partitions.npz"):
         load_partitions(path)
+
+
+def test_natural_split_cuts_groups_into_contiguous_runs_for_a_bigger_fleet() -> None:
+    # Arrange: 2 tracks of 30 frames, 5 cameras -> each track cut into ceil(5/2) = 3 runs
+    # of 10 frames; 6 runs packed into 5 cameras: one gets 20 frames, four get 10.
+    tracks = np.repeat(np.array(["t0", "t1"]), 30)
+    train = make_set(60, 2, {"track": tracks})
+    cfg = DataConfig(partitioner="natural", natural_column="track", natural_split=True,
+                     val_fraction=0.0, min_partition_size=1)
+    # Act
+    parts = partition_dataset(train, cfg=cfg, num_clients=5, seed=0)
+    # Assert
+    assert sorted(p.num_examples for p in parts) == [10, 10, 10, 10, 20]
+    for p in parts:  # whole runs of 10 consecutive frames, each from one track
+        idx = np.sort(p.train_indices)
+        runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
+        assert sum(len(r) for r in runs) == len(idx) and all(len(r) % 10 == 0 for r in runs)
+        assert all(len(set(tracks[r])) == 1 for r in np.split(idx, len(idx) // 10))
+    assert len(all_indices(parts)) == 60
