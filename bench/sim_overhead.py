@@ -7,11 +7,16 @@ Usage (any scenario overrides may follow)::
 It runs, side by side in one invocation:
 
 1. **pure compute**: one process, no Flower, no Ray. For every round and every
-   client it loads the global weights, runs the same local training steps
+   client the simulation sampled in that round it loads the global weights, runs the same local training steps
    (:meth:`fedimg.task.TaskEnvironment.train`, same model, data, batch size and
    steps) and FedAvg-averages the results; the client validation and central test
    evaluations are timed separately.
-2. **simulation**: the real run (``fedimg.engine.simulate``), Ray backend.
+2. **simulation**: the real run (``fedimg.engine.simulate``), Ray backend; it runs
+   first, and the pure side replays its sample of clients.
+
+Simulated device heterogeneity (``hetero.*``) and personalization change how much
+work a round does, so pass ``hetero.availability=1 hetero.dropout=0 ...`` or use
+``--engine-only`` (sets them off) to measure the engine itself.
 
 and prints the ratios ``sim rounds / pure training`` (the headline figure) and
 ``sim rounds / (pure training + the same evaluations)``, plus the start-up cost
@@ -39,6 +44,10 @@ from fedimg.reporting import setup_logging  # noqa: E402
 from fedimg.task import CentralEvaluator, TaskEnvironment  # noqa: E402
 
 log = logging.getLogger("fedimg.bench")
+ENGINE_ONLY = ["hetero.availability=1", "hetero.dropout=0", "hetero.speed_sigma=0",
+               "hetero.speed_factors=null", "hetero.deadline_s=null",
+               "hetero.uplink_mbps=null", "hetero.downlink_mbps=null",
+               "fl.personalize_steps=0"]
 
 
 def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict:
@@ -47,8 +56,27 @@ def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict:
             for k, v in states[0].items()}
 
 
-def pure_compute(cfg: FedimgConfig, prepared) -> dict[str, float]:
-    """The same local steps, back to back in this process; seconds per phase."""
+def _plan(rounds: list[dict]) -> dict[int, tuple[list[int], list[int]]]:
+    """Which clients trained and evaluated in each round of the simulation."""
+    plan = {}
+    for r in rounds:
+        if r["round"] > 0:
+            clients = r["clients"]
+            plan[r["round"]] = (
+                sorted(int(p) for p, c in clients.items() if "train" in c
+                       and "train_status" not in c),
+                sorted(int(p) for p, c in clients.items() if "val" in c
+                       and "val_status" not in c))
+    return plan
+
+
+def pure_compute(cfg: FedimgConfig, prepared,
+                 plan: dict[int, tuple[list[int], list[int]]]) -> dict[str, float]:
+    """The same local steps, back to back in this process; seconds per phase.
+
+    ``plan`` names the clients the simulation sampled in each round (partial
+    participation); they train and evaluate here in the same rounds.
+    """
     env = TaskEnvironment(cfg)  # torch uses all cores of this process
     central = CentralEvaluator(cfg, prepared.dataset)
     torch.manual_seed(cfg.seed)
@@ -57,7 +85,8 @@ def pure_compute(cfg: FedimgConfig, prepared) -> dict[str, float]:
     train_s = eval_s = 0.0
     for server_round in range(1, cfg.rounds + 1):
         states, weights = [], []
-        for pid in range(cfg.clients):
+        trainers, evaluators = plan[server_round]
+        for pid in trainers:
             env.load_state(state)
             started = time.perf_counter()
             _, n = env.train(pid, server_round=server_round)
@@ -66,7 +95,7 @@ def pure_compute(cfg: FedimgConfig, prepared) -> dict[str, float]:
             weights.append(n)
         state = _average(states, weights)
         started = time.perf_counter()
-        for pid in range(cfg.clients):
+        for pid in evaluators:
             env.load_state(state)
             env.evaluate_client(pid)
         metrics = central(state)
@@ -77,17 +106,20 @@ def pure_compute(cfg: FedimgConfig, prepared) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
     setup_logging()
-    scenario, overrides = split_argv(argv)
+    engine_only = "--engine-only" in argv
+    scenario, overrides = split_argv([a for a in argv if a != "--engine-only"])
+    if engine_only:
+        overrides = [*ENGINE_ONLY, *overrides]
     run_dir = Path(tempfile.mkdtemp(prefix="fedimg-bench-"))
     cfg = compose_config(scenario, [*overrides, f"hydra.run.dir={run_dir}",
                                     "output.progress=false", "output.checkpoints=false"])
     prepared = prepare_run(cfg)
-    pure = pure_compute(cfg, prepared)
-    prepared = prepare_run(cfg)  # fresh clock for the simulation's start-up
-    results = simulate(prepared)
+    results = simulate(prepared)  # first: the pure side replays the clients it sampled
+    rounds = prepared.recorder.read_rounds()
+    pure = pure_compute(cfg, prepare_run(cfg), _plan(rounds))
     sim_rounds = results["timing"]["rounds_s"]
     pure_all = pure["train_s"] + pure["eval_s"]
-    trained = [r for r in prepared.recorder.read_rounds() if r["round"] > 0]
+    trained = [r for r in rounds if r["round"] > 0]
     client_train = sum(c["train"]["train/seconds"] for r in trained
                        for c in r["clients"].values() if "train" in c)
     central = sum(r["central_eval_s"] for r in trained)

@@ -1,0 +1,66 @@
+"""Peak memory of this process and all its descendants (Ray's GCS, raylet, workers).
+
+Sampled from ``/proc`` in a background thread: the sum of every process's PSS
+(proportional set size, ``/proc/<pid>/smaps_rollup``), so the pages of torch's
+libraries that all workers share are counted once, not once per worker. Linux only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss_bytes(root: int | None = None) -> int:
+    """PSS of ``root`` (default: this process) and every descendant, in bytes."""
+    tree, todo, total = _children(), [root or os.getpid()], 0
+    while todo:
+        pid = todo.pop()
+        total += _pss_kib(pid)
+        todo.extend(tree.get(pid, []))
+    return total * 1024
+
+
+class PeakMemory:
+    """``with PeakMemory() as peak: ...`` then ``peak.bytes``: the highest sample seen."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s, self.bytes = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.bytes = max(self.bytes, tree_pss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.bytes = max(self.bytes, tree_pss_bytes())
