@@ -92,6 +92,14 @@ class ClientData:
     num_train: int
     num_val: int
     class_weights: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None  # FedRS (train.restricted_softmax)
+
+
+def restricted_logit_scale(labels: torch.Tensor, num_classes: int,
+                           alpha: float) -> torch.Tensor:
+    """(K,) 1 for the classes present in ``labels``, ``alpha`` for the others (FedRS)."""
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    return torch.where(present, 1.0, float(alpha))
 
 
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -162,7 +170,10 @@ class TaskEnvironment:
                                    batch_size=tcfg.eval_batch_size, transform=self._eval_tf,
                                    shuffle=False, seed=seed),
                 num_train=len(part.train_indices), num_val=len(part.val_indices),
-                class_weights=self._class_weights(labels[part.train_indices]))
+                class_weights=self._class_weights(labels[part.train_indices]),
+                logit_scale=(restricted_logit_scale(labels[part.train_indices],
+                                                    self.num_classes, tcfg.restricted_softmax)
+                             if tcfg.restricted_softmax < 1 else None))
         return self._clients[partition_id]
 
     def _class_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
@@ -233,7 +244,7 @@ class TaskEnvironment:
                           total_rounds=self.cfg.rounds)
         result = train_local(self.model, data.train, cfg=tcfg, lr=lr,
                              device=self.device, proximal_mu=proximal_mu,
-                             class_weights=data.class_weights)
+                             class_weights=data.class_weights, logit_scale=data.logit_scale)
         metrics = {"train/loss": result.loss, "train/accuracy": result.accuracy,
                    "train/first_loss": result.first_loss, "train/last_loss": result.last_loss,
                    "train/steps": float(result.steps), "train/seconds": result.seconds,

@@ -53,6 +53,10 @@ def test_split_argv_separates_scenario() -> None:
     (["rounds=0"], r"rounds=0 is impossible"),
     (["rounds=abc"], r"rounds=abc.*Integer"),
     (["data.nope=1"], r"data.nope"),
+    (["train.restricted_softmax=1.5"], r"train.restricted_softmax=1.5 must be in \[0, 1\]"),
+    (["train.restricted_softmax=0.5", "privacy=dp_sgd"], r"mask of locally present classes"),
+    (["hetero.availability=1.2"], r"hetero.availability=1.2 is impossible"),
+    (["deploy.enabled=true", "hetero.dropout=0.1"], r"hetero.\* simulates unreliable devices"),
 ])
 def test_bad_values_are_refused_in_one_line(overrides, message, tmp_path) -> None:
     with pytest.raises(ConfigError, match=message) as info:

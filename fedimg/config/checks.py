@@ -53,6 +53,11 @@ def _validate_training(cfg: FedimgConfig) -> None:
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _check(t.class_weighting in ("none", "balanced"), f"train.class_weighting="
            f"'{t.class_weighting}' is unknown; valid: none, balanced")
+    _check(0 <= t.restricted_softmax <= 1, f"train.restricted_softmax="
+           f"{t.restricted_softmax} must be in [0, 1] (1 = off)")
+    _check(t.restricted_softmax == 1 or cfg.privacy.mode != "dp_sgd",
+           "train.restricted_softmax < 1 with privacy.mode=dp_sgd: the mask of locally "
+           "present classes comes from the private labels. Fix: drop one of them")
     _check(0 <= t.momentum < 1, f"train.momentum={t.momentum} must be in [0, 1)")
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     _check(t.local_epochs >= 1, f"train.local_epochs={t.local_epochs} must be >= 1")

@@ -71,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "constant"  # constant | cosine | step (over rounds)
     class_weighting: str = "none"  # none | balanced (inverse local class frequency)
+    restricted_softmax: float = 1.0  # FedRS alpha for locally absent classes' logits; 1 = off
     local_epochs: int = 1
     local_steps: Optional[int] = None  # if set, overrides local_epochs
     batch_size: int = 32

@@ -66,6 +66,7 @@ def train_local(
     proximal_mu: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     class_weights: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``loader`` for one round and report how it went.
 
@@ -74,6 +75,10 @@ def train_local(
     set. A fresh optimizer (``cfg.optimizer``) is built unless ``optimizer`` is
     given, e.g. a differentially private one; its learning rate is set to ``lr``.
     ``class_weights`` (K,) weights each sample's cross-entropy by its class.
+    ``logit_scale`` (K,) multiplies the logits before the loss: FedRS (Li & Zhan
+    2021, "FedRS: Federated Learning with Restricted Softmax for Label Distribution
+    Non-IID Data") scales the classes a client never sees by alpha < 1, so that its
+    few classes do not push the others' scores down as hard.
     Raises :class:`TrainingDiverged` when the loss stops being finite.
     """
     total_steps = _count_steps(loader, cfg)
@@ -89,6 +94,7 @@ def train_local(
     trainable = [p for p in model.parameters() if p.requires_grad]
     w_global = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
     weight = class_weights.to(device) if class_weights is not None else None
+    scale = logit_scale.to(device) if logit_scale is not None else None
 
     step_loss = torch.zeros(total_steps, device=device)  # (T,) mean CE of each step
     step_size = torch.zeros(total_steps, dtype=torch.long)  # (T,) batch sizes, on CPU
@@ -99,6 +105,8 @@ def train_local(
         y = y.to(device, non_blocking=True)  # (B,)
         with autocast(device, dtype):
             logits = model(x)  # (B, K)
+            if scale is not None:
+                logits = logits * scale
             # sum / B rather than mean: a batch of size 0 (Poisson sampling) gives 0, not NaN
             loss = F.cross_entropy(logits, y, weight=weight, reduction="sum") / max(len(y), 1)
         objective = loss

@@ -189,3 +189,25 @@ def test_cuda_amp_and_channels_last_smoke():
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert result.steps == 6 and math.isfinite(result.loss)
     assert metrics["num_examples"] == 24 and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_restricted_softmax_scales_the_logits_of_absent_classes():
+    # Arrange: a 3-class linear model, one batch of class-0 images only; classes 1 and 2
+    # are absent at this client. With a zero-weight model every logit is its bias.
+    from fedimg.task import restricted_logit_scale
+
+    labels = torch.zeros(4, dtype=torch.long)
+    scale = restricted_logit_scale(labels, 3, alpha=0.5)
+    assert scale.tolist() == [1.0, 0.5, 0.5]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 2.0, 2.0]))
+    batch = [(torch.zeros(4, 3, 4, 4), labels)]
+    cfg = TrainConfig(local_steps=1, lr=1e-9, momentum=0.0, weight_decay=0.0)
+    # Act
+    plain = train_local(model, batch, cfg=cfg, lr=cfg.lr, device=CPU)
+    fedrs = train_local(model, batch, cfg=cfg, lr=cfg.lr, device=CPU, logit_scale=scale)
+    # Assert: CE of logits (0, 2, 2) vs (0, 1, 1) for class 0, computed by hand
+    assert plain.first_loss == pytest.approx(math.log(1 + 2 * math.e ** 2), rel=1e-5)
+    assert fedrs.first_loss == pytest.approx(math.log(1 + 2 * math.e), rel=1e-5)
