@@ -85,14 +85,15 @@ class SamePad2d(nn.Module):
         self.kernel_size = kernel_size
         self.stride = stride
 
-    def _pad(self, size: int) -> tuple[int, int]:
+    def pads(self, size: int) -> tuple[int, int]:
+        """(before, after) padding of one spatial axis of ``size`` pixels."""
         out = math.ceil(size / self.stride)
         total = max((out - 1) * self.stride + self.kernel_size - size, 0)
         return total // 2, total - total // 2
 
     def forward(self, x: Tensor) -> Tensor:
-        left, right = self._pad(x.shape[-1])
-        top, bottom = self._pad(x.shape[-2])
+        left, right = self.pads(x.shape[-1])
+        top, bottom = self.pads(x.shape[-2])
         if left == right == top == bottom == 0:
             return x
         return F.pad(x, (left, right, top, bottom))
