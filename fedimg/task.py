@@ -226,11 +226,11 @@ class TaskEnvironment:
         return self.cfg.train.local_steps or self.cfg.train.local_epochs * len(loader)
 
     def train(self, partition_id: int, *, server_round: int, proximal_mu: float = 0.0,
-              steps: int | None = None) -> tuple[dict[str, float], int]:
+              steps: int | None = None, lr: float | None = None) -> tuple[dict[str, float], int]:
         """Local training of client ``partition_id`` from the loaded weights.
 
         ``steps`` overrides the round's step count (a client dropping mid-round, or
-        the k steps of personalization).
+        the k steps of personalization); ``lr`` the round's scheduled learning rate.
         """
         data = self.client(partition_id)
         tcfg = self.cfg.train if steps is None else dataclasses.replace(
@@ -240,8 +240,9 @@ class TaskEnvironment:
         torch.manual_seed(int(np.random.SeedSequence(
             [self.cfg.seed, server_round, partition_id]).generate_state(1)[0]))
         data.train.epoch = (server_round - 1) * self.epochs_per_round(data.train)
-        lr = scheduled_lr(self.cfg.train, server_round=server_round,
-                          total_rounds=self.cfg.rounds)
+        if lr is None:
+            lr = scheduled_lr(self.cfg.train, server_round=server_round,
+                              total_rounds=self.cfg.rounds)
         result = train_local(self.model, data.train, cfg=tcfg, lr=lr,
                              device=self.device, proximal_mu=proximal_mu,
                              class_weights=data.class_weights, logit_scale=data.logit_scale)

@@ -279,8 +279,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     _use_local_bn(env, context)
     metrics, num_examples = env.evaluate_client(pid)
     steps = env.cfg.fl.personalize_steps
-    if steps:  # the global model fine-tuned on this client's own data for k steps
-        env.train(pid, server_round=int(config[ROUND_KEY]), steps=steps)
+    if steps:  # the global model fine-tuned on this client's own data for k steps, at
+        # the base learning rate: a cosine schedule is near 0 by the last round
+        env.train(pid, server_round=int(config[ROUND_KEY]), steps=steps, lr=env.cfg.train.lr)
         tuned, _ = env.evaluate_client(pid)
         metrics.update({f"personal/{k.split('/', 1)[1]}": v for k, v in tuned.items()})
     return _reply(msg, reply_content(metrics=metric_record(metrics, num_examples=num_examples)))
