@@ -11,7 +11,6 @@ Files written to ``<out>`` (default ``<run_dir>/export``)::
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import time
 from collections.abc import Iterator
@@ -113,10 +112,11 @@ def export_run(
             "calibration": int8_method, "calibration_images": len(data.calib_x),
             "float_layers": f"first {int8_float_first} Conv and the logits layer"},
             "threads": 1, "latency_batch": 1, "latency_runs": latency_runs, "warmup": warmup},
-        "versions": _versions(),
     }
     # Imported here: importing fedimg.reporting loads matplotlib.
-    from fedimg.reporting.run_dir import write_json
+    from fedimg.reporting.run_dir import library_versions, write_json
+
+    report["versions"] = library_versions(_VERSIONS)
 
     write_json(out / "report.json", report)
     log.info("export report (%s)\n%s", out / "report.json", format_table(report))
@@ -174,14 +174,4 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - start
-
-
-def _versions() -> dict[str, str]:
-    versions = {}
-    for name in _VERSIONS:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 

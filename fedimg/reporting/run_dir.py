@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,10 @@ _LIBRARIES = ("fedimg", "flwr", "ray", "torch", "torchvision", "opacus", "numpy"
               "flwr-datasets", "hydra-core")
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names: Sequence[str] = _LIBRARIES) -> dict[str, str]:
     """Installed versions of the libraries a result depends on."""
     versions = {"python": platform.python_version()}
-    for name in _LIBRARIES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
