@@ -106,7 +106,7 @@ def test_same_padding_matches_tensorflow(kernel: int, stride: int, size: int,
     padded = pad(torch.zeros(1, 1, size, size))
 
     # Assert
-    assert pad._pad(size) == expected
+    assert pad.pads(size) == expected
     assert padded.shape[-1] == size + sum(expected)
     assert (padded.shape[-1] - kernel) // stride + 1 == -(-size // stride)
 
