@@ -87,6 +87,7 @@ def enabled(h: HeterogeneityConfig) -> bool:
 
 
 def _uniform(seed: int, tag: int, *keys: int) -> float:
+    """A uniform [0, 1) number of its own stream: (seed, tag, keys) seed it alone."""
     return float(np.random.default_rng([seed, tag, *keys]).random())
 
 
@@ -101,13 +102,20 @@ def speed_factor(cfg: FedimgConfig, partition_id: int) -> float:
     return float(math.exp(h.speed_sigma * rng.standard_normal()))
 
 
-def conditions(cfg: FedimgConfig, server_round: int, partition_id: int) -> ClientConditions:
-    """The seeded draw of client ``partition_id``'s conditions in ``server_round``."""
+def conditions(cfg: FedimgConfig, server_round: int, partition_id: int,
+               attempt: int = 1) -> ClientConditions:
+    """The seeded draw of client ``partition_id``'s conditions in ``server_round``.
+
+    A retried round (``attempt`` > 1) draws afresh: a device that was offline may be
+    back. The speed factor is the device's own and never changes.
+    """
     h = cfg.hetero
-    online = _uniform(cfg.seed, _ONLINE, server_round, partition_id) < h.availability
+    keys = (server_round, partition_id) if attempt == 1 else (server_round, partition_id,
+                                                              attempt)
+    online = _uniform(cfg.seed, _ONLINE, *keys) < h.availability
     drop_after = None
     if h.dropout > 0:
-        rng = np.random.default_rng([cfg.seed, _DROP, server_round, partition_id])
+        rng = np.random.default_rng([cfg.seed, _DROP, *keys])
         if rng.random() < h.dropout:
             drop_after = float(rng.random())
     return ClientConditions(online=online, drop_after=drop_after,
@@ -127,22 +135,30 @@ def link_seconds(h: HeterogeneityConfig, *, bytes_down: int, bytes_up: int) -> f
 
 
 def device_seconds(h: HeterogeneityConfig, cond: ClientConditions, *, compute_s: float,
-                   bytes_down: int, bytes_up: int) -> float:
-    """How long the round took on the device: its compute at its speed, plus its links."""
-    return compute_s * cond.speed + link_seconds(h, bytes_down=bytes_down, bytes_up=bytes_up)
+                   steps: int, bytes_down: int, bytes_up: int) -> float:
+    """How long the round took on the device: its compute at its speed, plus its links.
+
+    The compute is ``steps x step_s`` when ``hetero.step_s`` is set (reproducible: who
+    misses the deadline does not depend on this host's load), else ``compute_s``, the
+    time this host measured.
+    """
+    base = steps * h.step_s if h.step_s is not None else compute_s
+    return base * cond.speed + link_seconds(h, bytes_down=bytes_down, bytes_up=bytes_up)
 
 
-def real_delay(h: HeterogeneityConfig, cond: ClientConditions, *, compute_s: float,
-               bytes_down: int, bytes_up: int) -> float:
+def real_delay(h: HeterogeneityConfig, *, device_s: float, compute_s: float) -> float:
     """Seconds a client sleeps under ``clock=real`` to arrive when its device would.
 
-    A device cannot be faster than the host that simulates it: a speed factor below 1
-    adds no delay.
+    A device cannot be faster than the host that simulates it (no negative delay),
+    and a client stops sleeping just after the deadline, when the server has stopped
+    waiting for it: sleeping on would only block its worker.
     """
     if h.clock != "real":
         return 0.0
-    return max(0.0, device_seconds(h, cond, compute_s=compute_s, bytes_down=bytes_down,
-                                   bytes_up=bytes_up) - compute_s)
+    delay = max(0.0, device_s - compute_s)
+    if h.deadline_s is not None:
+        delay = min(delay, max(0.0, h.deadline_s - compute_s) + 1.0)
+    return delay
 
 
 def late(h: HeterogeneityConfig, device_s: float) -> bool:

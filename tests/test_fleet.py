@@ -49,19 +49,30 @@ def test_speed_factors_are_lognormal_with_median_one() -> None:
 def test_device_time_adds_compute_at_its_speed_and_both_links() -> None:
     h = HeterogeneityConfig(downlink_mbps=50, uplink_mbps=20, deadline_s=9)
     cond = fleet.ClientConditions(online=True, drop_after=None, speed=2.5)
+    sizes = {"bytes_down": 12_500_000, "bytes_up": 5_000_000}
     # 12.5 MB down at 50 Mbit/s = 2 s; 5 MB up at 20 Mbit/s = 2 s; 1.2 s compute x 2.5 = 3 s
-    seconds = fleet.device_seconds(h, cond, compute_s=1.2, bytes_down=12_500_000,
-                                   bytes_up=5_000_000)
+    seconds = fleet.device_seconds(h, cond, compute_s=1.2, steps=10, **sizes)
     assert seconds == pytest.approx(7.0)
+    # With a per-step cost the measured compute no longer matters: 10 x 0.2 s x 2.5 = 5 s
+    fixed = HeterogeneityConfig(downlink_mbps=50, uplink_mbps=20, step_s=0.2)
+    assert fleet.device_seconds(fixed, cond, compute_s=99.0, steps=10, **sizes) \
+        == pytest.approx(9.0)
     assert not fleet.late(h, 7.0) and fleet.late(h, 9.01)
-    assert fleet.real_delay(h, cond, compute_s=1.2, bytes_down=12_500_000,
-                            bytes_up=5_000_000) == 0.0  # the simulated clock never sleeps
+    assert fleet.real_delay(h, device_s=7.0, compute_s=1.2) == 0.0  # simulated: no sleep
     real = HeterogeneityConfig(clock="real", deadline_s=9)
-    assert fleet.real_delay(real, cond, compute_s=1.2, bytes_down=0, bytes_up=0) \
-        == pytest.approx(1.8)
-    fast = fleet.ClientConditions(online=True, drop_after=None, speed=0.5)
-    assert fleet.real_delay(real, fast, compute_s=1.2, bytes_down=0, bytes_up=0) == 0.0
+    assert fleet.real_delay(real, device_s=3.0, compute_s=1.2) == pytest.approx(1.8)
+    assert fleet.real_delay(real, device_s=0.6, compute_s=1.2) == 0.0  # not faster than host
+    # A hopeless device sleeps only until just past the deadline (9 - 1.2 + 1 s margin).
+    assert fleet.real_delay(real, device_s=1e6, compute_s=1.2) == pytest.approx(8.8)
     assert not fleet.late(real, 100.0)  # a real deadline is the server's timeout instead
+
+
+def test_a_retried_round_draws_the_devices_afresh() -> None:
+    cfg = _cfg(availability=0.5, speed_sigma=1.0)
+    first = [fleet.conditions(cfg, 3, pid).online for pid in range(200)]
+    retry = [fleet.conditions(cfg, 3, pid, attempt=2) for pid in range(200)]
+    assert first != [c.online for c in retry]
+    assert [c.speed for c in retry] == [fleet.speed_factor(cfg, pid) for pid in range(200)]
 
 
 def test_a_dropping_client_completes_a_fraction_of_its_steps() -> None:

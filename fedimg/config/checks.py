@@ -6,6 +6,8 @@ registry, so an unknown name lists the valid ones.
 
 from __future__ import annotations
 
+import math
+
 from fedimg.config.schema import DataConfig, FedimgConfig
 from fedimg.errors import ConfigError
 
@@ -172,12 +174,16 @@ def _validate_attack_and_faults(cfg: FedimgConfig) -> None:
 
 
 def _validate_hetero(cfg: FedimgConfig) -> None:
+    """Device heterogeneity: ranges, clocks, and what it cannot be combined with."""
+    from fedimg.privacy import PRIVACY_MODES  # light: the registry only
+
     h = cfg.hetero
     _check_fraction("hetero.availability", h.availability)
     _check(0 <= h.dropout < 1, f"hetero.dropout={h.dropout} must be in [0, 1)")
     _check(h.speed_sigma >= 0, f"hetero.speed_sigma={h.speed_sigma} must be >= 0")
     factors = h.speed_factors
-    _check(factors is None or (len(factors) == cfg.clients and min(factors) > 0),
+    _check(factors is None or (len(factors) == cfg.clients and min(factors) > 0
+                               and all(math.isfinite(f) for f in factors)),
            f"hetero.speed_factors needs {cfg.clients} positive values (one per client), "
            f"got {None if factors is None else len(factors)}")
     for name in ("uplink_mbps", "downlink_mbps", "deadline_s"):
@@ -185,8 +191,30 @@ def _validate_hetero(cfg: FedimgConfig) -> None:
         _check(value is None or value > 0, f"hetero.{name}={value} must be > 0 or null")
     _check(h.clock in ("simulated", "real"), f"hetero.clock='{h.clock}' is unknown; "
            "valid: simulated, real")
-    _check(cfg.fl.personalize_steps >= 0, f"fl.personalize_steps={cfg.fl.personalize_steps}"
-           " must be >= 0")
+    _check(h.step_s is None or (h.step_s > 0 and math.isfinite(h.step_s)),
+           f"hetero.step_s={h.step_s} must be > 0 or null")
+    _check(h.clock != "real" or h.deadline_s is None or h.deadline_s < cfg.fl.timeout_s,
+           f"hetero.deadline_s={h.deadline_s} with hetero.clock=real must be below "
+           f"fl.timeout_s={cfg.fl.timeout_s}: the server stops waiting at the earlier one")
+    mode = PRIVACY_MODES.get(cfg.privacy.mode)
+    absent = h.availability < 1 or h.dropout > 0 or h.deadline_s is not None
+    _check(not (absent and mode.needs_every_reply), f"privacy.mode={cfg.privacy.mode} "
+           "releases a round only when every sampled client replied; hetero.availability, "
+           "hetero.dropout or hetero.deadline_s would make every round short. Fix: drop them")
+    _check(not (mode.private_training and h.clock == "real" and h.deadline_s is not None),
+           f"privacy.mode={cfg.privacy.mode} with a real-clock deadline: a late client has "
+           "spent budget the server never hears of. Fix: hetero.clock=simulated")
+
+
+def _validate_personalization(cfg: FedimgConfig) -> None:
+    from fedimg.privacy import PRIVACY_MODES  # light: the registry only
+
+    steps = cfg.fl.personalize_steps
+    _check(steps >= 0, f"fl.personalize_steps={steps} must be >= 0")
+    _check(steps == 0 or not PRIVACY_MODES.get(cfg.privacy.mode).private_training,
+           f"fl.personalize_steps={steps} with privacy.mode={cfg.privacy.mode}: those "
+           "steps would train on the private data outside DP-SGD and report metrics on it. "
+           "Fix: fl.personalize_steps=0")
 
 
 def _validate_values(cfg: FedimgConfig) -> None:
@@ -202,6 +230,7 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_privacy(cfg)
     _validate_attack_and_faults(cfg)
     _validate_hetero(cfg)
+    _validate_personalization(cfg)
     _validate_deploy(cfg)
 
 

@@ -169,7 +169,9 @@ class HeterogeneityConfig:
     training replies arriving later are not aggregated (stragglers). ``clock``:
     ``simulated`` scales the measured compute by the speed factor and judges the
     deadline on that time; ``real`` makes a slow client sleep the difference and the
-    server stop waiting at the deadline.
+    server stop waiting at the deadline. ``step_s``: a device's seconds per local step
+    at speed 1, so that device time (and who is late) does not depend on this host's
+    load; None uses the measured compute time (not reproducible).
     """
 
     availability: float = 1.0
@@ -180,6 +182,7 @@ class HeterogeneityConfig:
     downlink_mbps: Optional[float] = None
     deadline_s: Optional[float] = None
     clock: str = "simulated"  # simulated | real
+    step_s: Optional[float] = None  # device seconds per local step at speed 1; None: measured
 
 
 @dataclass

@@ -34,6 +34,7 @@ from fedimg.config import FedimgConfig
 from fedimg.errors import DataError
 from fedimg.federation.records import (
     ARRAYS_KEY,
+    ATTEMPT_KEY,
     COMPRESSION_KEY,
     CONFIG_KEY,
     DECLINED_KEY,
@@ -175,7 +176,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config[ROUND_KEY])
     inject_fault(env.cfg, server_round, pid)
     try:
-        device = _device_conditions(env, pid, server_round)
+        device = _device_conditions(env, pid, server_round, int(config.get(ATTEMPT_KEY, 1)))
     except fleet.DeviceAbsent as exc:  # an error reply: no update, no traceback in the logs
         return msg.create_error_reply(Error(code=fleet.ABSENT_CODE, reason=str(exc)))
     mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
@@ -197,12 +198,13 @@ def train(msg: Message, context: Context) -> Message:
         context.state[LEDGER_KEY] = ledger
         content[LEDGER_KEY] = ledger  # accountant history only: sigma, q, steps, noisy counts
     if device is not None:
-        _pace(env, device, msg, content, compute_s)
+        _pace(env, device, sent=msg, reply=content, compute_s=compute_s,
+              steps=int(result.metrics.get("train/steps", 0)))
     return _reply(msg, content)
 
 
-def _device_conditions(env: TaskEnvironment, pid: int,
-                       server_round: int) -> fleet.ClientConditions | None:
+def _device_conditions(env: TaskEnvironment, pid: int, server_round: int,
+                       attempt: int) -> fleet.ClientConditions | None:
     """This round's simulated device (``hetero.*``): offline and dropping clients raise.
 
     A dropping client really runs the local steps it completes before it dies, and
@@ -211,7 +213,7 @@ def _device_conditions(env: TaskEnvironment, pid: int,
     h = env.cfg.hetero
     if not fleet.enabled(h):
         return None
-    cond = fleet.conditions(env.cfg, server_round, pid)
+    cond = fleet.conditions(env.cfg, server_round, pid, attempt)
     if not cond.online:
         raise fleet.ClientOffline(f"client {pid} is offline in round {server_round} "
                                   f"(hetero.availability={h.availability})")
@@ -226,16 +228,19 @@ def _device_conditions(env: TaskEnvironment, pid: int,
     return cond
 
 
-def _pace(env: TaskEnvironment, cond: fleet.ClientConditions, msg: Message,
-          content: RecordDict, compute_s: float) -> None:
+def _pace(env: TaskEnvironment, cond: fleet.ClientConditions, *, sent: Message,
+          reply: RecordDict, compute_s: float, steps: int) -> None:
     """Report the device's round time; under ``hetero.clock=real``, take that long."""
     h = env.cfg.hetero
-    sizes = {"bytes_down": sum(record_bytes(r) for r in msg.content.array_records.values()),
-             "bytes_up": sum(record_bytes(r) for r in content.array_records.values())}
-    metrics = content[METRICS_KEY]
+    device_s = fleet.device_seconds(
+        h, cond, compute_s=compute_s, steps=steps,
+        bytes_down=sum(record_bytes(r) for r in sent.content.array_records.values()),
+        bytes_up=sum(record_bytes(r) for r in reply.array_records.values()))
+    metrics = reply[METRICS_KEY]
     metrics["hetero/speed"] = cond.speed
-    metrics["hetero/device_s"] = fleet.device_seconds(h, cond, compute_s=compute_s, **sizes)
-    time.sleep(fleet.real_delay(h, cond, compute_s=compute_s, **sizes))
+    metrics["hetero/compute_s"] = compute_s  # measured on this host
+    metrics["hetero/device_s"] = device_s
+    time.sleep(fleet.real_delay(h, device_s=device_s, compute_s=compute_s))
 
 
 def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecord,

@@ -235,7 +235,9 @@ class InstrumentedGrid(Grid):
         """Fill ``exchange`` from ``reply``; False if the reply must not be aggregated."""
         if reply.has_error():
             raw = str(reply.error.reason)
-            absent = fleet.absence_status(raw)  # simulated device behaviour, not a fault
+            # simulated device behaviour (fedimg.fleet), not a fault
+            absent = (fleet.absence_status(raw) if reply.error.code == fleet.ABSENT_CODE
+                      else None)
             exchange.status, exchange.reason = absent or "failed", error_summary(raw)
             (log.debug if absent else log.warning)(
                 "client %d %s in %s: %s", exchange.partition_id, exchange.status,

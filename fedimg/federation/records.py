@@ -25,6 +25,7 @@ from fedimg.task import SiteOptions
 
 CONFIG_KEY = "fedimg-config"
 ROUND_KEY = "server-round"
+ATTEMPT_KEY = "attempt"  # which try of a retried training round (fedimg.fleet draws afresh)
 PROXIMAL_MU_KEY = "proximal-mu"
 NUM_EXAMPLES_KEY = "num-examples"  # Flower's default weighting key
 ARRAYS_KEY = "arrays"

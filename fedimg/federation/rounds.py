@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from fedimg.config import FedimgConfig
 from fedimg.errors import PrivacyBudgetExhausted, RunStopped
 from fedimg.federation.grid import ClientExchange, InstrumentedGrid
+from fedimg.federation.records import ATTEMPT_KEY
 from fedimg.federation.strategies import min_replies
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,9 @@ class RoundLoop:
             mark = len(self.grid.exchanges)
             if not self._enough_nodes(server_round):
                 continue
-            messages = self.strategy.configure_train(server_round, arrays,
-                                                     self.train_config, self.grid)
+            config = ConfigRecord(dict(self.train_config))
+            config[ATTEMPT_KEY] = attempt
+            messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
             replies = list(self.grid.send_and_receive(messages, **self._train_wait()))
             usable = sum(not reply.has_error() for reply in replies)
             if usable >= self.min_replies:

@@ -51,6 +51,8 @@ class PrivacyMode:
     secret_sampling: bool = False  # client sampling is part of the mechanism (amplification)
     clips_updates: bool = False  # the server clips every update (no norm-based rejection)
     adopt_ledger: Callable[..., dict[str, Any]] | None = None  # check a handed-back ledger
+    private_training: bool = False  # local training is the mechanism: no other use of the data
+    needs_every_reply: bool = False  # the aggregate is released only if every sampled client replies
 
 
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", config_key="privacy.mode")
@@ -86,7 +88,8 @@ def _client_dp_wrapper(strategy: Any, cfg: FedimgConfig, buffer_keys: frozenset[
 PRIVACY_MODES.add("none", PrivacyMode("no differential privacy", train=plain_train))
 PRIVACY_MODES.add("dp_sgd", PrivacyMode(
     "sample-level DP-SGD at every client (Opacus)", train=_dp_sgd_train,
-    adopt_ledger=_dp_sgd_adopt))
+    adopt_ledger=_dp_sgd_adopt, private_training=True))
 PRIVACY_MODES.add("client_dp", PrivacyMode(
     "client-level central DP at the server (DP-FedAvg)", train=plain_train,
-    wrap_strategy=_client_dp_wrapper, secret_sampling=True, clips_updates=True))
+    wrap_strategy=_client_dp_wrapper, secret_sampling=True, clips_updates=True,
+    needs_every_reply=True))

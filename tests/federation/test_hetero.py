@@ -134,15 +134,17 @@ def test_a_real_deadline_cuts_off_a_client_that_never_replies() -> None:
 
 
 def test_device_time_is_reported_with_links_and_speed() -> None:
-    overrides = ["hetero.speed_factors=[2,2,2,2,2,2]", "hetero.uplink_mbps=8",
-                 "hetero.downlink_mbps=16"]
+    overrides = ["hetero.speed_factors=[2,2,2,2,2,3]", "hetero.uplink_mbps=8",
+                 "hetero.downlink_mbps=16", "hetero.step_s=0.25"]
     _, grid, _ = _round(overrides)
-    e = grid.exchanges[0]
-    # bytes on the wire: the same model down and up; 8 bits / (16e6 or 8e6) per byte
-    link = e.bytes_down * 8 / 16e6 + e.bytes_up * 8 / 8e6
-    assert e.metrics["hetero/speed"] == 2.0
-    # compute at speed 2: twice the handler's training time (>= the loop's own timing)
-    assert e.metrics["hetero/device_s"] - link >= 2 * e.metrics["train/seconds"]
+    for e in grid.exchanges:
+        # bytes on the wire: the model down and up, 8 bits / (16e6 or 8e6) per byte;
+        # compute: 2 local steps x 0.25 s x the client's speed factor
+        speed = 3.0 if e.partition_id == 5 else 2.0
+        link = e.bytes_down * 8 / 16e6 + e.bytes_up * 8 / 8e6
+        assert e.metrics["hetero/speed"] == speed
+        assert e.metrics["hetero/device_s"] == pytest.approx(link + 2 * 0.25 * speed)
+        assert e.metrics["hetero/compute_s"] > 0  # what this host measured, for reference
     assert device_time(grid.exchanges, None)["device/round_s"] == max(
         x.metrics["hetero/device_s"] for x in grid.exchanges)
 
@@ -172,6 +174,8 @@ def test_personalization_reports_accuracy_after_k_steps_and_keeps_the_global_mod
     ("hetero.clock=wall", "valid: simulated, real"),
     ("hetero.deadline_s=-1", "hetero.deadline_s=-1"),
     ("fl.personalize_steps=-2", "fl.personalize_steps=-2"),
+    ("hetero.step_s=0", "hetero.step_s=0"),
+    ("hetero.speed_factors=[1,1,1,1,1,inf]", "needs 6 positive values"),
 ])
 def test_impossible_heterogeneity_is_refused_before_round_1(override: str, message: str) -> None:
     from fedimg.errors import ConfigError
@@ -180,6 +184,15 @@ def test_impossible_heterogeneity_is_refused_before_round_1(override: str, messa
         compose_config("medical", [*TINY, override])
 
 
-def test_the_packed_arrays_of_a_fleet_reply_are_counted_on_the_wire() -> None:
-    _, grid, _ = _round(["hetero.uplink_mbps=100"])
-    assert all(e.bytes_up == e.bytes_down > 0 for e in grid.exchanges)
+@pytest.mark.parametrize("overrides, message", [
+    (["privacy=client_dp", "hetero.availability=0.9"], "every sampled client replied"),
+    (["privacy=dp_sgd", "fl.personalize_steps=3"], "outside DP-SGD"),
+    (["privacy=dp_sgd", "hetero.clock=real", "hetero.deadline_s=5"], "spent budget"),
+    (["hetero.clock=real", "hetero.deadline_s=7200"], "must be below fl.timeout_s"),
+])
+def test_heterogeneity_that_would_break_another_feature_is_refused(overrides: list[str],
+                                                                  message: str) -> None:
+    from fedimg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose_config("medical", [*TINY, *overrides])
