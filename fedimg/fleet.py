@@ -146,6 +146,11 @@ def device_seconds(h: HeterogeneityConfig, cond: ClientConditions, *, compute_s:
     return base * cond.speed + link_seconds(h, bytes_down=bytes_down, bytes_up=bytes_up)
 
 
+def real_deadline(h: HeterogeneityConfig) -> float | None:
+    """The deadline the server enforces by waiting (``clock=real``), else None."""
+    return h.deadline_s if h.clock == "real" else None
+
+
 def real_delay(h: HeterogeneityConfig, *, device_s: float, compute_s: float) -> float:
     """Seconds a client sleeps under ``clock=real`` to arrive when its device would.
 
@@ -156,9 +161,8 @@ def real_delay(h: HeterogeneityConfig, *, device_s: float, compute_s: float) -> 
     if h.clock != "real":
         return 0.0
     delay = max(0.0, device_s - compute_s)
-    if h.deadline_s is not None:
-        delay = min(delay, max(0.0, h.deadline_s - compute_s) + 1.0)
-    return delay
+    deadline = real_deadline(h)
+    return delay if deadline is None else min(delay, max(0.0, deadline - compute_s) + 1.0)
 
 
 def late(h: HeterogeneityConfig, device_s: float) -> bool:

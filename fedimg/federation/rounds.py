@@ -35,6 +35,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from flwr.serverapp.strategy import Strategy
 
+from fedimg import fleet
 from fedimg.config import FedimgConfig
 from fedimg.errors import PrivacyBudgetExhausted, RunStopped
 from fedimg.federation.grid import ClientExchange, InstrumentedGrid
@@ -112,11 +113,11 @@ class RoundLoop:
 
     def _train_wait(self) -> dict[str, Any]:
         """How long a training round waits: ``fl.timeout_s``, or a real round deadline."""
-        h = self.cfg.hetero
-        if h.clock == "real" and h.deadline_s is not None and h.deadline_s < self.cfg.fl.timeout_s:
-            return {"timeout": h.deadline_s, "late": (
-                "straggler", f"no reply before the hetero.deadline_s={h.deadline_s}s deadline")}
-        return {"timeout": self.cfg.fl.timeout_s}
+        deadline = fleet.real_deadline(self.cfg.hetero)  # validated below fl.timeout_s
+        if deadline is None:
+            return {"timeout": self.cfg.fl.timeout_s}
+        return {"timeout": deadline, "late": (
+            "straggler", f"no reply before the hetero.deadline_s={deadline}s deadline")}
 
     def _enough_nodes(self, server_round: int) -> bool:
         """Wait up to ``fl.connect_timeout_s`` for the nodes the strategy samples from.
