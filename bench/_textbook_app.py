@@ -6,7 +6,7 @@ pickles the ClientApp by reference rather than by value with every message.
 Per train/evaluate call, :func:`load_data` decodes the dataset
 (:func:`fedimg.data.load_dataset`), partitions it
 (:func:`fedimg.data.partition_dataset`) and builds this client's loaders exactly as
-:meth:`fedimg.task.TaskEnvironment.client` does; then a fresh network is built
+:meth:`fedimg.clientapp.environment.TaskEnvironment.client` does; then a fresh network is built
 (``weights="none"``, quickstart's ``Net()``) and the received arrays are loaded into
 it. Training and evaluation are :func:`fedimg.training.train_local` and
 :func:`~fedimg.training.evaluate` with fedimg's seeds, threads and learning-rate
@@ -41,9 +41,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedimg.config import FedimgConfig, from_json, to_json
 from fedimg.data import InMemoryLoader, build_transform, load_dataset, partition_dataset
-from fedimg.federation.strategies import common_kwargs
+from fedimg.serverapp.strategies import common_kwargs
 from fedimg.models import build_model
-from fedimg.task import ClientData, balanced_class_weights
+from fedimg.clientapp.environment import ClientData
+from fedimg.training import balanced_class_weights
 from fedimg.training import evaluate, resolve_device, scheduled_lr, train_local
 
 CONFIG_KEY, FRESH_KEY, NUM_EXAMPLES = "fedimg-config", "bench-fresh-decode", "num-examples"

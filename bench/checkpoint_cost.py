@@ -35,15 +35,15 @@ from flwr.supercore.task_identity import TaskIdentity
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedimg.config import FederationConfig, FedimgConfig  # noqa: E402
-from fedimg.federation.checkpoint import (  # noqa: E402
+from fedimg.serverapp.checkpoint import (  # noqa: E402
     ResumeState,
     resume_payload,
     rng_state,
     strategy_state,
 )
-from fedimg.federation.records import metric_record, reply_content  # noqa: E402
-from fedimg.federation.server import initial_model  # noqa: E402
-from fedimg.federation.strategies import build_strategy  # noqa: E402
+from fedimg.transport.records import metric_record, reply_content  # noqa: E402
+from fedimg.serverapp.run import initial_model  # noqa: E402
+from fedimg.serverapp.strategies import build_strategy  # noqa: E402
 from fedimg.reporting import RunRecorder  # noqa: E402
 
 logging.disable(logging.INFO)

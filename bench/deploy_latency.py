@@ -15,7 +15,7 @@ It runs, side by side in one invocation:
    the same 2 x 150 images (copied from the split the simulation used), three ways:
    - ``flower``: Flower's defaults, a new ClientApp process per message and one
      transfer object per array (``warm: false``, ``fl.pack_arrays=false``);
-   - ``packed``: arrays packed into one buffer per message (``fedimg.federation.packing``);
+   - ``packed``: arrays packed into one buffer per message (``fedimg.transport.packing``);
    - ``warm``: packed, and one warm ClientApp process per site (``fedimg.deploy.warm``),
      the default.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedimg.compose import compose_config  # noqa: E402
+from fedimg.config.compose import compose_config  # noqa: E402
 from fedimg.data import DATASETS, load_dataset, partition_dataset  # noqa: E402
 from fedimg.deploy.certs import create_dev_pki  # noqa: E402
 from fedimg.deploy.localhost import LocalFederation, free_port, site_yaml  # noqa: E402
@@ -120,10 +120,11 @@ def cold_start(site: Path) -> dict[str, float]:
     code = f"""
 import time, json
 t0 = time.perf_counter()
-import torch, flwr.clientapp, fedimg.federation.client_app
-from fedimg.compose import compose_config
+import torch, flwr.clientapp, fedimg.clientapp.app
+from fedimg.config.compose import compose_config
 from fedimg.config import to_json
-from fedimg.task import SiteOptions, site_environment
+from fedimg.clientapp.environment import site_environment
+from fedimg.clientapp.site import SiteOptions
 t1 = time.perf_counter()
 cfg = compose_config("medical", {json.dumps(WORK)})
 env = site_environment(to_json(cfg), SiteOptions(data_path="{site}", num_threads=1))

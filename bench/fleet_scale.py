@@ -4,7 +4,7 @@ Usage (any scenario overrides may follow)::
 
     FEDIMG_DATA=../shared/data python bench/fleet_scale.py scenario=cameras clients=200 rounds=20
 
-It runs the real simulation (``fedimg.engine.simulate``, Ray backend) while sampling
+It runs the real simulation (``fedimg.simulation.engine.simulate``, Ray backend) while sampling
 the memory of the whole process tree (driver, Ray's GCS and raylet, the worker
 actors; PSS, so shared library pages count once), and prints what the run's
 ``results.json`` and ``metrics.jsonl`` say: final and best test accuracy, the
@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import PeakMemory  # noqa: E402
 
-from fedimg.compose import compose_config, split_argv  # noqa: E402
-from fedimg.engine import simulate  # noqa: E402
-from fedimg.federation.server import prepare_run  # noqa: E402
+from fedimg.config.compose import compose_config, split_argv  # noqa: E402
+from fedimg.simulation.engine import simulate  # noqa: E402
+from fedimg.serverapp.run import prepare_run  # noqa: E402
 from fedimg.reporting import setup_logging  # noqa: E402
 
 log = logging.getLogger("fedimg.bench")

@@ -6,7 +6,7 @@ Usage (any scenario overrides may follow; ``--fresh-decode`` is optional)::
 
 It runs, one after the other in one invocation:
 
-1. **fedimg**: the real simulation (:func:`fedimg.engine.simulate`), whose workers
+1. **fedimg**: the real simulation (:func:`fedimg.simulation.engine.simulate`), whose workers
    decode the data and build the model once per process.
 2. **textbook**: Flower's quickstart-pytorch pattern (``bench/_textbook_app.py``): on
    every train/evaluate message the ClientApp loads the dataset and builds this
@@ -18,7 +18,7 @@ It runs, one after the other in one invocation:
 
 Both run the same config, model, partitions and local steps (same loaders, seeds,
 threads, learning rates), the same sampling fractions and the same Ray settings
-(:func:`fedimg.engine.start_ray`). What the textbook does not do is switched off
+(:func:`fedimg.simulation.engine.start_ray`). What the textbook does not do is switched off
 on both sides: central evaluation, checkpoints, plots, progress bars, simulated
 device heterogeneity (``hetero.*``) and personalization. Client sampling is random
 on both sides, so the two runs train different clients; the final federated
@@ -43,11 +43,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._textbook_app import client_app, textbook_server  # noqa: E402
-from fedimg.compose import compose_config, split_argv  # noqa: E402
+from fedimg.config.compose import compose_config, split_argv  # noqa: E402
 from fedimg.config import FedimgConfig  # noqa: E402
-from fedimg.engine import backend_config, simulate, start_ray  # noqa: E402
+from fedimg.simulation.engine import backend_config, simulate, start_ray  # noqa: E402
 from fedimg.errors import ConfigError  # noqa: E402
-from fedimg.federation.server import prepare_run  # noqa: E402
+from fedimg.serverapp.run import prepare_run  # noqa: E402
 from fedimg.reporting import setup_logging  # noqa: E402
 
 log = logging.getLogger("fedimg.bench")

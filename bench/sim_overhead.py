@@ -8,10 +8,10 @@ It runs, side by side in one invocation:
 
 1. **pure compute**: one process, no Flower, no Ray. For every round and every
    client the simulation sampled in that round it loads the global weights, runs the same local training steps
-   (:meth:`fedimg.task.TaskEnvironment.train`, same model, data, batch size and
+   (:meth:`fedimg.clientapp.environment.TaskEnvironment.train`, same model, data, batch size and
    steps) and FedAvg-averages the results; the client validation and central test
    evaluations are timed separately.
-2. **simulation**: the real run (``fedimg.engine.simulate``), Ray backend; it runs
+2. **simulation**: the real run (``fedimg.simulation.engine.simulate``), Ray backend; it runs
    first, and the pure side replays its sample of clients.
 
 Simulated device heterogeneity (``hetero.*``) and personalization change how much
@@ -35,13 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedimg.compose import compose_config, split_argv  # noqa: E402
+from fedimg.config.compose import compose_config, split_argv  # noqa: E402
 from fedimg.config import FedimgConfig  # noqa: E402
-from fedimg.engine import simulate  # noqa: E402
-from fedimg.federation.server import prepare_run  # noqa: E402
+from fedimg.simulation.engine import simulate  # noqa: E402
+from fedimg.serverapp.run import prepare_run  # noqa: E402
 from fedimg.models import build_model  # noqa: E402
 from fedimg.reporting import setup_logging  # noqa: E402
-from fedimg.task import CentralEvaluator, TaskEnvironment  # noqa: E402
+from fedimg.clientapp.environment import TaskEnvironment  # noqa: E402
+from fedimg.serverapp.evaluation import CentralEvaluator  # noqa: E402
 
 log = logging.getLogger("fedimg.bench")
 ENGINE_ONLY = ["hetero.availability=1", "hetero.dropout=0", "hetero.speed_sigma=0",

@@ -1,6 +1,6 @@
 """The shared shape of fedimg's command-line entry points.
 
-``python -m fedimg.simulate`` and ``python -m fedimg.privacy`` both take Hydra-style
+``python -m fedimg.simulate`` and ``python -m fedimg.audit`` both take Hydra-style
 ``key=value`` arguments, print their module docstring for ``-h``, and turn a
 :class:`~fedimg.errors.FedimgError` into one logged line and its exit code.
 """

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedimg.cli import run_cli
-from fedimg.compose import compose_config, split_argv
+from fedimg.config.compose import compose_config, split_argv
 from fedimg.errors import RunStopped
 from fedimg.reporting import plot_run, setup_logging, summary_table
 
@@ -28,13 +28,13 @@ log = logging.getLogger("fedimg.simulate")
 
 def run(argv: Sequence[str]) -> dict:
     """Run a simulation from command-line style arguments; return results.json's content."""
-    from fedimg.engine import simulate
-    from fedimg.federation.server import prepare_run
+    from fedimg.simulation.engine import simulate
+    from fedimg.serverapp.run import prepare_run
 
     setup_logging()
     resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
     if resume is not None:
-        from fedimg.federation.checkpoint import resumed_config
+        from fedimg.serverapp.checkpoint import resumed_config
 
         cfg = resumed_config(Path(resume), [a for a in argv if not a.startswith("resume=")])
     else:

@@ -1,13 +1,25 @@
-"""Shared pytest fixtures: the real-data root and small synthetic tensors."""
+"""Shared pytest fixtures: Flower's task identity, the real-data root, tiny run overrides."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # offline_grid
+
+
+@pytest.fixture(autouse=True)
+def _flower_task_identity() -> None:
+    """Flower needs a task identity in the process before Messages can be built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 1
 
 
 def _shared_data_root() -> Path | None:

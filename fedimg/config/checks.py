@@ -258,10 +258,10 @@ def _validate_names(cfg: FedimgConfig) -> None:
     """Every name-valued field must be a key of its registry."""
     # Imported here: the registries pull in torch/torchvision/flwr, and this module
     # must stay importable for tools that only read configs.
-    from fedimg.attacks import ATTACKS
-    from fedimg.compression import CODECS
+    from fedimg.simulation.attacks import ATTACKS
+    from fedimg.transport.codecs import CODECS
     from fedimg.data import AUGMENTATIONS, DATASETS, PARTITIONERS
-    from fedimg.federation.strategies import STRATEGIES
+    from fedimg.serverapp.strategies import STRATEGIES
     from fedimg.models import MODELS
     from fedimg.privacy import PRIVACY_MODES
     from fedimg.training import OPTIMIZERS, SCHEDULES

@@ -1,10 +1,10 @@
 """The typed config schema of fedimg.
 
 Scenario files in ``scenarios/`` and command-line overrides (Hydra ``key=value``)
-are merged onto these dataclasses by :mod:`fedimg.compose`; the result is a
+are merged onto these dataclasses by :mod:`fedimg.config.compose`; the result is a
 :class:`FedimgConfig`, checked once by :func:`fedimg.config.validate` before any data is
 loaded or any Ray worker is started. Field names are snake_case; kebab-case keys
-exist only inside Flower records (see :mod:`fedimg.federation.records`).
+exist only inside Flower records (see :mod:`fedimg.transport.records`).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class FederationConfig:
     on_too_few: str = "retry"  # retry (then skip) | skip (keep the model) | stop (end the run)
     round_retries: int = 2  # re-samples of a short round before it is skipped
     max_skipped_rounds: int = 3  # this many skipped rounds in a row end the run
-    pack_arrays: bool = True  # model arrays travel as one buffer (fedimg.federation.packing)
+    pack_arrays: bool = True  # model arrays travel as one buffer (fedimg.transport.packing)
     local_bn: bool = False  # FedBN (Li et al. 2021): each client keeps its own BatchNorm
     personalize_steps: int = 0  # >0: clients also report val accuracy after k local steps
 
@@ -157,7 +157,7 @@ class FaultsConfig:
 
 @dataclass
 class HeterogeneityConfig:
-    """Simulated device and network heterogeneity of the clients (:mod:`fedimg.fleet`).
+    """Simulated device and network heterogeneity of the clients (:mod:`fedimg.simulation.fleet`).
 
     Off by default. Each draw is seeded by (run seed, round, client), so a run repeats.
     ``availability``: probability that a sampled client is online in a training round;
@@ -187,7 +187,7 @@ class HeterogeneityConfig:
 
 @dataclass
 class CompressionConfig:
-    """Compression of client updates on the uplink (see :mod:`fedimg.compression`)."""
+    """Compression of client updates on the uplink (see :mod:`fedimg.transport.codecs`)."""
 
     kind: str = "none"  # none | fp16 | int8 | topk
     topk_fraction: float = 0.01  # topk: share of each tensor's entries sent

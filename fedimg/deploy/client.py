@@ -261,7 +261,7 @@ def supernode_env(site: SiteConfig, base: Mapping[str, str] | None = None) -> di
 
 def check_site_data(site: SiteConfig) -> None:
     """Read the site's images as the ClientApp will; log a summary; DataError if unfit."""
-    from fedimg.compose import compose_config
+    from fedimg.config.compose import compose_config
     from fedimg.data.site import read_site_data, site_fingerprint
 
     cfg = compose_config(site.scenario, [])

@@ -266,7 +266,7 @@ def run_config(scenario: str, overrides: Sequence[str]) -> str:
 
 def submit_run(args: Sequence[str], *, connection: str, runs_dir: Path) -> int:
     """Validate ``scenario=... key=value ...`` here, submit it with ``flwr run``; its exit code."""
-    from fedimg.compose import compose_config, split_argv
+    from fedimg.config.compose import compose_config, split_argv
 
     scenario, overrides = split_argv(args)
     if scenario.endswith((".yaml", ".yml")):

@@ -10,7 +10,7 @@ YAML file's folder, so a site folder can be moved as a whole.
 
 :func:`node_config` is the one place where these snake_case settings become the
 kebab-case ``--node-config`` keys read by the ClientApp
-(:func:`fedimg.federation.records.site_options`).
+(:func:`fedimg.clientapp.site.site_options`).
 
 The small YAML helpers at the bottom (:func:`read_yaml_mapping`,
 :func:`check_keys`, :func:`typed`) are shared with the server config
@@ -180,7 +180,7 @@ def _check_files(site: SiteConfig, *, where: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _scenario_dataset(scenario: str) -> str:
-    from fedimg.compose import compose_config
+    from fedimg.config.compose import compose_config
 
     return compose_config(scenario, []).data.dataset
 

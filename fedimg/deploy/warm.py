@@ -12,7 +12,7 @@ Runtime API (``AcquireTask``) may take the tasks. This module is such a process.
 It polls every ``poll_interval`` seconds and runs each ClientApp task in itself,
 with the steps ``flwr-clientapp`` runs (Flower's own ``pull_task_input``,
 ``push_message`` and ``push_task_output``), but without exiting afterwards. The
-imports, the decoded site data and the model (``fedimg.task.site_environment``)
+imports, the decoded site data and the model (``fedimg.clientapp.environment.site_environment``)
 therefore stay in memory between messages and rounds.
 
 Isolation is what this trades, so the executor runs nothing but the fedimg
@@ -66,7 +66,7 @@ from flwr.supernode.runtime.run_clientapp import (
 )
 
 import fedimg
-from fedimg.federation import client_app
+from fedimg.clientapp import app as client_app
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
   Learning with Differential Privacy", CCS) with Opacus; see :mod:`fedimg.privacy.dp_sgd`.
 * ``client_dp``: client-level central DP at the server, DP-FedAvg (McMahan et al.
   2018, "Learning Differentially Private Recurrent Language Models", ICLR), using
-  Flower's server-side clipping wrappers; see :mod:`fedimg.federation.client_dp`.
+  Flower's server-side clipping wrappers; see :mod:`fedimg.privacy.client_dp`.
 
 An entry says how a client trains one round and how the server wraps its strategy,
 so no code branches on the mode's name. The heavy imports (Opacus, Flower) happen
@@ -24,7 +24,7 @@ from fedimg.registry import Registry
 
 if TYPE_CHECKING:
     from fedimg.config import FedimgConfig
-    from fedimg.task import TaskEnvironment
+    from fedimg.clientapp.environment import TaskEnvironment
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _dp_sgd_adopt(env: TaskEnvironment, partition_id: int, offered: dict[str, An
 
 
 def _client_dp_wrapper(strategy: Any, cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Any:
-    from fedimg.federation.client_dp import wrap_client_dp
+    from fedimg.privacy.client_dp import wrap_client_dp
 
     return wrap_client_dp(strategy, cfg, buffer_keys)
 

@@ -50,6 +50,7 @@ from fedimg.models import MODELS
 from fedimg.privacy import ClientRound, grad_samplers  # noqa: F401 - registers Conv2d rule
 from fedimg.privacy.accounting import PrivacyLedger, default_delta, new_ledger
 from fedimg.training import build_optimizer, scheduled_lr
+from fedimg.training.losses import balanced_weights_from_counts
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Optimal order is the", module="opacus")
@@ -138,7 +139,7 @@ def client_ledger(cfg: FedimgConfig, partition_id: int, labels: torch.Tensor,
         counts = torch.bincount(labels, minlength=num_classes).double()
         noise = torch.randn(num_classes, generator=noise_generator(cfg, partition_id, 0),
                             dtype=torch.float64) * p.count_noise
-        weights = _balanced((counts + noise).clamp(min=1.0))
+        weights = balanced_weights_from_counts((counts + noise).clamp(min=1.0)).tolist()
         prefix = [(p.count_noise, 1.0, 1)]
     book = new_ledger(target_epsilon=budget, delta=p.target_delta or default_delta(n),
                       sample_rate=sample_rate(cfg, n),
@@ -176,11 +177,6 @@ def adopted_ledger(env: Any, partition_id: int, offered: dict[str, Any]) -> dict
         raise UpdateError(f"client {partition_id}: the privacy ledger the server handed back "
                           "does not match this client's privacy config; refusing to train")
     return book.to_dict()
-
-
-def _balanced(counts: torch.Tensor) -> list[float]:
-    """n / (k n_c) per class from (noisy) counts, as fedimg.task.balanced_class_weights."""
-    return (counts.sum() / (len(counts) * counts)).tolist()
 
 
 def noise_generator(cfg: FedimgConfig, *salt: int) -> torch.Generator:

@@ -4,10 +4,12 @@
   term) and :func:`evaluate`.
 * :mod:`~fedimg.training.metrics`: accuracy, balanced accuracy, macro-F1, AUC, top-5.
 * :mod:`~fedimg.training.optim`: the ``OPTIMIZERS`` and ``SCHEDULES`` registries.
+* :mod:`~fedimg.training.losses`: balanced class weights, FedRS logit mask.
 * :mod:`~fedimg.training.device`: ``train.device`` -> :class:`torch.device`, AMP dtype.
 """
 
 from fedimg.training.device import resolve_device
+from fedimg.training.losses import balanced_class_weights, restricted_logit_scale
 from fedimg.training.loop import TrainingDiverged, TrainResult, evaluate, train_local
 from fedimg.training.metrics import classification_metrics
 from fedimg.training.optim import OPTIMIZERS, SCHEDULES, build_optimizer, scheduled_lr
@@ -17,10 +19,12 @@ __all__ = [
     "SCHEDULES",
     "TrainResult",
     "TrainingDiverged",
+    "balanced_class_weights",
     "build_optimizer",
     "classification_metrics",
     "evaluate",
     "resolve_device",
+    "restricted_logit_scale",
     "scheduled_lr",
     "train_local",
 ]

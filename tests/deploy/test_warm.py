@@ -12,7 +12,7 @@ from flwr.clientapp.client_app import LoadClientAppError
 
 import fedimg
 from fedimg.deploy.warm import WarmExecutor, fab_digest, installed_digest, source_digest
-from fedimg.federation import client_app
+from fedimg.clientapp import app as client_app
 
 
 def _fab(*, edit: str | None = None) -> bytes:
@@ -43,7 +43,7 @@ def test_the_installed_app_is_served_and_another_is_refused() -> None:
     executor.checked, executor._installed = {}, installed_digest()
     same = SimpleNamespace(hash_str="same", content=_fab())
     other = SimpleNamespace(hash_str="other",
-                            content=_fab(edit="fedimg/federation/client_app.py"))
+                            content=_fab(edit="fedimg/clientapp/app.py"))
     # Act / Assert
     assert fab_digest(same.content) == executor._installed
     assert executor.app_for(same) is client_app.app

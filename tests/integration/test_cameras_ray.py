@@ -1,6 +1,6 @@
 """End to end: the cameras scenario on the Ray engine, real GTSRB, unreliable devices.
 
-Every sampled camera's recorded fate is the one :mod:`fedimg.fleet` drew for it,
+Every sampled camera's recorded fate is the one :mod:`fedimg.simulation.fleet` drew for it,
 through the real Flower simulation: offline and dropped cameras send nothing, the
 rest are aggregated, and the round's counters and personalization figures are set.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fedimg import fleet
-from fedimg.compose import compose_config
+from fedimg.simulation import fleet
+from fedimg.config.compose import compose_config
 from fedimg.simulate import run
 
 pytestmark = pytest.mark.slow

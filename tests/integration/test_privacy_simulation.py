@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedimg.compose import compose_config
+from fedimg.config.compose import compose_config
 from fedimg.data import load_dataset, partition_dataset
 from fedimg.privacy.accounting import epsilon
 from fedimg.simulate import run

@@ -1,4 +1,4 @@
-"""`python -m fedimg.privacy` end to end on tiny synthetic data (2 grid points)."""
+"""`python -m fedimg.audit` end to end on tiny synthetic data (2 grid points)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from fedimg.privacy.__main__ import main
+from fedimg.audit.__main__ import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 

@@ -8,7 +8,7 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from fedimg.compose import compose_config
+from fedimg.config.compose import compose_config
 from fedimg.data import InMemoryLoader
 from fedimg.models import MODELS
 from fedimg.privacy.accounting import epsilon
@@ -19,7 +19,7 @@ from fedimg.privacy.dp_sgd import (
     steps_per_round,
     train_round,
 )
-from fedimg.task import TaskEnvironment
+from fedimg.clientapp.environment import TaskEnvironment
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 HEAVY = {"resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_large"}

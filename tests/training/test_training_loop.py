@@ -194,7 +194,7 @@ def test_cuda_amp_and_channels_last_smoke():
 def test_restricted_softmax_scales_the_logits_of_absent_classes():
     # Arrange: a 3-class linear model, one batch of class-0 images only; classes 1 and 2
     # are absent at this client. With a zero-weight model every logit is its bias.
-    from fedimg.task import restricted_logit_scale
+    from fedimg.training import restricted_logit_scale
 
     labels = torch.zeros(4, dtype=torch.long)
     scale = restricted_logit_scale(labels, 3, alpha=0.5)

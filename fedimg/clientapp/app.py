@@ -1,0 +1,293 @@
+"""The Flower ClientApp: thin handlers over :class:`fedimg.clientapp.environment.TaskEnvironment`.
+
+Each handler reads the run config from the message, gets this process's cached
+task environment, loads the global weights, runs plain-PyTorch training or
+evaluation, and replies with the update and metrics. Only weights and metrics
+leave the client. Used unchanged by simulation (``python -m fedimg.simulate``),
+``flwr run .`` and deployed SuperNodes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from fedimg.simulation import fleet
+from fedimg.simulation.attacks import poisoned_update
+from fedimg.simulation.faults import inject_fault
+from fedimg.transport.codecs import compress_update
+from fedimg.config import FedimgConfig
+from fedimg.errors import DataError
+from fedimg.transport.records import (
+    ARRAYS_KEY,
+    ATTEMPT_KEY,
+    COMPRESSION_KEY,
+    CONFIG_KEY,
+    DECLINED_KEY,
+    LEDGER_KEY,
+    METRICS_KEY,
+    PROXIMAL_MU_KEY,
+    ROUND_KEY,
+    SITE_KEY,
+    config_from_record,
+    metric_record,
+    record_bytes,
+    record_to_state_dict,
+    reply_content,
+    state_dict_to_record,
+)
+from fedimg.transport.packing import PACKED_ARRAYS_KEY, pack_content, unpack_content
+from fedimg.privacy import PRIVACY_MODES
+from fedimg.clientapp.site import site_options
+from fedimg.clientapp.environment import TaskEnvironment, environment, site_environment
+
+# A client's DP ledger lives in its Flower context.state between rounds: a fresh
+# accountant every round would restart epsilon at zero. So does the error-feedback
+# residual of update compression.
+RESIDUAL_KEY = "fedimg-ef-residual"
+# FedBN: this client's own BatchNorm weights and statistics, between rounds.
+LOCAL_BN_KEY = "fedimg-local-bn"
+
+app = ClientApp()
+
+
+def _threads(cfg: FedimgConfig) -> int:
+    return cfg.train.num_threads or max(1, int(cfg.sim.num_cpus_per_client))
+
+
+def _partition_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise DataError("this node has no 'partition-id' in its node config; pass "
+                        "--node-config 'partition-id=0 num-partitions=N'")
+    return int(context.node_config["partition-id"])
+
+
+def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, RecordDict,
+                                                    dict[str, torch.Tensor]]:
+    """This process's task environment with the global weights loaded, and the client id.
+
+    A deployed SuperNode names its own data (``data-path`` in its node config): its
+    environment holds that site's images, as client 0. A simulated node is one
+    partition (``partition-id``) of the dataset every worker loads.
+    """
+    content = unpack_content(msg.content)
+    config = content["config"]
+    site = site_options(context.node_config)
+    if site is None:
+        env, pid = environment(str(config[CONFIG_KEY]),
+                               _threads(config_from_record(config))), _partition_id(context)
+    else:
+        env, pid = site_environment(str(config[CONFIG_KEY]), site), 0
+    state: dict[str, torch.Tensor] = {}
+    if ARRAYS_KEY in content.array_records:
+        state = record_to_state_dict(content[ARRAYS_KEY], env.reference)
+        env.load_state(state)
+    return env, pid, config, state
+
+
+def _use_local_bn(env: TaskEnvironment, context: Context) -> None:
+    """FedBN (``fl.local_bn``): put this client's own BatchNorm back over the global one.
+
+    Li et al. 2021, "FedBN: Federated Learning on Non-IID Features via Local Batch
+    Normalization": every other weight comes from the server; BatchNorm layers keep
+    what this client learnt (from the first global model on, until it has trained).
+    """
+    kept = context.state.array_records.get(LOCAL_BN_KEY)
+    if env.cfg.fl.local_bn and kept is not None:
+        env.model.load_state_dict({k: torch.from_numpy(np.array(v.numpy()))
+                                   for k, v in kept.items()}, strict=False)
+
+
+def _keep_local_bn(env: TaskEnvironment, context: Context) -> None:
+    if env.cfg.fl.local_bn:  # the BatchNorm entries only, not a copy of the whole model
+        state = env.model.state_dict()
+        context.state[LOCAL_BN_KEY] = ArrayRecord(
+            {k: Array(state[k].detach().cpu().numpy().copy(order="C"))
+             for k in env.batchnorm_keys})
+
+
+def _reply(msg: Message, content: RecordDict) -> Message:
+    """The reply to ``msg``, its arrays packed the way the server packed its own."""
+    if PACKED_ARRAYS_KEY in msg.content.array_records:
+        content = pack_content(content, ARRAYS_KEY)
+    return Message(content, reply_to=msg)
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Report this client's partition id and split sizes (and build its environment).
+
+    A deployed site also reports its name and class counts; the server numbers the
+    sites by name, since their own ids are all 0.
+    """
+    env, pid, _, _ = _setup(msg, context)
+    data = env.client(pid)
+    info = MetricRecord({"partition-id": pid, "num-train": data.num_train,
+                         "num-val": data.num_val, "num-classes": env.num_classes})
+    content = RecordDict({"metrics": info})
+    site = site_options(context.node_config)
+    if site is not None:
+        content[SITE_KEY] = ConfigRecord({"name": site.name, "location": env.site_location})
+    return Message(content, reply_to=msg)
+
+
+def _ledger(context: Context, msg: Message, env: TaskEnvironment,
+            partition_id: int) -> dict[str, Any] | None:
+    """This client's DP ledger: its own, else the one a resumed server hands back.
+
+    A resumed run starts fresh client processes; the server's checkpoint holds the
+    ledgers the clients reported, so epsilon keeps accumulating across the restart.
+    A client never lets the server replace a ledger it still holds, and checks a
+    handed-back one against its own privacy config first.
+    """
+    record = context.state.config_records.get(LEDGER_KEY)
+    if record is not None:
+        return json.loads(str(record["json"]))
+    offered = msg.content.config_records.get(LEDGER_KEY)
+    adopt = PRIVACY_MODES.get(env.cfg.privacy.mode).adopt_ledger
+    if offered is None or adopt is None:
+        return None
+    return adopt(env, partition_id, json.loads(str(offered["json"])))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on the local partition (privately if configured).
+
+    Under DP-SGD a client whose budget cannot cover the round replies with its
+    privacy metrics and the reason instead of an update.
+    """
+    env, pid, config, start = _setup(msg, context)
+    _use_local_bn(env, context)
+    server_round = int(config[ROUND_KEY])
+    inject_fault(env.cfg, server_round, pid)
+    try:
+        device = _device_conditions(env, pid, server_round, int(config.get(ATTEMPT_KEY, 1)))
+    except fleet.DeviceAbsent as exc:  # an error reply: no update, no traceback in the logs
+        return msg.create_error_reply(Error(code=fleet.ABSENT_CODE, reason=str(exc)))
+    mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
+    started = time.perf_counter()
+    result = mode.train(env, pid, server_round=server_round,
+                        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+                        ledger=_ledger(context, msg, env, pid))
+    compute_s = time.perf_counter() - started
+    metrics = metric_record(result.metrics, num_examples=result.num_examples)
+    _keep_local_bn(env, context)
+    if result.declined:
+        content = reply_content(metrics=metrics)
+        content[DECLINED_KEY] = ConfigRecord({"reason": result.declined})
+    else:
+        sent = poisoned_update(env.cfg, pid, start, env.state(), env.trained_keys())
+        content = _update_content(env, context, metrics, start, sent)
+    if result.ledger is not None:
+        ledger = ConfigRecord({"json": json.dumps(result.ledger)})
+        context.state[LEDGER_KEY] = ledger
+        content[LEDGER_KEY] = ledger  # accountant history only: sigma, q, steps, noisy counts
+    if device is not None:
+        _pace(env, device, sent=msg, reply=content, compute_s=compute_s,
+              steps=int(result.metrics.get("train/steps", 0)))
+    return _reply(msg, content)
+
+
+def _device_conditions(env: TaskEnvironment, pid: int, server_round: int,
+                       attempt: int) -> fleet.ClientConditions | None:
+    """This round's simulated device (``hetero.*``): offline and dropping clients raise.
+
+    A dropping client really runs the local steps it completes before it dies, and
+    sends nothing: the server sees a failed client, never an update.
+    """
+    h = env.cfg.hetero
+    if not fleet.enabled(h):
+        return None
+    cond = fleet.conditions(env.cfg, server_round, pid, attempt)
+    if not cond.online:
+        raise fleet.ClientOffline(f"client {pid} is offline in round {server_round} "
+                                  f"(hetero.availability={h.availability})")
+    if cond.drop_after is not None:
+        total = env.local_steps(pid)
+        done = fleet.steps_before_drop(total, cond.drop_after)
+        if done:
+            env.train(pid, server_round=server_round, steps=done)
+        raise fleet.ClientDropped(f"client {pid} dropped out of round {server_round} after "
+                                  f"{done} of its {total} local steps "
+                                  f"(hetero.dropout={h.dropout})")
+    return cond
+
+
+def _pace(env: TaskEnvironment, cond: fleet.ClientConditions, *, sent: Message,
+          reply: RecordDict, compute_s: float, steps: int) -> None:
+    """Report the device's round time; under ``hetero.clock=real``, take that long."""
+    h = env.cfg.hetero
+    device_s = fleet.device_seconds(
+        h, cond, compute_s=compute_s, steps=steps,
+        bytes_down=sum(record_bytes(r) for r in sent.content.array_records.values()),
+        bytes_up=sum(record_bytes(r) for r in reply.array_records.values()))
+    metrics = reply[METRICS_KEY]
+    metrics["hetero/speed"] = cond.speed
+    metrics["hetero/compute_s"] = compute_s  # measured on this host
+    metrics["hetero/device_s"] = device_s
+    time.sleep(fleet.real_delay(h, device_s=device_s, compute_s=compute_s))
+
+
+def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecord,
+                    start: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]
+                    ) -> RecordDict:
+    """The reply carrying ``sent``: the weights, or their compressed delta.
+
+    Error feedback keeps what compression dropped in ``context.state`` (on the
+    client), to be added to the next round's delta.
+    """
+    comp = env.cfg.compression
+    if comp.kind == "none":
+        return reply_content(metrics=metrics, arrays=state_dict_to_record(sent))
+    residual = None
+    if comp.error_feedback:
+        kept = context.state.array_records.get(RESIDUAL_KEY)
+        residual = {k: torch.from_numpy(v.numpy()) for k, v in kept.items()} if kept else {}
+    arrays, memory = compress_update(
+        comp.kind, comp.topk_fraction, global_state=start, local_state=sent,
+        trained=env.trained_keys(), frozen=env.frozen_keys, residual=residual)
+    if comp.error_feedback:
+        context.state[RESIDUAL_KEY] = ArrayRecord(
+            {k: Array(np.asarray(v.numpy(), order="C")) for k, v in memory.items()})
+    content = reply_content(metrics=metrics, arrays=ArrayRecord(
+        {k: Array(np.asarray(v, order="C")) for k, v in arrays.items()}))
+    content[COMPRESSION_KEY] = ConfigRecord({"codec": comp.kind})
+    return content
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on the local validation split.
+
+    With ``fl.personalize_steps=k`` the client then trains that model for k local
+    steps and evaluates again (``personal/*``): how well the global model serves as
+    a starting point for each client (the evaluation of personalized FL, e.g. Yu et
+    al. 2020, "Salvaging Federated Learning by Local Adaptation"). Nothing is sent back
+    but metrics, and the next message reloads the global weights.
+    """
+    env, pid, config, _ = _setup(msg, context)
+    _use_local_bn(env, context)
+    metrics, num_examples = env.evaluate_client(pid)
+    steps = env.cfg.fl.personalize_steps
+    if steps:  # the global model fine-tuned on this client's own data for k steps, at
+        # the base learning rate: a cosine schedule is near 0 by the last round
+        env.train(pid, server_round=int(config[ROUND_KEY]), steps=steps, lr=env.cfg.train.lr)
+        tuned, _ = env.evaluate_client(pid)
+        metrics.update({f"personal/{k.split('/', 1)[1]}": v for k, v in tuned.items()})
+    return _reply(msg, reply_content(metrics=metric_record(metrics, num_examples=num_examples)))

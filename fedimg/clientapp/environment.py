@@ -1,0 +1,259 @@
+"""The learning task behind every client: plain PyTorch.
+
+A :class:`TaskEnvironment` holds what a worker process needs to serve any client
+of one run: the decoded dataset, the partitions, one model object and the
+loaders. It is built once per process and per run config (:func:`environment`),
+so a simulated worker that serves many clients in many rounds decodes the data
+and builds the network once; each call then only loads the incoming global
+weights into the existing model. Nothing here imports flwr, ray or opacus: the
+benchmark in ``bench/`` runs the very same steps without Flower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedimg.simulation.attacks import poisoned_labels
+from fedimg.config import FedimgConfig, from_json
+from fedimg.data import (
+    DATASETS,
+    ClientPartition,
+    Dataset,
+    ImageSet,
+    InMemoryLoader,
+    Provenance,
+    SiteData,
+    build_transform,
+    load_dataset,
+    load_partitions,
+    partition_dataset,
+    read_site_data,
+)
+from fedimg.errors import DataError
+from fedimg.models import batchnorm_state_keys, build_model, frozen_state_keys
+from fedimg.clientapp.site import SiteOptions
+from fedimg.training import (
+    balanced_class_weights,
+    evaluate,
+    resolve_device,
+    restricted_logit_scale,
+    scheduled_lr,
+    train_local,
+)
+
+log = logging.getLogger(__name__)
+
+PARTITIONS_FILE = "partitions.npz"
+
+
+def make_partitions(cfg: FedimgConfig, dataset: Dataset) -> list[ClientPartition]:
+    """Partitions of the pooled train split, read from the run dir when the server wrote them."""
+    path = Path(cfg.output.run_dir or ".") / PARTITIONS_FILE
+    if cfg.output.run_dir and path.is_file():
+        parts = load_partitions(path)
+        if len(parts) == cfg.clients:
+            return parts
+    return partition_dataset(dataset.train, cfg=cfg.data, num_clients=cfg.clients,
+                             seed=cfg.seed)
+
+
+def site_as_dataset(cfg: FedimgConfig, site: SiteData) -> tuple[Dataset, list[ClientPartition]]:
+    """A site's images as a one-client dataset: train then val rows, one partition."""
+    n_train, n_val = len(site.train.labels), len(site.val.labels)
+    pooled = ImageSet(images=torch.cat([site.train.images, site.val.images]),
+                      labels=torch.cat([site.train.labels, site.val.labels]))
+    dataset = Dataset(name=cfg.data.dataset, classes=site.classes,
+                      channels=int(pooled.images.shape[1]), train=pooled, test=site.val,
+                      val=None, provenance=Provenance(source="real", location=site.location,
+                                                      warnings=site.warnings))
+    part = ClientPartition(0, np.arange(n_train), np.arange(n_train, n_train + n_val))
+    return dataset, [part]
+
+
+@dataclass
+class ClientData:
+    """One client's loaders over its partition."""
+
+    train: InMemoryLoader
+    val: InMemoryLoader
+    num_train: int
+    num_val: int
+    class_weights: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None  # FedRS (train.restricted_softmax)
+
+
+class TaskEnvironment:
+    """Dataset, partitions and one reusable model for a run config, in one process."""
+
+    def __init__(self, cfg: FedimgConfig, *, num_threads: int | None = None,
+                 site: SiteData | None = None) -> None:
+        started = time.perf_counter()
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.cfg = cfg
+        if site is None:
+            self.dataset = load_dataset(cfg.data, seed=cfg.seed)
+            self.partitions = make_partitions(cfg, self.dataset)
+        else:  # a deployed site: its own images are the only client
+            self.dataset, self.partitions = site_as_dataset(cfg, site)
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, num_classes=self.dataset.num_classes,
+                                 weights="none", transfer=cfg.transfer).to(self.device)
+        self.reference = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        self._clients: dict[int, ClientData] = {}
+        self._private: torch.nn.Module | None = None
+        self._train_tf = build_transform(cfg.data.augment, image_size=cfg.data.image_size,
+                                         train=True)
+        self._eval_tf = build_transform("none", image_size=cfg.data.image_size, train=False)
+        log.info("task environment ready in %.1fs (%d clients, %s)",
+                 time.perf_counter() - started, len(self.partitions), self.device)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def site_location(self) -> str:
+        """Where the data was read (a deployed site's folder)."""
+        return self.dataset.provenance.location
+
+    def client(self, partition_id: int) -> ClientData:
+        """Loaders of client ``partition_id`` (built on first use, then cached)."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise DataError(f"partition id {partition_id} is out of range: this run has "
+                            f"{len(self.partitions)} clients")
+        if partition_id not in self._clients:
+            part, train = self.partitions[partition_id], self.dataset.train
+            tcfg, seed = self.cfg.train, self.cfg.seed * 1000 + partition_id
+            # A simulated label-flipping client trains on poisoned labels (attack.*).
+            labels = poisoned_labels(self.cfg, partition_id, train.labels, self.num_classes)
+            self._clients[partition_id] = ClientData(
+                train=InMemoryLoader(train.images, labels, indices=part.train_indices,
+                                     batch_size=tcfg.batch_size, transform=self._train_tf,
+                                     shuffle=True, seed=seed),
+                val=InMemoryLoader(train.images, train.labels, indices=part.val_indices,
+                                   batch_size=tcfg.eval_batch_size, transform=self._eval_tf,
+                                   shuffle=False, seed=seed),
+                num_train=len(part.train_indices), num_val=len(part.val_indices),
+                class_weights=self._class_weights(labels[part.train_indices]),
+                logit_scale=(restricted_logit_scale(labels[part.train_indices],
+                                                    self.num_classes, tcfg.restricted_softmax)
+                             if tcfg.restricted_softmax < 1 else None))
+        return self._clients[partition_id]
+
+    def _class_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.train.class_weighting == "balanced":
+            return balanced_class_weights(labels, self.num_classes)
+        return None
+
+    def private_model(self) -> torch.nn.Module:
+        """The shared model with in-place ops rewritten, for Opacus' per-sample hooks.
+
+        It shares every parameter and buffer with :attr:`model`, so loading global
+        weights into one loads them into both.
+        """
+        if self._private is None:
+            from fedimg.models import make_inplace_free
+
+            self._private = make_inplace_free(self.model)
+        return self._private
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite every parameter and buffer of the shared model."""
+        self.model.load_state_dict(state, strict=True)
+
+    def trained_keys(self) -> frozenset[str]:
+        """State-dict names of the parameters local training updates."""
+        return frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
+
+    @functools.cached_property
+    def batchnorm_keys(self) -> frozenset[str]:
+        """State-dict names of the trainable BatchNorm layers (kept local under FedBN)."""
+        return batchnorm_state_keys(self.model)
+
+    @functools.cached_property
+    def frozen_keys(self) -> frozenset[str]:
+        """State-dict names local training never changes (frozen weights and BatchNorm)."""
+        return frozen_state_keys(self.model)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the model's state dict on the CPU (never aliasing the live model)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def epochs_per_round(self, loader: InMemoryLoader) -> int:
+        """Passes over the local data in one round (``local_steps`` may span several)."""
+        steps = self.cfg.train.local_steps
+        return -(-steps // max(1, len(loader))) if steps else self.cfg.train.local_epochs
+
+    def local_steps(self, partition_id: int) -> int:
+        """Optimizer steps client ``partition_id`` takes in one full round."""
+        loader = self.client(partition_id).train
+        return self.cfg.train.local_steps or self.cfg.train.local_epochs * len(loader)
+
+    def train(self, partition_id: int, *, server_round: int, proximal_mu: float = 0.0,
+              steps: int | None = None, lr: float | None = None) -> tuple[dict[str, float], int]:
+        """Local training of client ``partition_id`` from the loaded weights.
+
+        ``steps`` overrides the round's step count (a client dropping mid-round, or
+        the k steps of personalization); ``lr`` the round's scheduled learning rate.
+        """
+        data = self.client(partition_id)
+        tcfg = self.cfg.train if steps is None else dataclasses.replace(
+            self.cfg.train, local_steps=steps)
+        # Seed by (run, round, client), not by call order: which worker serves a client
+        # varies between runs, and a resumed run must replay the same batches.
+        torch.manual_seed(int(np.random.SeedSequence(
+            [self.cfg.seed, server_round, partition_id]).generate_state(1)[0]))
+        data.train.epoch = (server_round - 1) * self.epochs_per_round(data.train)
+        if lr is None:
+            lr = scheduled_lr(self.cfg.train, server_round=server_round,
+                              total_rounds=self.cfg.rounds)
+        result = train_local(self.model, data.train, cfg=tcfg, lr=lr,
+                             device=self.device, proximal_mu=proximal_mu,
+                             class_weights=data.class_weights, logit_scale=data.logit_scale)
+        metrics = {"train/loss": result.loss, "train/accuracy": result.accuracy,
+                   "train/first_loss": result.first_loss, "train/last_loss": result.last_loss,
+                   "train/steps": float(result.steps), "train/seconds": result.seconds,
+                   "train/lr": lr}
+        return metrics, data.num_train
+
+    def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
+        """Metrics of the loaded weights on client ``partition_id``'s validation split."""
+        data = self.client(partition_id)
+        metrics = evaluate(self.model, data.val, device=self.device,
+                           num_classes=self.num_classes, amp=self.cfg.train.amp)
+        return {f"val/{k}": v for k, v in metrics.items() if k != "num_examples"}, data.num_val
+
+
+@functools.lru_cache(maxsize=2)
+def environment(config_json: str, num_threads: int | None = None) -> TaskEnvironment:
+    """The process-wide TaskEnvironment of a run config (keyed by its canonical JSON)."""
+    return TaskEnvironment(from_json(config_json), num_threads=num_threads)
+
+
+@functools.lru_cache(maxsize=2)
+def site_environment(config_json: str, site: SiteOptions) -> TaskEnvironment:
+    """The TaskEnvironment of a deployed site: its own data, device and thread limit.
+
+    The images are checked against the run's class list here (unknown class
+    folders, unreadable files, too few samples are a :class:`DataError` naming them),
+    so a site whose data does not fit the federation fails its first message.
+    """
+    cfg = from_json(config_json)
+    if site.device:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=site.device))
+    data = read_site_data(site.data_path, classes=DATASETS.get(cfg.data.dataset).classes,
+                          image_size=cfg.data.image_size, min_samples=site.min_samples,
+                          val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+                          on_corrupt=cfg.data.on_corrupt, max_samples=site.max_samples)
+    return TaskEnvironment(cfg, num_threads=site.num_threads or None, site=data)

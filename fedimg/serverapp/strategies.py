@@ -1,0 +1,225 @@
+"""Registry of Flower strategies, keyed by the ``strategy`` config value.
+
+Every entry builds one of Flower's own message-API strategies
+(``flwr.serverapp.strategy``); fedimg adds no aggregation maths of its own, only
+the mapping from :class:`~fedimg.config.FederationConfig` to constructor
+arguments and a NaN-aware metric aggregator.
+
+* ``fedavg``: FedAvg, McMahan et al. 2017, "Communication-Efficient Learning of
+  Deep Networks from Decentralized Data".
+* ``fedprox``: FedProx, Li et al. 2020; the client adds (mu/2)||w - w_global||^2,
+  reading ``proximal-mu`` from the message config.
+* ``fedavgm``: FedAvg with server momentum, Hsu et al. 2019.
+* ``fedadam`` / ``fedyogi``: adaptive server optimisers, Reddi et al. 2021.
+* ``fedmedian``: coordinate-wise median, Yin et al. 2018.
+* ``fedtrimmedavg``: coordinate-wise trimmed mean, Yin et al. 2018.
+* ``krum``: Blanchard et al. 2017.
+* ``multikrum``: Krum's m best-scored updates averaged (Blanchard et al. 2017);
+  m = ``fl.krum_select``, by default the sampled clients minus ``fl.num_malicious``.
+
+FedBN (Li et al. 2021) is not a server rule: with ``fl.local_bn=true`` any of these
+runs with every client keeping its own BatchNorm layers (client side, see
+:mod:`fedimg.clientapp.app`); the server still averages them, so its
+central evaluation uses the averaged BatchNorm, while federated evaluation uses
+each client's own.
+
+Server optimisers (FedAvgM, FedAdam, FedYogi) treat every array as a parameter.
+BatchNorm running statistics are not: an Adam step moves ``running_var`` by about
+``eta`` whatever its scale and can make it negative (NaN outputs). Those three are
+therefore built with :class:`PlainBufferAveraging`, which gives buffers the plain
+example-weighted mean and leaves the optimiser's step to the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fedimg.config import FedimgConfig
+from fedimg.errors import ConfigError
+from fedimg.transport.records import aggregate_metrics
+from fedimg.registry import Registry
+
+StrategyBuilder = Callable[[FedimgConfig, frozenset[str]], Strategy]
+STRATEGIES: Registry[StrategyBuilder] = Registry("strategy", config_key="strategy")
+
+# Server learning rates that suit each family when fl.server_lr is left unset.
+_SERVER_LR_DEFAULTS = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+
+
+class PlainBufferAveraging:
+    """Mixin for server-optimiser strategies: buffers get the plain weighted mean."""
+
+    buffer_keys: frozenset[str] = frozenset()
+    weighted_by_key: str
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        contents = [m.content for m in replies if not m.has_error()]
+        if arrays is None or not contents or not self.buffer_keys:
+            return arrays, metrics
+        plain = aggregate_arrayrecords(contents, self.weighted_by_key)
+        for key in self.buffer_keys & set(arrays.keys()):
+            arrays[key] = plain[key]  # in place: FedAvgM keeps this record as its state
+        return arrays, metrics
+
+
+def _with_plain_buffers(cls: type[Strategy], buffer_keys: frozenset[str],
+                        **kwargs: Any) -> Strategy:
+    strategy_cls = type(cls.__name__, (PlainBufferAveraging, cls), {})
+    strategy = strategy_cls(**kwargs)
+    strategy.buffer_keys = buffer_keys
+    return strategy
+
+
+def common_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
+    """Sampling and aggregation arguments shared by every Flower strategy."""
+    fl = cfg.fl
+    return {
+        "fraction_train": fl.fraction_train,
+        "fraction_evaluate": fl.fraction_evaluate,
+        "min_train_nodes": fl.min_train_clients,
+        "min_evaluate_nodes": min(fl.min_evaluate_clients, cfg.clients),
+        "min_available_nodes": fl.min_train_clients,
+        "train_metrics_aggr_fn": aggregate_metrics,
+        "evaluate_metrics_aggr_fn": aggregate_metrics,
+    }
+
+
+def sampled_clients(cfg: FedimgConfig) -> int:
+    """Clients Flower samples for training each round."""
+    return max(int(cfg.clients * cfg.fl.fraction_train), cfg.fl.min_train_clients)
+
+
+def server_lr(cfg: FedimgConfig) -> float:
+    """``fl.server_lr``, or the default of the configured strategy."""
+    if cfg.fl.server_lr is not None:
+        return cfg.fl.server_lr
+    return _SERVER_LR_DEFAULTS.get(cfg.strategy, 1.0)
+
+
+@STRATEGIES.register()
+def fedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedAvg: example-weighted mean of the client models."""
+    return FedAvg(**common_kwargs(cfg))
+
+
+@STRATEGIES.register()
+def fedprox(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedProx: FedAvg plus the proximal term the client adds to its loss."""
+    return FedProx(**common_kwargs(cfg), proximal_mu=cfg.fl.proximal_mu)
+
+
+@STRATEGIES.register()
+def fedavgm(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedAvgM: FedAvg with server momentum."""
+    return _with_plain_buffers(FedAvgM, buffer_keys, **common_kwargs(cfg),
+                               server_learning_rate=server_lr(cfg),
+                               server_momentum=cfg.fl.server_momentum)
+
+
+def _fedopt_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
+    fl = cfg.fl
+    return {"eta": server_lr(cfg), "eta_l": cfg.train.lr, "beta_1": fl.beta_1,
+            "beta_2": fl.beta_2, "tau": fl.tau}
+
+
+@STRATEGIES.register()
+def fedadam(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedAdam: Adam on the server over the averaged update."""
+    return _with_plain_buffers(FedAdam, buffer_keys, **common_kwargs(cfg),
+                               **_fedopt_kwargs(cfg))
+
+
+@STRATEGIES.register()
+def fedyogi(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedYogi: Yogi on the server over the averaged update."""
+    return _with_plain_buffers(FedYogi, buffer_keys, **common_kwargs(cfg),
+                               **_fedopt_kwargs(cfg))
+
+
+@STRATEGIES.register()
+def fedmedian(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedMedian: coordinate-wise median of the client models."""
+    return FedMedian(**common_kwargs(cfg))
+
+
+@STRATEGIES.register()
+def fedtrimmedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedTrimmedAvg: coordinate-wise mean without the fl.trim_beta tails."""
+    return FedTrimmedAvg(**common_kwargs(cfg), beta=cfg.fl.trim_beta)
+
+
+@STRATEGIES.register()
+def krum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """Krum: the client model closest to its neighbours."""
+    return Krum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious)
+
+
+@STRATEGIES.register()
+def multikrum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """MultiKrum: the mean of the m client models Krum scores best."""
+    sampled = sampled_clients(cfg)
+    select = cfg.fl.krum_select or sampled - cfg.fl.num_malicious
+    if not 1 <= select <= sampled:
+        raise ConfigError(f"fl.krum_select={select} must be between 1 and the {sampled} "
+                          "clients sampled per round")
+    return MultiKrum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious,
+                     num_nodes_to_select=select)
+
+
+# Replies a robust aggregator needs to be robust at all: Krum n > 2f + 2 (Blanchard et
+# al. 2017); a trimmed mean cuts int(beta n) values per end, none below n = 1/beta; a
+# median of two is their mean.
+_ROBUST_MIN_REPLIES: dict[str, Callable[[FedimgConfig], int]] = {
+    "krum": lambda cfg: 2 * cfg.fl.num_malicious + 3,
+    "multikrum": lambda cfg: 2 * cfg.fl.num_malicious + 3,
+    "fedtrimmedavg": lambda cfg: math.ceil(1 / cfg.fl.trim_beta) if cfg.fl.trim_beta else 1,
+    "fedmedian": lambda cfg: 3,
+}
+
+
+def min_replies(cfg: FedimgConfig) -> int:
+    """Usable updates a round of ``cfg.strategy`` needs (1 unless it is a robust one)."""
+    rule = _ROBUST_MIN_REPLIES.get(cfg.strategy)
+    return rule(cfg) if rule else 1
+
+
+def build_strategy(cfg: FedimgConfig, *, buffer_keys: Iterable[str] = ()) -> Strategy:
+    """The Flower strategy named by ``cfg.strategy``.
+
+    ``buffer_keys`` names the model's non-parameter arrays (BatchNorm statistics),
+    which server optimisers must average rather than step. A client-level privacy
+    mode wraps the strategy in Flower's DP wrapper (see :mod:`fedimg.privacy`).
+    """
+    from fedimg.privacy import PRIVACY_MODES
+
+    buffers = frozenset(buffer_keys)
+    builder = STRATEGIES.get(cfg.strategy)
+    sampled, needed = sampled_clients(cfg), min_replies(cfg)
+    if sampled < needed:
+        raise ConfigError(f"strategy={cfg.strategy} needs at least {needed} updates per round "
+                          f"to be robust (Krum: n > 2f + 2; trimmed mean: n >= 1/beta; "
+                          f"median: n >= 3), but {sampled} clients are sampled; raise clients "
+                          "or fl.fraction_train, or lower fl.num_malicious / fl.trim_beta")
+    strategy = builder(cfg, buffers)
+    wrap = PRIVACY_MODES.get(cfg.privacy.mode).wrap_strategy
+    return wrap(strategy, cfg, buffers) if wrap is not None else strategy

@@ -1,0 +1,132 @@
+"""Translation between fedimg objects and Flower records.
+
+This is the one module where kebab-case keys live (Flower's convention inside
+records): the run config travels as canonical JSON under ``fedimg-config`` in each
+message's ConfigRecord, next to Flower's own ``server-round`` and FedProx's
+``proximal-mu``. Model weights travel as an ArrayRecord built from a torch state
+dict; :func:`record_to_state_dict` validates an incoming record against the model
+it will be loaded into (keys, shapes, finiteness) and restores the model's dtypes,
+since Flower's weighted averaging turns integer buffers into floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedimg.config import FedimgConfig, from_json, to_json
+from fedimg.errors import UpdateError
+
+CONFIG_KEY = "fedimg-config"
+ROUND_KEY = "server-round"
+ATTEMPT_KEY = "attempt"  # which try of a retried training round (fedimg.simulation.fleet draws afresh)
+PROXIMAL_MU_KEY = "proximal-mu"
+NUM_EXAMPLES_KEY = "num-examples"  # Flower's default weighting key
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+DECLINED_KEY = "declined"  # ConfigRecord {"reason": ...} of a client that refused to train
+COMPRESSION_KEY = "fedimg-compression"  # ConfigRecord {"codec": ...}: arrays are compressed
+LEDGER_KEY = "fedimg-privacy-ledger"  # ConfigRecord {"json": ...}: a client's DP accountant
+SITE_KEY = "fedimg-site"  # ConfigRecord {"name", "location"}: a deployed site's describe reply
+
+def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Model weights (parameters and buffers) as a Flower ArrayRecord."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload size of an ArrayRecord in bytes (what travels on the wire)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, torch.Tensor],
+                 *, exact_dtypes: bool = False) -> None:
+    """Raise UpdateError unless ``arrays`` match ``reference`` in keys and shapes and are finite.
+
+    With ``exact_dtypes`` (a client's update, which is its model's state dict) every
+    array must also have the model's dtype; aggregates are exempt, since Flower's
+    weighted mean turns integer buffers into floats.
+    """
+    missing = sorted(set(reference) - set(arrays))
+    extra = sorted(set(arrays) - set(reference))
+    if missing or extra:
+        raise UpdateError(f"update keys do not match the model: missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}")
+    for key, ref in reference.items():
+        arr = arrays[key]
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise UpdateError(f"update '{key}' has shape {tuple(arr.shape)}, the model "
+                              f"expects {tuple(ref.shape)}")
+        expected = torch.empty(0, dtype=ref.dtype).numpy().dtype
+        if exact_dtypes and arr.dtype != expected:
+            raise UpdateError(f"update '{key}' has dtype {arr.dtype}, the model expects "
+                              f"{expected}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise UpdateError(f"update '{key}' contains NaN or Inf")
+
+
+def record_to_state_dict(record: ArrayRecord,
+                         reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Validated state dict from ``record``, cast to the dtypes of ``reference``."""
+    arrays = {k: v.numpy() for k, v in record.items()}
+    check_arrays(arrays, reference)
+    return {k: torch.from_numpy(np.asarray(arrays[k])).to(reference[k].dtype)
+            for k in reference}
+
+
+def config_record(cfg: FedimgConfig, **extra: int | float | str | bool) -> ConfigRecord:
+    """The ConfigRecord sent with every message: the run config plus ``extra``."""
+    record = ConfigRecord({CONFIG_KEY: to_json(cfg)})
+    for key, value in extra.items():
+        record[key.replace("_", "-")] = value
+    return record
+
+
+def config_from_record(record: ConfigRecord) -> FedimgConfig:
+    """Inverse of :func:`config_record` for the run config."""
+    if CONFIG_KEY not in record:
+        raise UpdateError(f"message carries no '{CONFIG_KEY}': it was not sent by a "
+                          "fedimg ServerApp")
+    return from_json(str(record[CONFIG_KEY]))
+
+
+def metric_record(metrics: Mapping[str, float], *, num_examples: int) -> MetricRecord:
+    """MetricRecord with Flower's weighting key and finite-or-NaN floats."""
+    record = MetricRecord({NUM_EXAMPLES_KEY: int(num_examples)})
+    for key, value in metrics.items():
+        record[key] = float(value)
+    return record
+
+
+def reply_content(*, metrics: MetricRecord, arrays: ArrayRecord | None = None) -> RecordDict:
+    """The RecordDict of a client's reply."""
+    content = RecordDict({METRICS_KEY: metrics})
+    if arrays is not None:
+        content[ARRAYS_KEY] = arrays
+    return content
+
+
+def nan_weighted_mean(values: list[float], weights: list[float]) -> float:
+    """Weighted mean over the finite values only (NaN if there are none)."""
+    pairs = [(v, w) for v, w in zip(values, weights) if not math.isnan(v)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
+
+
+def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Flower metric aggregator: example-weighted mean that skips NaN values.
+
+    Flower's default (``aggregate_metricrecords``) lets one client's NaN (e.g. AUC on
+    a validation split holding a single class) turn the whole average into NaN.
+    """
+    metric_records = [next(iter(r.metric_records.values())) for r in records]
+    weights = [float(m[weighting_key]) for m in metric_records]
+    keys = [k for k in metric_records[0] if k != weighting_key] if metric_records else []
+    return MetricRecord({
+        key: nan_weighted_mean([float(m[key]) for m in metric_records], weights)
+        for key in keys
+    })
