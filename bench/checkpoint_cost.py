@@ -42,7 +42,7 @@ from fedimg.serverapp.checkpoint import (  # noqa: E402
     strategy_state,
 )
 from fedimg.transport.records import metric_record, reply_content  # noqa: E402
-from fedimg.serverapp.run import initial_model  # noqa: E402
+from fedimg.build import initial_model  # noqa: E402
 from fedimg.serverapp.strategies import build_strategy  # noqa: E402
 from fedimg.reporting import RunRecorder  # noqa: E402
 

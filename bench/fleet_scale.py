@@ -26,7 +26,7 @@ from _memory import PeakMemory  # noqa: E402
 
 from fedimg.config.compose import compose_config, split_argv  # noqa: E402
 from fedimg.simulation.engine import simulate  # noqa: E402
-from fedimg.serverapp.run import prepare_run  # noqa: E402
+from fedimg.build import prepare_run  # noqa: E402
 from fedimg.reporting import setup_logging  # noqa: E402
 
 log = logging.getLogger("fedimg.bench")

@@ -47,7 +47,7 @@ from fedimg.config.compose import compose_config, split_argv  # noqa: E402
 from fedimg.config import FedimgConfig  # noqa: E402
 from fedimg.simulation.engine import backend_config, simulate, start_ray  # noqa: E402
 from fedimg.errors import ConfigError  # noqa: E402
-from fedimg.serverapp.run import prepare_run  # noqa: E402
+from fedimg.build import prepare_run  # noqa: E402
 from fedimg.reporting import setup_logging  # noqa: E402
 
 log = logging.getLogger("fedimg.bench")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedimg.config.compose import compose_config, split_argv  # noqa: E402
 from fedimg.config import FedimgConfig  # noqa: E402
 from fedimg.simulation.engine import simulate  # noqa: E402
-from fedimg.serverapp.run import prepare_run  # noqa: E402
+from fedimg.build import prepare_run  # noqa: E402
 from fedimg.models import build_model  # noqa: E402
 from fedimg.reporting import setup_logging  # noqa: E402
 from fedimg.clientapp.environment import TaskEnvironment  # noqa: E402

@@ -29,7 +29,7 @@ log = logging.getLogger("fedimg.simulate")
 def run(argv: Sequence[str]) -> dict:
     """Run a simulation from command-line style arguments; return results.json's content."""
     from fedimg.simulation.engine import simulate
-    from fedimg.serverapp.run import prepare_run
+    from fedimg.build import prepare_run
 
     setup_logging()
     resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)

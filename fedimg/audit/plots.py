@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedimg.reporting.run_dir import read_jsonl  # noqa: E402
+from fedimg.reporting.paths import RunPaths
 
 
 def _positions(epsilons: list[float]) -> tuple[list[float], list[float], list[str]]:
@@ -98,7 +99,7 @@ def _accuracy_vs_round(rows: list[dict[str, Any]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ax_eps = ax.twinx()
     for i, row in enumerate(_first_seed_runs(rows)):
-        rounds = read_jsonl(Path(row["run_dir"]) / "metrics.jsonl")
+        rounds = read_jsonl(RunPaths(row["run_dir"]).metrics)
         label = "no DP" if math.isinf(row["target_epsilon"]) else f"eps={row['target_epsilon']:g}"
         color = f"C{i}"
         ax.plot([r["round"] for r in rounds], [r.get("test/accuracy") for r in rounds],
@@ -123,7 +124,7 @@ def _epsilon_per_client(rows: list[dict[str, Any]], out: Path) -> None:
     fig, axes = plt.subplots(1, len(private), figsize=(3.2 * len(private), 3.2), sharey=False,
                              squeeze=False)
     for ax, row in zip(axes[0], private):
-        rounds = [r for r in read_jsonl(Path(row["run_dir"]) / "metrics.jsonl") if r["round"]]
+        rounds = [r for r in read_jsonl(RunPaths(row["run_dir"]).metrics) if r["round"]]
         clients = sorted({c for r in rounds for c in r.get("clients", {})}, key=int)
         for c in clients:
             pts = [(r["round"], r["clients"][c]["train"]["dp/epsilon"]) for r in rounds
@@ -144,7 +145,7 @@ def plot_sweep(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Draw every sweep figure into ``root/plots``; return their paths."""
     from fedimg.audit.sweep import summarise
 
-    plots = root / "plots"
+    plots = RunPaths(root).plots
     plots.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
     _accuracy_vs_epsilon(summary, plots / "accuracy_vs_epsilon.png")

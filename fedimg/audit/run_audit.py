@@ -39,19 +39,20 @@ from fedimg.privacy.accounting import default_delta, new_ledger
 from fedimg.reporting.run_dir import write_json
 from fedimg.training import balanced_class_weights
 from fedimg.training import resolve_device, scheduled_lr, train_local
+from fedimg.reporting.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
 
 def load_run_config(run_dir: Path) -> FedimgConfig:
     """The resolved config a run directory was made with (config.json)."""
-    return from_dict(json.loads((run_dir / "config.json").read_text())["config"])
+    return from_dict(json.loads(RunPaths(run_dir).config_json.read_text())["config"])
 
 
 def load_final_model(run_dir: Path, cfg: FedimgConfig, num_classes: int) -> torch.nn.Module:
     """The run's final global model (checkpoints/final.pt) in eval mode."""
     model = build_model(cfg.model, num_classes=num_classes, weights=str(
-        run_dir / "checkpoints" / "final.pt"), transfer=cfg.transfer)
+        RunPaths(run_dir).checkpoint("final")), transfer=cfg.transfer)
     return model.eval()
 
 
@@ -154,9 +155,9 @@ def audit_run(run_dir: str | Path, *, pool_size: int = 500, shadows: int = 0,
     """Membership-inference audit of a run's final model; writes ``audit.json``."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads(RunPaths(run_dir).results.read_text())
     dataset = load_dataset(cfg.data, seed=cfg.seed)
-    images, labels, is_member = _pool(dataset, load_partitions(run_dir / "partitions.npz"),
+    images, labels, is_member = _pool(dataset, load_partitions(RunPaths(run_dir).partitions),
                                       pool_size, seed)
     model = load_final_model(run_dir, cfg, dataset.num_classes)
     logits = _logits(model, images, labels, cfg)
@@ -192,12 +193,12 @@ def inversion_audit(run_dir: str | Path, *, steps: int = 300, seed: int = 0,
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     dataset = load_dataset(cfg.data, seed=cfg.seed)
-    part = load_partitions(run_dir / "partitions.npz")[client]
+    part = load_partitions(RunPaths(run_dir).partitions)[client]
     idx = torch.from_numpy(part.train_indices[:1])
     tf = build_transform("none", image_size=cfg.data.image_size, train=False)
     x, y = tf(dataset.train.images[idx]), dataset.train.labels[idx]
     model = load_final_model(run_dir, cfg, dataset.num_classes)
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads(RunPaths(run_dir).results.read_text())
     sigma = float(results.get("privacy", {}).get("clients", {}).get(str(client), {})
                   .get("dp/sigma", sigma))
     out: dict[str, Any] = {"image_index": int(idx[0]), "steps": steps, "sigma": sigma}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedimg.errors import ConfigError
+from fedimg.reporting.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _point_dir(root: Path, eps: float, seed: int) -> Path:
 
 
 def _row(eps: float, seed: int, run_dir: Path, audit: dict[str, Any]) -> dict[str, Any]:
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads(RunPaths(run_dir).results.read_text())
     final, lira = results.get("final", {}), audit.get("lira", {})
     stopped = [c for c, v in results.get("privacy", {}).get("clients", {}).items()
                if v.get("stopped_round") is not None]
@@ -209,7 +210,7 @@ def run_sweep(argv: Sequence[str]) -> Path:
         run_dir = _point_dir(root, eps, seed)
         log.info("sweep point %d/%d: epsilon=%g seed=%d -> %s", i, len(points), eps, seed,
                  run_dir)
-        if not (run_dir / "results.json").is_file():
+        if not RunPaths(run_dir).results.is_file():
             run([f"scenario={scenario}", *overrides, *point_args(sweep, eps, seed, run_dir)])
         lira = sweep.lira_shadows if (eps in sweep.lira_epsilons and seed == sweep.seeds[0]) else 0
         rows.append(_row(eps, seed, run_dir, _audit(run_dir, sweep, lira, seed)))

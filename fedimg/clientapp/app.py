@@ -41,11 +41,13 @@ from fedimg.transport.records import (
     DECLINED_KEY,
     LEDGER_KEY,
     METRICS_KEY,
+    PARTITION_KEY,
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     SITE_KEY,
     config_from_record,
     metric_record,
+    partitions_from_record,
     record_bytes,
     record_to_state_dict,
     reply_content,
@@ -91,6 +93,8 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
     if site is None:
         env, pid = environment(str(config[CONFIG_KEY]),
                                _threads(config_from_record(config))), _partition_id(context)
+        if PARTITION_KEY in content.array_records:
+            env.install_partitions(partitions_from_record(content[PARTITION_KEY]))
     else:
         env, pid = site_environment(str(config[CONFIG_KEY]), site), 0
     state: dict[str, torch.Tensor] = {}

@@ -15,9 +15,8 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +33,6 @@ from fedimg.data import (
     SiteData,
     build_transform,
     load_dataset,
-    load_partitions,
     partition_dataset,
     read_site_data,
 )
@@ -51,20 +49,6 @@ from fedimg.training import (
 )
 
 log = logging.getLogger(__name__)
-
-PARTITIONS_FILE = "partitions.npz"
-
-
-def make_partitions(cfg: FedimgConfig, dataset: Dataset) -> list[ClientPartition]:
-    """Partitions of the pooled train split, read from the run dir when the server wrote them."""
-    path = Path(cfg.output.run_dir or ".") / PARTITIONS_FILE
-    if cfg.output.run_dir and path.is_file():
-        parts = load_partitions(path)
-        if len(parts) == cfg.clients:
-            return parts
-    return partition_dataset(dataset.train, cfg=cfg.data, num_clients=cfg.clients,
-                             seed=cfg.seed)
-
 
 def site_as_dataset(cfg: FedimgConfig, site: SiteData) -> tuple[Dataset, list[ClientPartition]]:
     """A site's images as a one-client dataset: train then val rows, one partition."""
@@ -95,14 +79,20 @@ class TaskEnvironment:
     """Dataset, partitions and one reusable model for a run config, in one process."""
 
     def __init__(self, cfg: FedimgConfig, *, num_threads: int | None = None,
-                 site: SiteData | None = None) -> None:
+                 site: SiteData | None = None,
+                 partitions: Sequence[ClientPartition] | None = None) -> None:
+        """``partitions``: the server's, as its messages carry them; ``()`` = install them
+        later (:meth:`install_partitions`); None = partition here, for standalone use
+        (benchmarks, audits, tests), with the seeded function the server uses."""
         started = time.perf_counter()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg = cfg
         if site is None:
             self.dataset = load_dataset(cfg.data, seed=cfg.seed)
-            self.partitions = make_partitions(cfg, self.dataset)
+            self.partitions = list(partitions) if partitions is not None else \
+                partition_dataset(self.dataset.train, cfg=cfg.data, num_clients=cfg.clients,
+                                  seed=cfg.seed)
         else:  # a deployed site: its own images are the only client
             self.dataset, self.partitions = site_as_dataset(cfg, site)
         self.device = resolve_device(cfg.train.device)
@@ -127,11 +117,25 @@ class TaskEnvironment:
         """Where the data was read (a deployed site's folder)."""
         return self.dataset.provenance.location
 
+    def install_partitions(self, partitions: Sequence[ClientPartition]) -> None:
+        """The server's partitions, from the first message that carries them (once)."""
+        if self.partitions:
+            return
+        n = len(self.dataset.train.labels)
+        for part in partitions:
+            for indices in (part.train_indices, part.val_indices):
+                if len(indices) and (indices.min() < 0 or indices.max() >= n):
+                    raise DataError(f"client {part.client_id}'s partition indexes beyond "
+                                    f"the {n} training images this worker loaded: the server "
+                                    "and this worker read different data")
+        self.partitions = list(partitions)
+
     def client(self, partition_id: int) -> ClientData:
         """Loaders of client ``partition_id`` (built on first use, then cached)."""
         if not 0 <= partition_id < len(self.partitions):
             raise DataError(f"partition id {partition_id} is out of range: this run has "
-                            f"{len(self.partitions)} clients")
+                            f"{len(self.partitions)} clients known here (the server sends "
+                            "every client's partition with its messages)")
         if partition_id not in self._clients:
             part, train = self.partitions[partition_id], self.dataset.train
             tcfg, seed = self.cfg.train, self.cfg.seed * 1000 + partition_id
@@ -237,8 +241,11 @@ class TaskEnvironment:
 
 @functools.lru_cache(maxsize=2)
 def environment(config_json: str, num_threads: int | None = None) -> TaskEnvironment:
-    """The process-wide TaskEnvironment of a run config (keyed by its canonical JSON)."""
-    return TaskEnvironment(from_json(config_json), num_threads=num_threads)
+    """The process-wide TaskEnvironment of a run config (keyed by its canonical JSON).
+
+    Its partitions are installed from the first message that carries them.
+    """
+    return TaskEnvironment(from_json(config_json), num_threads=num_threads, partitions=())
 
 
 @functools.lru_cache(maxsize=2)

@@ -39,6 +39,7 @@ from fedimg.export.measure import (
     torch_runner,
     torch_threads,
 )
+from fedimg.reporting.paths import RunPaths
 from fedimg.export.source import (
     EvalData,
     RunModel,
@@ -84,7 +85,7 @@ def export_run(
             raise ModelError(f"{name}={value} must be >= {low}")
     loaded = load_run_model(run_dir, checkpoint=checkpoint)
     data = load_eval_data(loaded.cfg, max_test=max_test, calib=calib, data_root=data_root)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
+    out = Path(out_dir) if out_dir is not None else RunPaths(run_dir).export
     out.mkdir(parents=True, exist_ok=True)
     log.info("exporting %s (model=%s, %d classes, round %s) to %s", loaded.checkpoint,
              loaded.cfg.model, len(loaded.classes), loaded.round, out)

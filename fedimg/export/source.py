@@ -26,6 +26,7 @@ from fedimg.data import InMemoryLoader, build_transform, load_dataset
 from fedimg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fedimg.errors import ConfigError, ModelError
 from fedimg.models import MODELS, build_model
+from fedimg.reporting.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str = "final") -> Path:
     if not run_dir.is_dir():
         raise ModelError(f"run directory {run_dir} does not exist; fix: pass the folder a "
                          f"run wrote (it holds config.yaml and checkpoints/)")
-    return run_dir / "checkpoints" / f"{checkpoint}.pt"
+    return RunPaths(run_dir).checkpoint(checkpoint)
 
 
 def load_run_model(run_dir: str | Path, *, checkpoint: str = "final") -> RunModel:
@@ -114,7 +115,7 @@ def _config_of(meta: dict[str, Any], run_dir: Path, path: Path) -> FedimgConfig:
     values = meta.get("config")
     source = f"the meta of {path}"
     if not isinstance(values, dict):
-        config_json = run_dir / "config.json"
+        config_json = RunPaths(run_dir).config_json
         if not config_json.is_file():
             raise ModelError(f"checkpoint {path} has no meta.config and {config_json} is "
                              f"missing, so the model cannot be rebuilt; fix: export from "

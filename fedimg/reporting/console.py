@@ -16,6 +16,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedimg.reporting.paths import RunPaths
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -56,7 +58,7 @@ def setup_logging(run_dir: Path | None = None, *, verbose: bool = False) -> None
     for handler in logging.getLogger("flwr").handlers:  # Flower's own console handler
         handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     if run_dir is not None:
-        file_handler = logging.FileHandler(Path(run_dir) / "run.log")
+        file_handler = logging.FileHandler(RunPaths(run_dir).log)
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         file_handler._fedimg = True  # type: ignore[attr-defined]
         root.addHandler(file_handler)

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedimg.reporting.run_dir import read_jsonl  # noqa: E402
+from fedimg.reporting.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
 
 
 def _title(run_dir: Path, text: str) -> str:
-    results = run_dir / "results.json"
+    results = RunPaths(run_dir).results
     data = json.loads(results.read_text()).get("data", {}) if results.exists() else {}
     tag = " [SYNTHETIC FALLBACK DATA]" if data.get("source") == "synthetic-fallback" else ""
     return f"{text}: {data.get('dataset', '')}{tag}"
@@ -81,7 +82,7 @@ def _client_accuracy(run_dir: Path, rounds: list[dict[str, Any]], out: Path) -> 
 
 def plot_label_distribution(run_dir: Path, out: Path) -> None:
     """Stacked bars of train label counts per client, from ``partitions.json``."""
-    info = json.loads((run_dir / "partitions.json").read_text())
+    info = json.loads((RunPaths(run_dir).partitions_json).read_text())
     counts, classes = info["label_counts"], info["classes"]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(counts) + 3), 4))
     bottom = [0] * len(counts)
@@ -102,15 +103,15 @@ def plot_label_distribution(run_dir: Path, out: Path) -> None:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Draw every figure that the run's files allow; return the PNG paths."""
     run_dir = Path(run_dir)
-    plots = run_dir / "plots"
+    plots = RunPaths(run_dir).plots
     plots.mkdir(exist_ok=True)
-    rounds = read_jsonl(run_dir / "metrics.jsonl")
+    rounds = read_jsonl(RunPaths(run_dir).metrics)
     written = []
     if rounds:
         _accuracy_loss(run_dir, rounds, plots / "accuracy_loss.png")
         _client_accuracy(run_dir, rounds, plots / "client_accuracy.png")
         written += [plots / "accuracy_loss.png", plots / "client_accuracy.png"]
-    if (run_dir / "partitions.json").exists():
+    if (RunPaths(run_dir).partitions_json).exists():
         plot_label_distribution(run_dir, plots / "label_distribution.png")
         written.append(plots / "label_distribution.png")
     log.info("plots written to %s", plots)

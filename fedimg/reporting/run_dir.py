@@ -1,14 +1,6 @@
 """The run directory: resolved config, per-round metrics, results and checkpoints.
 
-Layout of ``<run_dir>``::
-
-    config.yaml        resolved config (also config.json), seed and library versions
-    partitions.npz     client index lists; partitions.json: label counts per client
-    metrics.jsonl      one JSON object per round (round 0 = the initial model)
-    results.json       final and best metrics, data provenance, timings, versions
-    checkpoints/       final.pt and best.pt (state dict + metadata), last.pt (resume state)
-    plots/             PNG figures drawn from the files above
-    run.log            the full log, Flower's included
+Which file is where: :class:`fedimg.reporting.paths.RunPaths`.
 
 Files that are replaced (results, checkpoints) are written atomically: a crash
 while writing never leaves a half-written file in place of the last good one.
@@ -29,6 +21,7 @@ import torch
 import yaml
 
 from fedimg.config import FedimgConfig, to_dict
+from fedimg.reporting.paths import RunPaths
 
 _LIBRARIES = ("fedimg", "flwr", "ray", "torch", "torchvision", "opacus", "numpy",
               "flwr-datasets", "hydra-core")
@@ -88,15 +81,16 @@ class RunRecorder:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.paths = RunPaths(self.run_dir)
+        self.metrics_path = self.paths.metrics
 
     def write_config(self, cfg: FedimgConfig, *, keep_metrics: bool = False) -> None:
         """Write the resolved config; start an empty metrics.jsonl unless ``keep_metrics``."""
         resolved = to_dict(cfg)
         meta = {"seed": cfg.seed, "versions": library_versions()}
-        (self.run_dir / "config.yaml").write_text(
+        (self.paths.config_yaml).write_text(
             yaml.safe_dump(resolved, sort_keys=False) + "\n# " + json.dumps(meta) + "\n")
-        write_json(self.run_dir / "config.json", {"config": resolved, **meta})
+        write_json(self.paths.config_json, {"config": resolved, **meta})
         if not keep_metrics:
             self.metrics_path.write_text("")
 
@@ -118,7 +112,7 @@ class RunRecorder:
 
     def checkpoint_round(self, name: str) -> int | None:
         """The round saved in ``checkpoints/<name>.pt``, or None if there is none."""
-        path = self.run_dir / "checkpoints" / f"{name}.pt"
+        path = self.paths.checkpoint(name)
         if not path.is_file():
             return None
         meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
@@ -126,11 +120,11 @@ class RunRecorder:
 
     def save_payload(self, name: str, payload: dict[str, Any]) -> Path:
         """Atomically write ``checkpoints/<name>.pt`` with ``torch.save``."""
-        path = self.run_dir / "checkpoints" / f"{name}.pt"
+        path = self.paths.checkpoint(name)
         _atomic_write(path, lambda h: torch.save(payload, h))
         return path
 
     def write_results(self, results: dict[str, Any]) -> Path:
-        path = self.run_dir / "results.json"
+        path = self.paths.results
         write_json(path, results)
         return path

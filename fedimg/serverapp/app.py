@@ -19,7 +19,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedimg.config.compose import compose_config
-from fedimg.serverapp.run import PreparedRun, prepare_run, run_federation
+from fedimg.build import PreparedRun, prepare_run
+from fedimg.serverapp.run import run_federation
 from fedimg.reporting import plot_run, setup_logging
 
 

@@ -17,9 +17,9 @@ import hashlib
 import json
 import logging
 import pickle
-import random
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,10 @@ from omegaconf import OmegaConf
 
 from fedimg.config import FedimgConfig, from_dict, to_dict, validate
 from fedimg.errors import ConfigError
+from fedimg.reporting import RunRecorder
+from fedimg.serverapp.state import RunState, global_rng_state, restore_global_rng
+from fedimg.transport.records import state_dict_to_record
+from fedimg.reporting.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +47,12 @@ RESUMABLE_OVERRIDES = ("rounds", "output.progress", "output.plots", "fl.timeout_
 
 
 @dataclass
-class ResumeState:
-    """The server's state after a complete round."""
+class SavedRun:
+    """What ``last.pt`` holds, checked against the run it is meant to continue."""
 
     round: int
-    arrays: dict[str, torch.Tensor]
-    strategy: dict[str, Any]
-    rng: dict[str, Any]
-    rounds: list[dict[str, Any]]
-    best: dict[str, Any]
-    rejections: dict[int, int] = field(default_factory=dict)
-    ledgers: dict[int, str] = field(default_factory=dict)
+    arrays: dict[str, torch.Tensor]  # exactly as the strategy produced them
+    extra: dict[str, Any]  # strategy state, RNG states, records, best, rejections, ledgers
 
 
 def config_digest(cfg: FedimgConfig) -> str:
@@ -75,7 +74,7 @@ def config_digest(cfg: FedimgConfig) -> str:
 
 def resumed_config(run_dir: Path, overrides: list[str]) -> FedimgConfig:
     """The config of the run in ``run_dir`` (its ``config.json``), with allowed overrides."""
-    path = run_dir / "config.json"
+    path = RunPaths(run_dir).config_json
     if not path.is_file():
         raise ConfigError(f"cannot resume {run_dir}: it has no config.json (is it a fedimg "
                           "run directory?)")
@@ -120,37 +119,78 @@ def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None
             setattr(strategy, key, value)
 
 
-def rng_state() -> dict[str, Any]:
-    """Random states of this process (Python, NumPy's global generator, torch CPU)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
+def save_resume_state(recorder: RunRecorder, state: RunState, cfg: FedimgConfig,
+                      classes: list[str]) -> None:
+    """Write ``checkpoints/last.pt``: the run state after ``state.round``.
 
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def resume_payload(state: ResumeState, cfg: FedimgConfig,
-                   classes: list[str]) -> dict[str, Any]:
-    """The dict written to ``last.pt``; ``meta`` identifies the run it belongs to."""
+    The global arrays are kept exactly as the strategy produced them (FedAdam's are
+    float64), not cast to the model's dtypes, so the resumed rounds are bit-identical.
+    Under client-level DP the server's RNGs draw the noise and the client sample:
+    they are never written to disk.
+    """
+    exact = {k: torch.from_numpy(np.array(v.numpy())) for k, v in state.arrays.items()}
     meta = {"format": FORMAT, "round": state.round, "model": cfg.model,
             "classes": list(classes), "config_digest": config_digest(cfg)}
-    # The strategy state is pickled separately, into a byte tensor (stored raw, and
-    # readable by torch.load(weights_only=True), which can still load the model).
-    blob = pickle.dumps({"strategy": state.strategy, "rng": state.rng,
+    # The rest is pickled separately, into a byte tensor (stored raw, and readable by
+    # torch.load(weights_only=True), which can still load the model).
+    blob = pickle.dumps({"strategy": strategy_state(state.strategy),
+                         "rng": {} if state.sampler.secret else global_rng_state(),
                          "rounds": state.rounds, "best": state.best,
-                         "rejections": state.rejections, "ledgers": state.ledgers},
+                         "rejections": dict(state.rejections), "ledgers": dict(state.ledgers)},
                         protocol=pickle.HIGHEST_PROTOCOL)
-    return {"state_dict": state.arrays, "meta": meta,
-            "resume": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+    recorder.save_payload(RESUME_NAME, {
+        "state_dict": exact, "meta": meta,
+        "resume": torch.frombuffer(bytearray(blob), dtype=torch.uint8)})
 
 
-def load_resume_state(run_dir: Path, cfg: FedimgConfig, classes: list[str]) -> ResumeState:
+def restore_run_state(state: RunState, saved: SavedRun, *, recorder: RunRecorder,
+                      reported_ledgers: dict[int, str]) -> None:
+    """Continue ``state`` (freshly built from the same config) after ``saved``.
+
+    Its rounds become the run's history (metrics.jsonl is rewritten to them). The
+    DP-SGD ledgers are handed back to their clients until each has replied;
+    ``reported_ledgers`` (``ledgers.json``, written as replies arrived) override the
+    checkpoint's, so a round interrupted after the clients spent budget is counted.
+    """
+    extra = saved.extra
+    state.round, state.arrays = saved.round, state_dict_to_record(saved.arrays)
+    restore_strategy_state(state.strategy, extra["strategy"])
+    restore_global_rng(extra["rng"])
+    state.rounds, state.best = list(extra["rounds"]), dict(extra["best"])
+    state.rejections = Counter({int(k): int(v) for k, v in extra["rejections"].items()})
+    state.ledgers = {**{int(k): v for k, v in extra["ledgers"].items()}, **reported_ledgers}
+    state.ledgers_to_return = set(state.ledgers)
+    state.skips = _trailing_skips(state.rounds)
+    recorder.rewrite_rounds(state.rounds)
+    for stale in recorder.run_dir.glob("checkpoints/.*.pt.*"):
+        stale.unlink()  # a temporary file the killed run was writing
+
+
+def repair_best(state: RunState, saved: SavedRun, *, recorder: RunRecorder,
+                reference: Mapping[str, torch.Tensor], meta: Callable[[dict[str, Any]],
+                                                                      dict[str, Any]]) -> None:
+    """If the run died between writing last.pt and best.pt, write best.pt now.
+
+    The checkpoint's round is then the best one and its weights are the checkpoint's.
+    """
+    if state.best.get("round") == saved.round and \
+            recorder.checkpoint_round("best") != saved.round and state.rounds:
+        weights = {k: v.to(reference[k].dtype) for k, v in saved.arrays.items()}
+        recorder.save_checkpoint("best", weights, meta(state.rounds[-1]))
+
+
+def _trailing_skips(rounds: list[dict[str, Any]]) -> int:
+    count = 0
+    for record in reversed(rounds):
+        if not record.get("skipped"):
+            break
+        count += 1
+    return count
+
+
+def load_resume_state(run_dir: Path, cfg: FedimgConfig, classes: list[str]) -> SavedRun:
     """The state saved in ``run_dir``, checked against the run it is meant to continue."""
-    path = run_dir / "checkpoints" / f"{RESUME_NAME}.pt"
+    path = RunPaths(run_dir).checkpoint(RESUME_NAME)
     if not path.is_file():
         raise ConfigError(f"cannot resume {run_dir}: it has no {path.name} (the run ended "
                           "before its first round, or ran with output.checkpoints=false)")
@@ -161,10 +201,7 @@ def load_resume_state(run_dir: Path, cfg: FedimgConfig, classes: list[str]) -> R
         raise ConfigError(f"cannot resume from {path}: the file is unreadable "
                           f"({type(exc).__name__}: {exc})") from exc
     _check_meta(path, meta, cfg, classes)
-    return ResumeState(round=int(meta["round"]), arrays=payload["state_dict"],
-                       strategy=extra["strategy"], rng=extra["rng"], rounds=extra["rounds"],
-                       best=extra["best"], rejections=extra["rejections"],
-                       ledgers=extra["ledgers"])
+    return SavedRun(round=int(meta["round"]), arrays=payload["state_dict"], extra=extra)
 
 
 def _check_meta(path: Path, meta: Mapping[str, Any], cfg: FedimgConfig,

@@ -23,14 +23,14 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedimg.errors import FedimgError
-from fedimg.transport.grid import InstrumentedGrid, error_summary
+from fedimg.serverapp.validation import UpdateChecks, metrics_of
+from fedimg.transport.grid import Transport, error_summary
 from fedimg.transport.records import SITE_KEY
-from fedimg.serverapp.validation import metrics_of
 
 log = logging.getLogger(__name__)
 
 
-def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout: float,
+def discover_partitions(transport: Transport, checks: UpdateChecks, *, content: RecordDict, timeout: float,
                         connect_timeout: float,
                         expected_sizes: list[int]) -> dict[int, dict[str, float]]:
     """Ask every node for its partition id and sizes (a Flower ``query`` message).
@@ -41,22 +41,22 @@ def discover_partitions(grid: InstrumentedGrid, *, content: RecordDict, timeout:
     a worker that cannot read the data stops the run before round 1.
     """
     started = time.perf_counter()
-    nodes = _wait_for_nodes(grid.inner, len(expected_sizes), timeout=connect_timeout)
+    nodes = _wait_for_nodes(transport.grid, len(expected_sizes), timeout=connect_timeout)
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
     info: dict[int, dict[str, float]] = {}
     failures = []
-    for reply in grid.inner.send_and_receive(messages, timeout=timeout):
+    for reply in transport.grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             failures.append(str(reply.error.reason).strip().splitlines()[-1:])
             continue
         metrics, _ = metrics_of(reply.content)
-        grid.node_to_partition[reply.metadata.src_node_id] = int(metrics["partition-id"])
+        transport.node_to_partition[reply.metadata.src_node_id] = int(metrics["partition-id"])
         info[int(metrics["partition-id"])] = metrics
     log.info("%d of %d clients ready in %.1fs", len(info), len(nodes),
              time.perf_counter() - started)
     _check_discovery(info, expected_sizes, failures)
-    grid.checks.expected_sizes = dict(enumerate(expected_sizes))
+    checks.expected_sizes = dict(enumerate(expected_sizes))
     return info
 
 
@@ -89,7 +89,7 @@ def _check_discovery(info: dict[int, dict[str, float]], expected_sizes: list[int
                           "(check FEDIMG_DATA / data.root on every machine)")
 
 
-def discover_sites(grid: InstrumentedGrid, *, content: RecordDict, timeout: float,
+def discover_sites(transport: Transport, checks: UpdateChecks, *, content: RecordDict, timeout: float,
                    connect_timeout: float, num_sites: int,
                    num_classes: int) -> dict[int, dict[str, Any]]:
     """Ask every deployed site for its name and sizes; number the sites by name.
@@ -100,12 +100,12 @@ def discover_sites(grid: InstrumentedGrid, *, content: RecordDict, timeout: floa
     unknown class) or reported another class count, and on duplicate site names.
     """
     started = time.perf_counter()
-    nodes = _wait_for_nodes(grid.inner, num_sites, timeout=connect_timeout)
+    nodes = _wait_for_nodes(transport.grid, num_sites, timeout=connect_timeout)
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
                 for n in nodes]
     reports: dict[int, dict[str, Any]] = {}  # node id -> report
     failures: list[str] = []
-    for reply in grid.inner.send_and_receive(messages, timeout=timeout):
+    for reply in transport.grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             failures.append(f"node {node}: {error_summary(str(reply.error.reason))}")
@@ -125,8 +125,8 @@ def discover_sites(grid: InstrumentedGrid, *, content: RecordDict, timeout: floa
     _check_sites(reports, failures, num_sites=num_sites, num_classes=num_classes)
     by_name = sorted(reports.items(), key=lambda item: item[1]["name"])
     sites = {cid: report for cid, (_, report) in enumerate(by_name)}
-    grid.node_to_partition.update({node: cid for cid, (node, _) in enumerate(by_name)})
-    grid.checks.expected_sizes = {cid: r["num_train"] for cid, r in sites.items()}
+    transport.node_to_partition.update({node: cid for cid, (node, _) in enumerate(by_name)})
+    checks.expected_sizes = {cid: r["num_train"] for cid, r in sites.items()}
     log.info("%d sites ready in %.1fs: %s", len(sites), time.perf_counter() - started,
              ", ".join(f"{r['name']} ({r['num_train']} train)" for r in sites.values()))
     return sites

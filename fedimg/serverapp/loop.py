@@ -1,181 +1,260 @@
-"""The round loop: a Flower strategy driven round by round, with a policy for short rounds.
+"""The round loop: sample, send, filter the replies, aggregate, evaluate, call back.
 
-Flower's ``Strategy.start`` runs every round in one call. fedimg drives the same
+Flower's ``Strategy.start`` runs every round in one call; fedimg drives the same
 public methods itself (``configure_train``, ``aggregate_train``,
 ``configure_evaluate``, ``aggregate_evaluate``) so that a run can start from a
-checkpointed round, checkpoint after each one, and decide what a round with too
-few usable updates does.
+checkpointed round, save one after each, sample clients from its own seeded
+generator, and decide what a round with too few usable updates does. One round:
 
-A training update is usable unless its client failed (an exception, a dead worker
-process), timed out (``fl.timeout_s``), declined (privacy budget) or was rejected
-(see :mod:`fedimg.serverapp.validation`). When fewer than ``fl.min_replies``
-updates are usable (or fewer than the strategy needs to stay robust: 2f + 3 for
-Krum, 1/beta for FedTrimmedAvg, 3 for FedMedian), ``fl.on_too_few`` decides:
+1. sample clients (:class:`~fedimg.serverapp.state.Sampler`) and let the strategy
+   configure a message for each (:class:`~fedimg.transport.grid.NodeView`);
+2. exchange them (:class:`~fedimg.transport.grid.Transport`);
+3. run the reply filters (:mod:`fedimg.serverapp.filters`) on every reply;
+4. aggregate the usable ones, or apply ``fl.on_too_few``: ``retry`` (default)
+   samples and sends the round again up to ``fl.round_retries`` times, then skips
+   it; ``skip`` keeps the global model; ``stop`` ends the run cleanly;
+5. federated evaluation the same way;
+6. the callbacks (:mod:`fedimg.serverapp.callbacks`) add their metrics to the round
+   record and then act on it (metrics.jsonl, checkpoints, progress bar).
 
-* ``retry`` (default): sample and send the round again, up to ``fl.round_retries``
-  times (dead Ray workers have been restarted by then); if it is still short, skip it.
-* ``skip``: keep the current global model and go on to the next round.
-* ``stop``: end the run cleanly (results, plots and checkpoints are written).
-
-Whatever the policy, ``fl.max_skipped_rounds`` consecutive skipped rounds end the
-run, so a fault that repeats every round cannot burn the whole schedule. Every
-attempt is recorded in ``metrics.jsonl`` (``attempts``, ``skipped``, and each
-client's status and reason). Nothing waits forever: every exchange is bounded by
-``fl.timeout_s``.
+Whatever the policy, ``fl.max_skipped_rounds`` skipped rounds in a row end the run.
+Nothing waits forever: every exchange is bounded by ``fl.timeout_s``.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MessageType
-from flwr.serverapp.strategy import Strategy
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from fedimg.simulation import fleet
 from fedimg.config import FedimgConfig
 from fedimg.errors import PrivacyBudgetExhausted, RunStopped
-from fedimg.transport.grid import ClientExchange, InstrumentedGrid
-from fedimg.transport.records import ATTEMPT_KEY
-from fedimg.serverapp.strategies import min_replies
+from fedimg.serverapp.filters import FilterContext, apply_filters
+from fedimg.serverapp.state import RunState, Sampler
+from fedimg.serverapp.validation import UpdateChecks
+from fedimg.simulation import fleet
+from fedimg.transport.grid import Exchange, NodeView, Transport
+from fedimg.transport.records import ATTEMPT_KEY, LEDGER_KEY, record_to_state_dict
 
 log = logging.getLogger(__name__)
 
-@dataclass
-class RoundOutcome:
-    """How a training round went."""
 
-    arrays: ArrayRecord
-    attempts: int
-    skipped: bool
+@dataclass
+class RoundResult:
+    """What one round did, for the callbacks: its exchanges and Flower's aggregates."""
+
+    server_round: int
+    state_dict: dict[str, torch.Tensor]  # the global model after the round
+    exchanges: list[Exchange] = field(default_factory=list)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    attempts: int = 0
+    skipped: bool = False
     stopped: bool = False  # the run ends in this round (recorded, not checkpointed)
 
 
+@dataclass(frozen=True)
+class LoopSetup:
+    """What the loop needs besides the state: built once by the composition root."""
+
+    cfg: FedimgConfig
+    checks: UpdateChecks
+    min_replies: int
+    train_config: ConfigRecord
+    evaluate_config: ConfigRecord
+    reference: Mapping[str, torch.Tensor]
+    context: Mapping[str, ArrayRecord] = field(default_factory=dict)  # sent with every message
+    ledger_path: Path | None = None
+
+
 class RoundLoop:
-    """Runs rounds ``start..cfg.rounds`` of ``strategy`` on ``grid``."""
+    """Runs the rounds after ``state.round`` up to ``cfg.rounds``, owning ``state``."""
 
-    def __init__(self, cfg: FedimgConfig, strategy: Strategy, grid: InstrumentedGrid, *,
-                 train_config: ConfigRecord, evaluate_config: ConfigRecord) -> None:
-        self.cfg, self.strategy, self.grid = cfg, strategy, grid
-        self.train_config, self.evaluate_config = train_config, evaluate_config
-        self.min_replies = max(cfg.fl.min_replies, min_replies(cfg))
-        self.consecutive_skips = 0
+    def __init__(self, setup: LoopSetup, state: RunState, transport: Transport,
+                 callbacks: Sequence[Any]) -> None:
+        self.setup, self.cfg, self.state = setup, setup.cfg, state
+        self.transport, self.callbacks = transport, list(callbacks)
 
-    def run(self, arrays: ArrayRecord, *, start: int,
-            on_round_end: Callable[[int, ArrayRecord, RoundOutcome | None], None]) -> None:
-        """Round 0 (the initial model) if ``start == 1``, then every round to the last."""
-        if start == 1:
-            on_round_end(0, arrays, None)
-        for server_round in range(start, self.cfg.rounds + 1):
+    def run(self) -> None:
+        """Round 0 (the initial model) on a fresh run, then every round to the last."""
+        if self.state.round == 0 and not self.state.rounds:
+            self._end_round(RoundResult(0, self._state_dict()))
+        for server_round in range(self.state.round + 1, self.cfg.rounds + 1):
+            rng = self.state.sampler.for_round(server_round)
             try:
-                outcome = self.train(server_round, arrays)
+                result = self.train(server_round, rng)
             except (PrivacyBudgetExhausted, RunStopped):
-                on_round_end(server_round, arrays, RoundOutcome(
-                    arrays, attempts=0, skipped=True, stopped=True))
+                self._end_round(RoundResult(server_round, self._state_dict(), stopped=True))
                 raise
-            arrays = outcome.arrays
-            self.evaluate(server_round, arrays)
-            on_round_end(server_round, arrays, outcome)
-            self._count_skip(server_round, outcome)
+            result.exchanges += self.evaluate(server_round, rng, result)
+            self.state.round = server_round
+            self._end_round(result)
+            self._stop_after_skips(server_round, result)
 
-    def train(self, server_round: int, arrays: ArrayRecord) -> RoundOutcome:
+    def _end_round(self, result: RoundResult) -> None:
+        """Build the round's record from the callbacks' metrics, then let them act on it."""
+        record: dict[str, Any] = {"round": result.server_round, **result.train_metrics,
+                                  **result.evaluate_metrics}
+        for callback in self.callbacks:
+            record.update(callback.metrics(self.state, result))
+        for callback in self.callbacks:
+            callback.on_record(self.state, result, record)
+
+    def train(self, server_round: int, rng: random.Random) -> RoundResult:
         """One training round under the short-round policy."""
         fl = self.cfg.fl
         attempts = 1 + (fl.round_retries if fl.on_too_few == "retry" else 0)
-        tried: list[ClientExchange] = []
+        tried: list[Exchange] = []
         for attempt in range(1, attempts + 1):
-            mark = len(self.grid.exchanges)
             if not self._enough_nodes(server_round):
                 continue
-            config = ConfigRecord(dict(self.train_config))
-            config[ATTEMPT_KEY] = attempt
-            messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
-            replies = list(self.grid.send_and_receive(messages, **self._train_wait()))
-            usable = sum(not reply.has_error() for reply in replies)
-            if usable >= self.min_replies:
-                new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
-                if new_arrays is not None:
-                    return RoundOutcome(new_arrays, attempt, skipped=False)
-            tried = self.grid.exchanges[mark:]
-            _discard(tried, attempt)
-            _stop_if_budgets_spent(server_round, tried)
+            exchanges = self._send(MessageType.TRAIN, server_round, rng, attempt)
+            tried += exchanges
+            aggregated = self._aggregate(server_round, exchanges)
+            if aggregated is not None:
+                arrays, metrics = aggregated
+                self.state.arrays = arrays
+                return RoundResult(server_round, self._state_dict(), tried, metrics,
+                                   attempts=attempt)
+            _discard(exchanges, attempt)
+            _stop_if_budgets_spent(server_round, exchanges)
             log.warning("round %d, attempt %d/%d: %d usable updates (at least %d needed) or "
-                        "no aggregate; %s", server_round, attempt, attempts, usable,
-                        self.min_replies, _failure_summary(tried))
+                        "no aggregate; %s", server_round, attempt, attempts,
+                        sum(e.status == "discarded" for e in exchanges),
+                        self.setup.min_replies, _failure_summary(exchanges))
         if fl.on_too_few == "stop":
             raise RunStopped(f"round {server_round}: too few usable updates "
                              f"(fl.on_too_few=stop); {_failure_summary(tried)}")
         log.warning("round %d skipped: the global model is kept", server_round)
-        return RoundOutcome(arrays, attempts, skipped=True)
+        return RoundResult(server_round, self._state_dict(), tried, attempts=attempts,
+                           skipped=True)
 
-    def _train_wait(self) -> dict[str, Any]:
-        """How long a training round waits: ``fl.timeout_s``, or a real round deadline."""
-        deadline = fleet.real_deadline(self.cfg.hetero)  # validated below fl.timeout_s
-        if deadline is None:
-            return {"timeout": self.cfg.fl.timeout_s}
-        return {"timeout": deadline, "late": (
-            "straggler", f"no reply before the hetero.deadline_s={deadline}s deadline")}
+    def _aggregate(self, server_round: int, exchanges: list[Exchange]
+                   ) -> tuple[ArrayRecord, dict[str, float]] | None:
+        """The strategy's aggregate of the usable updates, if there are enough of them."""
+        usable = [e.reply for e in exchanges if e.usable]
+        if len(usable) < self.setup.min_replies:
+            return None
+        arrays, metrics = self.state.strategy.aggregate_train(server_round, usable)
+        return None if arrays is None else (arrays, dict(metrics or {}))
 
-    def _enough_nodes(self, server_round: int) -> bool:
-        """Wait up to ``fl.connect_timeout_s`` for the nodes the strategy samples from.
-
-        Flower's sampling waits for ``min_available_nodes`` without a limit; in a
-        deployment where SuperNodes went away that would hang the run. A simulation
-        always has all its nodes.
-        """
-        need = _innermost(self.strategy).min_available_nodes
-        deadline = time.monotonic() + self.cfg.fl.connect_timeout_s
-        while (have := len(list(self.grid.get_node_ids()))) < need:
-            if time.monotonic() > deadline:
-                log.warning("round %d: only %d of the %d clients needed are connected "
-                            "after fl.connect_timeout_s=%gs", server_round, have, need,
-                            self.cfg.fl.connect_timeout_s)
-                return False
-            time.sleep(min(1.0, self.cfg.fl.connect_timeout_s / 10))
-        return True
-
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
-        """Federated evaluation on the clients' validation splits (recorded by the grid)."""
-        if len(list(self.grid.get_node_ids())) < _innermost(self.strategy).min_available_nodes:
+    def evaluate(self, server_round: int, rng: random.Random,
+                 result: RoundResult) -> list[Exchange]:
+        """Federated evaluation on the clients' validation splits."""
+        if len(self.transport.node_ids()) < self.cfg.fl.min_train_clients:
             log.warning("round %d: too few clients connected; federated evaluation skipped",
                         server_round)
-            return
-        messages = self.strategy.configure_evaluate(server_round, arrays,
-                                                    self.evaluate_config, self.grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.fl.timeout_s))
-        if any(not reply.has_error() for reply in replies):
-            self.strategy.aggregate_evaluate(server_round, replies)
+            return []
+        exchanges = self._send(MessageType.EVALUATE, server_round, rng)
+        usable = [e.reply for e in exchanges if e.usable]
+        if usable:
+            metrics = self.state.strategy.aggregate_evaluate(server_round, usable)
+            result.evaluate_metrics = dict(metrics or {})
+        return exchanges
 
-    def _count_skip(self, server_round: int, outcome: RoundOutcome) -> None:
-        self.consecutive_skips = self.consecutive_skips + 1 if outcome.skipped else 0
-        limit = self.cfg.fl.max_skipped_rounds
-        if self.consecutive_skips >= limit:
-            raise RunStopped(f"round {server_round}: {self.consecutive_skips} rounds in a "
-                             f"row were skipped (fl.max_skipped_rounds={limit}); see the "
-                             "client statuses in metrics.jsonl")
+    def _send(self, phase: str, server_round: int, rng: random.Random,
+              attempt: int = 1) -> list[Exchange]:
+        """Sample, configure, exchange and filter one batch of ``phase`` messages."""
+        messages = self._configure(phase, server_round, rng, attempt)
+        if not messages:
+            return []
+        timeout, late = self._wait(phase)
+        exchanges = self.transport.exchange(self._outgoing(messages), timeout=timeout)
+        apply_filters(exchanges, FilterContext(
+            checks=self.setup.checks, state=self.state, hetero=self.cfg.hetero, late=late,
+            ledger_path=self.setup.ledger_path))
+        return exchanges
+
+    def _configure(self, phase: str, server_round: int, rng: random.Random,
+                   attempt: int) -> list[Message]:
+        """The strategy's messages for the clients this round's generator samples."""
+        fl, train = self.cfg.fl, phase == MessageType.TRAIN
+        fraction = fl.fraction_train if train else fl.fraction_evaluate
+        minimum = fl.min_train_clients if train else fl.min_evaluate_clients
+        if fraction == 0:
+            return []
+        view = NodeView(Sampler.sample(rng, self.transport.node_ids(), fraction=fraction,
+                                       minimum=minimum))
+        config = ConfigRecord(dict(self.setup.train_config if train
+                                   else self.setup.evaluate_config))
+        if train:
+            config[ATTEMPT_KEY] = attempt
+            return list(self.state.strategy.configure_train(
+                server_round, self.state.arrays, config, view))
+        return list(self.state.strategy.configure_evaluate(
+            server_round, self.state.arrays, config, view))
+
+    def _outgoing(self, messages: list[Message]) -> list[Message]:
+        """Add the run context (simulated partitions), and hand back restored ledgers."""
+        for content in {id(m.content): m.content for m in messages}.values():
+            for key, record in self.setup.context.items():
+                content[key] = record
+        return [self._with_ledger(m) for m in messages]
+
+    def _with_ledger(self, message: Message) -> Message:
+        """``message``, carrying its client's restored DP ledger if one is pending."""
+        pid = self.transport.partition_of(message.metadata.dst_node_id)
+        if message.metadata.message_type != MessageType.TRAIN or \
+                pid not in self.state.ledgers_to_return:
+            return message
+        content = RecordDict(dict(message.content.items()))  # strategies share one content
+        content[LEDGER_KEY] = ConfigRecord({"json": self.state.ledgers[pid]})
+        return Message(content=content, message_type=message.metadata.message_type,
+                       dst_node_id=message.metadata.dst_node_id,
+                       group_id=message.metadata.group_id)
+
+    def _wait(self, phase: str) -> tuple[float, tuple[str, str]]:
+        """How long an exchange waits, and what a missing reply is then."""
+        deadline = fleet.real_deadline(self.cfg.hetero)  # validated below fl.timeout_s
+        if phase != MessageType.TRAIN or deadline is None:
+            return self.cfg.fl.timeout_s, ("timeout", "no reply before fl.timeout_s")
+        return deadline, ("straggler",
+                          f"no reply before the hetero.deadline_s={deadline}s deadline")
+
+    def _enough_nodes(self, server_round: int) -> bool:
+        """Wait up to ``fl.connect_timeout_s`` for ``fl.min_train_clients`` nodes.
+
+        In a deployment where SuperNodes went away, waiting without a limit would
+        hang the run. A simulation always has all its nodes.
+        """
+        need, wait = self.cfg.fl.min_train_clients, self.cfg.fl.connect_timeout_s
+        deadline = time.monotonic() + wait
+        while (have := len(self.transport.node_ids())) < need:
+            if time.monotonic() > deadline:
+                log.warning("round %d: only %d of the %d clients needed are connected "
+                            "after fl.connect_timeout_s=%gs", server_round, have, need, wait)
+                return False
+            time.sleep(min(1.0, wait / 10))
+        return True
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        return record_to_state_dict(self.state.arrays, self.setup.reference)
+
+    def _stop_after_skips(self, server_round: int, result: RoundResult) -> None:
+        skips, limit = self.state.count_skip(result.skipped), self.cfg.fl.max_skipped_rounds
+        if skips >= limit:
+            raise RunStopped(f"round {server_round}: {skips} rounds in a row were skipped "
+                             f"(fl.max_skipped_rounds={limit}); see the client statuses in "
+                             "metrics.jsonl")
 
 
-def _innermost(strategy: Strategy) -> Strategy:
-    """The strategy a wrapper (Flower's DP wrappers) delegates sampling to."""
-    while isinstance(getattr(strategy, "strategy", None), Strategy):
-        strategy = strategy.strategy
-    return strategy
-
-
-def _discard(exchanges: list[ClientExchange], attempt: int) -> None:
+def _discard(exchanges: list[Exchange], attempt: int) -> None:
     """Mark the usable updates of an attempt that was not aggregated."""
     for e in exchanges:
-        if e.phase == MessageType.TRAIN and e.status == "ok":
+        if e.usable:
             e.status = "discarded"
             e.reason = f"attempt {attempt} had too few usable updates; not aggregated"
 
 
-def _failure_summary(exchanges: list[ClientExchange]) -> str:
-    bad = [e for e in exchanges if e.phase == MessageType.TRAIN
-           and e.status not in ("ok", "discarded")]
+def _failure_summary(exchanges: list[Exchange]) -> str:
+    bad = [e for e in exchanges if e.status not in ("ok", "discarded")]
     if not bad:
         return "no client failed (the strategy released no aggregate)" if exchanges \
             else "no client was sampled"
@@ -184,8 +263,7 @@ def _failure_summary(exchanges: list[ClientExchange]) -> str:
            f"{first[0][:200]}"
 
 
-def _stop_if_budgets_spent(server_round: int, exchanges: list[ClientExchange]) -> None:
-    trained = [e for e in exchanges if e.phase == MessageType.TRAIN]
-    if trained and all(e.status == "declined" for e in trained):
+def _stop_if_budgets_spent(server_round: int, exchanges: list[Exchange]) -> None:
+    if exchanges and all(e.status == "declined" for e in exchanges):
         raise PrivacyBudgetExhausted(f"round {server_round}: every sampled client "
                                      "declined, its privacy budget spent; stopping")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -57,10 +58,36 @@ from fedimg.transport.records import aggregate_metrics
 from fedimg.registry import Registry
 
 StrategyBuilder = Callable[[FedimgConfig, frozenset[str]], Strategy]
-STRATEGIES: Registry[StrategyBuilder] = Registry("strategy", config_key="strategy")
 
-# Server learning rates that suit each family when fl.server_lr is left unset.
-_SERVER_LR_DEFAULTS = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A strategy and its facts, so that no code branches on its name.
+
+    ``min_replies``: usable updates a round needs for the rule to hold at all (robust
+    aggregators); ``server_lr``: the server learning rate when ``fl.server_lr`` is
+    unset (server optimisers); ``averages``: the output is the weighted average of
+    the updates (what client-level DP's noise is calibrated for); ``loss_term``: the
+    client adds a term to its loss (FedProx's proximal term, which DP-SGD's noisy
+    per-sample gradient would drop).
+    """
+
+    build: StrategyBuilder
+    min_replies: Callable[[FedimgConfig], int] = lambda cfg: 1
+    server_lr: float = 1.0
+    averages: bool = False
+    loss_term: bool = False
+
+
+STRATEGIES: Registry[StrategySpec] = Registry("strategy", config_key="strategy")
+
+
+def register(name: str, **facts: Any) -> Callable[[StrategyBuilder], StrategyBuilder]:
+    """Decorator: register a builder under ``name`` with its :class:`StrategySpec` facts."""
+    def decorator(builder: StrategyBuilder) -> StrategyBuilder:
+        STRATEGIES.add(name, StrategySpec(build=builder, **facts))
+        return builder
+    return decorator
 
 
 class PlainBufferAveraging:
@@ -91,14 +118,15 @@ def _with_plain_buffers(cls: type[Strategy], buffer_keys: frozenset[str],
 
 
 def common_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
-    """Sampling and aggregation arguments shared by every Flower strategy."""
-    fl = cfg.fl
+    """Arguments shared by every Flower strategy.
+
+    Sampling is the round loop's (:class:`fedimg.serverapp.state.Sampler`, with
+    ``fl.fraction_*`` and ``fl.min_*_clients``): it shows the strategy exactly the
+    nodes it sampled, and the strategy configures a message for each of them.
+    """
     return {
-        "fraction_train": fl.fraction_train,
-        "fraction_evaluate": fl.fraction_evaluate,
-        "min_train_nodes": fl.min_train_clients,
-        "min_evaluate_nodes": min(fl.min_evaluate_clients, cfg.clients),
-        "min_available_nodes": fl.min_train_clients,
+        "fraction_train": 1.0, "fraction_evaluate": 1.0,
+        "min_train_nodes": 1, "min_evaluate_nodes": 0, "min_available_nodes": 1,
         "train_metrics_aggr_fn": aggregate_metrics,
         "evaluate_metrics_aggr_fn": aggregate_metrics,
     }
@@ -113,22 +141,33 @@ def server_lr(cfg: FedimgConfig) -> float:
     """``fl.server_lr``, or the default of the configured strategy."""
     if cfg.fl.server_lr is not None:
         return cfg.fl.server_lr
-    return _SERVER_LR_DEFAULTS.get(cfg.strategy, 1.0)
+    return STRATEGIES.get(cfg.strategy).server_lr
 
 
-@STRATEGIES.register()
+# Replies a robust aggregator needs to be robust at all: Krum n > 2f + 2 (Blanchard et
+# al. 2017); a trimmed mean cuts int(beta n) values per end, none below n = 1/beta; a
+# median of two is their mean.
+def _krum_min(cfg: FedimgConfig) -> int:
+    return 2 * cfg.fl.num_malicious + 3
+
+
+def _trimmed_min(cfg: FedimgConfig) -> int:
+    return math.ceil(1 / cfg.fl.trim_beta) if cfg.fl.trim_beta else 1
+
+
+@register("fedavg", averages=True)
 def fedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAvg: example-weighted mean of the client models."""
     return FedAvg(**common_kwargs(cfg))
 
 
-@STRATEGIES.register()
+@register("fedprox", averages=True, loss_term=True)
 def fedprox(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedProx: FedAvg plus the proximal term the client adds to its loss."""
     return FedProx(**common_kwargs(cfg), proximal_mu=cfg.fl.proximal_mu)
 
 
-@STRATEGIES.register()
+@register("fedavgm", server_lr=1.0)
 def fedavgm(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAvgM: FedAvg with server momentum."""
     return _with_plain_buffers(FedAvgM, buffer_keys, **common_kwargs(cfg),
@@ -142,39 +181,39 @@ def _fedopt_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
             "beta_2": fl.beta_2, "tau": fl.tau}
 
 
-@STRATEGIES.register()
+@register("fedadam", server_lr=0.01)
 def fedadam(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAdam: Adam on the server over the averaged update."""
     return _with_plain_buffers(FedAdam, buffer_keys, **common_kwargs(cfg),
                                **_fedopt_kwargs(cfg))
 
 
-@STRATEGIES.register()
+@register("fedyogi", server_lr=0.01)
 def fedyogi(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedYogi: Yogi on the server over the averaged update."""
     return _with_plain_buffers(FedYogi, buffer_keys, **common_kwargs(cfg),
                                **_fedopt_kwargs(cfg))
 
 
-@STRATEGIES.register()
+@register("fedmedian", min_replies=lambda cfg: 3)
 def fedmedian(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedMedian: coordinate-wise median of the client models."""
     return FedMedian(**common_kwargs(cfg))
 
 
-@STRATEGIES.register()
+@register("fedtrimmedavg", min_replies=_trimmed_min)
 def fedtrimmedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedTrimmedAvg: coordinate-wise mean without the fl.trim_beta tails."""
     return FedTrimmedAvg(**common_kwargs(cfg), beta=cfg.fl.trim_beta)
 
 
-@STRATEGIES.register()
+@register("krum", min_replies=_krum_min)
 def krum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """Krum: the client model closest to its neighbours."""
     return Krum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious)
 
 
-@STRATEGIES.register()
+@register("multikrum", min_replies=_krum_min)
 def multikrum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """MultiKrum: the mean of the m client models Krum scores best."""
     sampled = sampled_clients(cfg)
@@ -186,21 +225,9 @@ def multikrum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
                      num_nodes_to_select=select)
 
 
-# Replies a robust aggregator needs to be robust at all: Krum n > 2f + 2 (Blanchard et
-# al. 2017); a trimmed mean cuts int(beta n) values per end, none below n = 1/beta; a
-# median of two is their mean.
-_ROBUST_MIN_REPLIES: dict[str, Callable[[FedimgConfig], int]] = {
-    "krum": lambda cfg: 2 * cfg.fl.num_malicious + 3,
-    "multikrum": lambda cfg: 2 * cfg.fl.num_malicious + 3,
-    "fedtrimmedavg": lambda cfg: math.ceil(1 / cfg.fl.trim_beta) if cfg.fl.trim_beta else 1,
-    "fedmedian": lambda cfg: 3,
-}
-
-
 def min_replies(cfg: FedimgConfig) -> int:
     """Usable updates a round of ``cfg.strategy`` needs (1 unless it is a robust one)."""
-    rule = _ROBUST_MIN_REPLIES.get(cfg.strategy)
-    return rule(cfg) if rule else 1
+    return STRATEGIES.get(cfg.strategy).min_replies(cfg)
 
 
 def build_strategy(cfg: FedimgConfig, *, buffer_keys: Iterable[str] = ()) -> Strategy:
@@ -213,13 +240,13 @@ def build_strategy(cfg: FedimgConfig, *, buffer_keys: Iterable[str] = ()) -> Str
     from fedimg.privacy import PRIVACY_MODES
 
     buffers = frozenset(buffer_keys)
-    builder = STRATEGIES.get(cfg.strategy)
+    spec = STRATEGIES.get(cfg.strategy)
     sampled, needed = sampled_clients(cfg), min_replies(cfg)
     if sampled < needed:
         raise ConfigError(f"strategy={cfg.strategy} needs at least {needed} updates per round "
                           f"to be robust (Krum: n > 2f + 2; trimmed mean: n >= 1/beta; "
                           f"median: n >= 3), but {sampled} clients are sampled; raise clients "
                           "or fl.fraction_train, or lower fl.num_malicious / fl.trim_beta")
-    strategy = builder(cfg, buffers)
+    strategy = spec.build(cfg, buffers)
     wrap = PRIVACY_MODES.get(cfg.privacy.mode).wrap_strategy
     return wrap(strategy, cfg, buffers) if wrap is not None else strategy

@@ -28,7 +28,7 @@ from typing import Any
 from fedimg.config import SimConfig
 from fedimg.errors import ConfigError
 from fedimg.clientapp.app import app as client_app
-from fedimg.serverapp.run import PreparedRun
+from fedimg.build import PreparedRun
 from fedimg.serverapp.app import make_server_app
 
 log = logging.getLogger(__name__)

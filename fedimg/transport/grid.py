@@ -1,73 +1,58 @@
-"""A Grid wrapper that sees every exchange between the strategy and the clients.
+"""The transport: push messages, pull replies, pack arrays, count bytes. Nothing else.
 
-Flower's strategies aggregate replies and keep only the averaged metrics. The
-:class:`InstrumentedGrid` sits between a strategy and the real Grid and, for each
-``send_and_receive``, records per client: the partition id, the metrics it
-reported, the bytes sent down and up, and failures. It rejects malformed training
-updates (see :mod:`fedimg.serverapp.validation`) before the strategy can average
-them in, logging the reason and counting rejections per client.
+:class:`Transport` wraps Flower's Grid for the round loop. One :meth:`Transport.exchange`
+sends a batch of messages (their model arrays packed into one buffer when
+``fl.pack_arrays``), polls for the replies until a deadline, and returns one
+:class:`Exchange` per message: what was sent, what came back (or nothing), and the
+bytes each way. What a reply *means* (a failure, an absence, a straggler, a
+malformed update) is decided by the server's reply filters
+(:mod:`fedimg.serverapp.filters`), not here.
 
-It also carries each client's DP ledger: it keeps the latest one a client reported
-(for the resume checkpoint, and in ``ledger_path`` as soon as it arrives) and hands
-a restored ledger back to its client with every training message until the client
-has acknowledged it by replying with its ledger.
-
-Node ids are returned ordered by partition id, so that the strategies' sampling
-(``random.sample`` over ``get_node_ids()``) is reproducible once the server seeds
-Python's ``random`` with the run seed.
+It also keeps the address book: which node is which client (partition or site),
+learnt at discovery, and :class:`NodeView`, the Grid a strategy samples from.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedimg.simulation import fleet
-from fedimg.transport.codecs import decompress_update
-from fedimg.config import HeterogeneityConfig
-from fedimg.errors import FedimgError, UpdateError
-from fedimg.transport.records import (
-    ARRAYS_KEY,
-    COMPRESSION_KEY,
-    DECLINED_KEY,
-    LEDGER_KEY,
-    record_bytes,
-)
-from fedimg.transport.packing import pack_content, unpack_content
-from fedimg.serverapp.validation import UpdateChecks, metrics_of
-from fedimg.reporting.run_dir import write_json
-
-log = logging.getLogger(__name__)
+from fedimg.transport.packing import pack_content
+from fedimg.transport.records import ARRAYS_KEY, PARTITION_KEY, record_bytes
 
 POLL_S = 0.1  # seconds between pulls for replies (Flower's in-memory Grid uses 0.1 too)
 
 
 @dataclass
-class ClientExchange:
-    """One message to one client and what came back."""
+class Exchange:
+    """One message to one client and what came back; the reply filters fill the rest."""
 
-    phase: str  # "train" | "evaluate" | "query"
+    phase: str  # a flwr MessageType: "train" | "evaluate" | "query"
     partition_id: int
     node_id: int
-    bytes_down: int
+    sent: Message  # as the strategy made it (its arrays not packed)
+    bytes_down: int  # on the wire
+    reply: Message | None = None
     bytes_up: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     num_examples: int = 0
-    status: str = "ok"  # ok | failed | rejected | timeout | declined | offline | dropped
-    #                     | straggler (hetero.*: see fedimg.simulation.fleet)
+    # ok | failed | rejected | timeout | declined | discarded | offline | dropped |
+    # straggler (the last three: simulated devices, fedimg.simulation.fleet)
+    status: str = "ok"
     reason: str = ""
     update_norm: float = float("nan")  # ||w_i - w_global||_2 of a training update
+    arrays: Any = None  # a training update's decoded arrays, once a filter decoded them
+
+    @property
+    def usable(self) -> bool:
+        """Still on its way to the strategy (no filter has set it aside)."""
+        return self.status == "ok" and self.reply is not None
 
 
 def error_summary(reason: str, limit: int = 300) -> str:
@@ -82,50 +67,23 @@ def error_summary(reason: str, limit: int = 300) -> str:
     return last.removesuffix("'>").strip()[:limit]
 
 
-def _content_bytes(content: RecordDict) -> int:
-    return sum(record_bytes(r) for r in content.array_records.values())
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of a message's arrays on the wire (a simulated partition's indices excluded:
+    a real client holds its own data, so they exist only in simulation)."""
+    return sum(record_bytes(r) for k, r in content.array_records.items() if k != PARTITION_KEY)
 
 
-class InstrumentedGrid(Grid):
-    """Delegates to ``inner`` while logging exchanges and filtering bad updates."""
+class Transport:
+    """Flower's Grid as the round loop uses it: exchanges with a deadline."""
 
-    def __init__(self, inner: Grid, *, reference: Mapping[str, torch.Tensor],
-                 checks: UpdateChecks | None = None, ledger_path: Path | None = None,
-                 pack: bool = False, hetero: HeterogeneityConfig | None = None) -> None:
-        self.inner = inner
-        self.hetero = hetero or HeterogeneityConfig()  # the round deadline of stragglers
+    def __init__(self, grid: Grid, *, pack: bool = False) -> None:
+        self.grid = grid
         self.pack = pack  # send model arrays as one buffer (fedimg.transport.packing)
-        self.reference = reference
-        self.checks = checks or UpdateChecks(reference)
-        self.ledger_path = ledger_path
         self.node_to_partition: dict[int, int] = {}
-        self.exchanges: list[ClientExchange] = []
-        self.rejections: Counter[int] = Counter()
-        self.ledgers: dict[int, str] = {}  # partition -> latest DP ledger (JSON) it reported
-        self.pending_ledgers: dict[int, str] = {}  # restored ledgers not yet handed back
-        self._decoded: dict[int, dict[str, np.ndarray] | None] = {}  # id(content) -> arrays
 
-    # --- plain delegation -------------------------------------------------
-    def set_run(self, run: Any) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
-
-    # --- instrumented -----------------------------------------------------
-    def get_node_ids(self) -> Iterable[int]:
-        ids = list(self.inner.get_node_ids())
+    def node_ids(self) -> list[int]:
+        """Connected nodes that take part, ordered by client id (so sampling repeats)."""
+        ids = list(self.grid.get_node_ids())
         if self.node_to_partition:  # after discovery, only the clients it found take part:
             ids = [n for n in ids if n in self.node_to_partition]  # a later one has no size
         return sorted(ids, key=lambda n: (self.node_to_partition.get(n, 1 << 62), n))
@@ -133,33 +91,22 @@ class InstrumentedGrid(Grid):
     def partition_of(self, node_id: int) -> int:
         return self.node_to_partition.get(node_id, -1)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
-                         late: tuple[str, str] = ("timeout", "no reply before fl.timeout_s"),
-                         ) -> Iterable[Message]:
-        """Send, wait up to ``timeout``, record; ``late`` is the status of a missing reply."""
-        messages = [self._with_ledger(m) for m in messages]
-        sent = {m.metadata.dst_node_id: m for m in messages}
+    def exchange(self, messages: Sequence[Message], *, timeout: float | None) -> list[Exchange]:
+        """Send ``messages``, wait up to ``timeout`` s, and return them in client order."""
+        messages = list(messages)
         wire = self._packed(messages)
-        self._decoded = {}  # the global arrays of this call's messages, decoded once
-        pending = {m.metadata.dst_node_id: self._exchange_for(m) for m in wire}
-        replies = self._push_and_pull(wire, timeout=timeout)
-        kept: dict[int, tuple[Message, ClientExchange]] = {}
-        for reply in replies:
-            exchange = pending.pop(reply.metadata.src_node_id, None)
-            if exchange is None:
-                continue
-            if self._record_reply(exchange, reply, sent[exchange.node_id]):
-                kept[exchange.node_id] = (reply, exchange)
-            self.exchanges.append(exchange)
-        self._reject_outlier_norms(kept)
-        for exchange in pending.values():  # no reply within the timeout
-            exchange.status, exchange.reason = late
-            self.exchanges.append(exchange)
-        # Replies arrive in completion order; aggregating them in partition order keeps
-        # the float sums, and so the run, identical for the same seed.
-        return sorted((reply for reply, _ in kept.values()),
-                      key=lambda r: (self.partition_of(r.metadata.src_node_id),
-                                     r.metadata.src_node_id))
+        pending = {m.metadata.dst_node_id: Exchange(
+            phase=m.metadata.message_type, partition_id=self.partition_of(
+                m.metadata.dst_node_id), node_id=m.metadata.dst_node_id, sent=m,
+            bytes_down=content_bytes(w.content)) for m, w in zip(messages, wire)}
+        for reply in self._push_and_pull(wire, timeout=timeout):
+            exchange = pending.get(reply.metadata.src_node_id)
+            if exchange is not None and exchange.reply is None:
+                exchange.reply = reply
+                exchange.bytes_up = 0 if reply.has_error() else content_bytes(reply.content)
+        # Replies arrive in completion order; handling them in client order keeps the
+        # float sums, and so the run, identical for the same seed.
+        return sorted(pending.values(), key=lambda e: (e.partition_id, e.node_id))
 
     def _push_and_pull(self, messages: list[Message], *,
                        timeout: float | None) -> list[Message]:
@@ -169,11 +116,11 @@ class InstrumentedGrid(Grid):
         exchange of a deployed round ended on a 3 s boundary; its in-memory Grid
         (simulation) already polls every 0.1 s, as this loop does for both.
         """
-        pending = set(self.inner.push_messages(messages))
+        pending = set(self.grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
-            got = list(self.inner.pull_messages(pending))
+            got = list(self.grid.pull_messages(pending))
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or (deadline is not None and time.monotonic() >= deadline):
@@ -197,115 +144,37 @@ class InstrumentedGrid(Grid):
                 ttl=m.metadata.ttl))
         return out
 
-    def _with_ledger(self, message: Message) -> Message:
-        """``message``, carrying its client's restored DP ledger if one is pending."""
-        pid = self.partition_of(message.metadata.dst_node_id)
-        if message.metadata.message_type != MessageType.TRAIN or pid not in self.pending_ledgers:
-            return message
-        content = RecordDict(dict(message.content.items()))  # strategies share one content
-        content[LEDGER_KEY] = ConfigRecord({"json": self.pending_ledgers[pid]})
-        return Message(content=content, message_type=message.metadata.message_type,
-                       dst_node_id=message.metadata.dst_node_id,
-                       group_id=message.metadata.group_id)
 
-    def _reject(self, exchange: ClientExchange, reason: str) -> None:
-        exchange.status, exchange.reason = "rejected", reason
-        self.rejections[exchange.partition_id] += 1
-        log.warning("rejected update of client %d: %s (rejections so far: %d)",
-                    exchange.partition_id, reason, self.rejections[exchange.partition_id])
+class NodeView(Grid):
+    """The Grid a strategy sees: exactly the nodes the round loop sampled.
 
-    def _reject_outlier_norms(self, kept: dict[int, tuple[Message, ClientExchange]]) -> None:
-        """Drop updates whose norm is far above the round's median (absurd, not just large)."""
-        norms = {nid: e.update_norm for nid, (_, e) in kept.items()}
-        for nid, reason in self.checks.outliers(norms).items():
-            self._reject(kept.pop(nid)[1], reason)
+    Client sampling belongs to the round loop (its seeded generator, see
+    :class:`fedimg.serverapp.state.Sampler`); a strategy built with fraction 1 then
+    configures a message for each node it is shown. It never sends anything itself.
+    """
 
-    def drain(self) -> list[ClientExchange]:
-        """Exchanges recorded since the last call."""
-        out, self.exchanges = self.exchanges, []
-        return out
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        self._node_ids = list(node_ids)
 
-    def _exchange_for(self, message: Message) -> ClientExchange:
-        nid = message.metadata.dst_node_id
-        return ClientExchange(phase=message.metadata.message_type, node_id=nid,
-                              partition_id=self.partition_of(nid),
-                              bytes_down=_content_bytes(message.content))
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
 
-    def _record_reply(self, exchange: ClientExchange, reply: Message, sent: Message) -> bool:
-        """Fill ``exchange`` from ``reply``; False if the reply must not be aggregated."""
-        if reply.has_error():
-            raw = str(reply.error.reason)
-            # simulated device behaviour (fedimg.simulation.fleet), not a fault
-            absent = (fleet.absence_status(raw) if reply.error.code == fleet.ABSENT_CODE
-                      else None)
-            exchange.status, exchange.reason = absent or "failed", error_summary(raw)
-            (log.debug if absent else log.warning)(
-                "client %d %s in %s: %s", exchange.partition_id, exchange.status,
-                exchange.phase, exchange.reason)
-            return True  # the strategy counts it as a failure itself
-        exchange.bytes_up = _content_bytes(reply.content)  # on the wire: packed, compressed
-        try:
-            reply.content = unpack_content(reply.content)
-        except UpdateError as exc:
-            self._reject(exchange, str(exc))
-            return False
-        exchange.metrics, exchange.num_examples = metrics_of(reply.content)
-        if LEDGER_KEY in reply.content.config_records:
-            self._keep_ledger(exchange.partition_id, str(reply.content[LEDGER_KEY]["json"]))
-        if DECLINED_KEY in reply.content.config_records:
-            exchange.status = "declined"
-            exchange.reason = str(reply.content[DECLINED_KEY].get("reason", ""))
-            log.info("client %d declined to train: %s", exchange.partition_id,
-                     exchange.reason)
-            return False
-        device_s = exchange.metrics.get("hetero/device_s", 0.0)
-        if exchange.phase == MessageType.TRAIN and fleet.late(self.hetero, device_s):
-            exchange.status = "straggler"
-            exchange.reason = (f"arrived after {device_s:.2f}s of device time, past the "
-                               f"hetero.deadline_s={self.hetero.deadline_s}s")
-            return False
-        if exchange.phase == MessageType.TRAIN:
-            try:
-                start = self._global_arrays(sent.content)
-                arrays = self._update_arrays(reply.content, start)
-                exchange.update_norm = self.checks.check(
-                    arrays, start, num_examples=exchange.num_examples,
-                    partition_id=exchange.partition_id)
-            except UpdateError as exc:
-                self._reject(exchange, str(exc))
-                return False
-        return True
+    def set_run(self, run: Any) -> None:  # pragma: no cover - never called by strategies
+        raise NotImplementedError("a NodeView only lists nodes")
 
-    def _global_arrays(self, sent: RecordDict) -> dict[str, np.ndarray] | None:
-        """The global arrays a message carried, decoded once per round's shared content."""
-        key = id(sent)
-        if key not in self._decoded:
-            self._decoded[key] = ({k: v.numpy() for k, v in sent[ARRAYS_KEY].items()}
-                                  if ARRAYS_KEY in sent.array_records else None)
-        return self._decoded[key]
+    @property
+    def run(self) -> Any:  # pragma: no cover
+        raise NotImplementedError("a NodeView only lists nodes")
 
-    def _update_arrays(self, content: RecordDict,
-                       start: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """A training reply's weights; a compressed one is rebuilt, in ``content`` too."""
-        if ARRAYS_KEY not in content.array_records:
-            raise UpdateError("training reply carries no model update")
-        arrays = {k: v.numpy() for k, v in content[ARRAYS_KEY].items()}
-        if COMPRESSION_KEY not in content.config_records:
-            return arrays
-        if start is None:
-            raise UpdateError("compressed update for a message that carried no model")
-        try:
-            arrays = decompress_update(str(content[COMPRESSION_KEY]["codec"]), arrays, start,
-                                       self.checks.immutable_keys)
-        except FedimgError as exc:  # an unknown codec is a malformed update here
-            raise UpdateError(str(exc)) from exc
-        content[ARRAYS_KEY] = ArrayRecord({k: Array(np.asarray(v, order="C"))
-                                           for k, v in arrays.items()})
-        return arrays
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
+        raise NotImplementedError("a NodeView only lists nodes")
 
-    def _keep_ledger(self, partition_id: int, ledger: str) -> None:
-        """Keep a client's latest DP ledger, on disk at once if ``ledger_path`` is set."""
-        self.ledgers[partition_id] = ledger
-        self.pending_ledgers.pop(partition_id, None)  # the client holds its ledger now
-        if self.ledger_path is not None:
-            write_json(self.ledger_path, {str(k): v for k, v in sorted(self.ledgers.items())})
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
+        raise NotImplementedError("strategies do not send; the round loop does")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
+        raise NotImplementedError("strategies do not send; the round loop does")
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:  # pragma: no cover
+        raise NotImplementedError("strategies do not send; the round loop does")

@@ -16,9 +16,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedimg.config import FedimgConfig, from_json, to_json
+from fedimg.data import ClientPartition
 from fedimg.errors import UpdateError
 
 CONFIG_KEY = "fedimg-config"
@@ -32,6 +33,9 @@ DECLINED_KEY = "declined"  # ConfigRecord {"reason": ...} of a client that refus
 COMPRESSION_KEY = "fedimg-compression"  # ConfigRecord {"codec": ...}: arrays are compressed
 LEDGER_KEY = "fedimg-privacy-ledger"  # ConfigRecord {"json": ...}: a client's DP accountant
 SITE_KEY = "fedimg-site"  # ConfigRecord {"name", "location"}: a deployed site's describe reply
+# Simulation only: the destination's share of the pooled data, {"id", "train", "val"} index
+# arrays (a describe query carries every client's, one array each, plus their sizes).
+PARTITION_KEY = "fedimg-partition"
 
 def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Model weights (parameters and buffers) as a Flower ArrayRecord."""
@@ -130,3 +134,29 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
         key: nan_weighted_mean([float(m[key]) for m in metric_records], weights)
         for key in keys
     })
+
+
+def partitions_record(partitions: list[ClientPartition]) -> ArrayRecord:
+    """Every client's partition in one ArrayRecord (index arrays back to back + sizes)."""
+    sizes = np.array([[len(p.train_indices), len(p.val_indices)] for p in partitions],
+                     dtype=np.int64).reshape(-1, 2)
+    flat = [np.asarray(i, dtype=np.int64) for p in partitions
+            for i in (p.train_indices, p.val_indices)]
+    indices = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
+    return ArrayRecord({"sizes": Array(sizes), "indices": Array(indices)})
+
+
+def partitions_from_record(record: ArrayRecord) -> list[ClientPartition]:
+    """Inverse of :func:`partitions_record`; UpdateError if it is malformed."""
+    try:
+        sizes = record["sizes"].numpy().astype(np.int64).reshape(-1, 2)
+        indices = record["indices"].numpy().astype(np.int64).reshape(-1)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UpdateError(f"malformed '{PARTITION_KEY}' record: {exc}") from exc
+    if (sizes < 0).any() or int(sizes.sum()) != len(indices):
+        raise UpdateError(f"malformed '{PARTITION_KEY}' record: sizes add up to "
+                          f"{int(sizes.sum())}, but it holds {len(indices)} indices")
+    bounds = np.concatenate([[0], np.cumsum(sizes.reshape(-1))])
+    return [ClientPartition(cid, indices[bounds[2 * cid]:bounds[2 * cid + 1]],
+                            indices[bounds[2 * cid + 1]:bounds[2 * cid + 2]])
+            for cid in range(len(sizes))]

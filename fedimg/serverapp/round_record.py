@@ -1,0 +1,93 @@
+"""What a round record says about the clients: fairness, device time, bytes, statuses.
+
+Pure functions over a round's :class:`~fedimg.transport.grid.Exchange` list. The
+aggregated metrics (``train/*``, ``val/*``) are not recomputed here: they are the
+strategy's own aggregates (Flower's), computed once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import MessageType
+
+from fedimg.transport.grid import Exchange
+
+
+def fairness(exchanges: list[Exchange], metric: str = "val/accuracy") -> dict[str, float]:
+    """How evenly the global model serves the clients that evaluated it this round.
+
+    Worst client, 10th percentile (linear interpolation), spread (best - worst) and
+    standard deviation of ``metric`` over the clients' own validation splits, the
+    client-level view of fairness in federated learning (Li et al. 2020, "Fair
+    Resource Allocation in Federated Learning"). Empty if no client evaluated.
+    """
+    # In partition order, not arrival order: the float sums are then the same in every
+    # run with the same seed (a resumed one included).
+    ordered = sorted(exchanges, key=lambda e: e.partition_id)
+    values = np.array([e.metrics[metric] for e in ordered
+                       if e.phase == MessageType.EVALUATE and e.status == "ok"
+                       and metric in e.metrics], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {}
+    name = metric.split("/", 1)[-1] if metric.startswith("val/") else metric.replace("/", "_")
+    return {f"fair/worst_{name}": float(values.min()),
+            f"fair/p10_{name}": float(np.percentile(values, 10)),
+            f"fair/spread_{name}": float(values.max() - values.min()),
+            f"fair/std_{name}": float(values.std())}
+
+
+def device_time(exchanges: list[Exchange], deadline_s: float | None) -> dict[str, float]:
+    """The round's length on the simulated devices (``hetero.*``): its slowest used reply.
+
+    A round that lost a straggler lasted until the deadline. Empty when no client
+    reported device time (heterogeneity off).
+    """
+    trained = [e for e in exchanges if e.phase == MessageType.TRAIN]
+    times = [e.metrics["hetero/device_s"] for e in trained
+             if e.status == "ok" and "hetero/device_s" in e.metrics]
+    if not times and not any(e.status == "straggler" for e in trained):
+        return {}
+    cut = deadline_s is not None and any(e.status == "straggler" for e in trained)
+    return {"device/round_s": float(deadline_s) if cut else max(times)}
+
+
+def clients(exchanges: list[Exchange]) -> dict[str, dict[str, Any]]:
+    """Per client: bytes, its train and val metrics, its update norm, and any status."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in exchanges:
+        entry = out.setdefault(str(e.partition_id), {"bytes_down": 0, "bytes_up": 0})
+        entry["bytes_down"] += e.bytes_down
+        entry["bytes_up"] += e.bytes_up
+        phase = "train" if e.phase == MessageType.TRAIN else "val"
+        entry[phase] = {**e.metrics, "num_examples": e.num_examples}
+        if e.update_norm == e.update_norm:
+            entry["update_norm"] = e.update_norm
+        if e.status != "ok":
+            entry[f"{phase}_status"] = f"{e.status}: {e.reason}"
+        else:  # a retried round: the attempt that counted
+            entry.pop(f"{phase}_status", None)
+    return out
+
+
+def counts(exchanges: list[Exchange]) -> dict[str, int]:
+    """How many clients were sampled, aggregated, failed, rejected, declined, absent."""
+    trained = [e for e in exchanges if e.phase == MessageType.TRAIN]
+    return {"clients_sampled": len(trained),
+            "clients_ok": sum(e.status == "ok" for e in trained),
+            "clients_failed": sum(e.status in ("failed", "timeout") for e in exchanges),
+            "clients_rejected": sum(e.status == "rejected" for e in exchanges),
+            "clients_declined": sum(e.status == "declined" for e in exchanges),
+            **{f"clients_{s}": sum(e.status == s for e in trained)
+               for s in ("offline", "dropped", "straggler")}}
+
+
+def exchange_summary(exchanges: list[Exchange], *, deadline_s: float | None) -> dict[str, Any]:
+    """Everything a round record says about its exchanges (``clients`` included)."""
+    return {**fairness(exchanges), **fairness(exchanges, "personal/accuracy"),
+            **device_time(exchanges, deadline_s),
+            "bytes_down": sum(e.bytes_down for e in exchanges),
+            "bytes_up": sum(e.bytes_up for e in exchanges),
+            **counts(exchanges), "clients": clients(exchanges)}
