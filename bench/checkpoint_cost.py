@@ -35,12 +35,8 @@ from flwr.supercore.task_identity import TaskIdentity
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedimg.config import FederationConfig, FedimgConfig  # noqa: E402
-from fedimg.serverapp.checkpoint import (  # noqa: E402
-    ResumeState,
-    resume_payload,
-    rng_state,
-    strategy_state,
-)
+from fedimg.serverapp.checkpoint import save_resume_state  # noqa: E402
+from fedimg.serverapp.state import RunState, Sampler  # noqa: E402
 from fedimg.transport.records import metric_record, reply_content  # noqa: E402
 from fedimg.build import initial_model  # noqa: E402
 from fedimg.serverapp.strategies import build_strategy  # noqa: E402
@@ -84,14 +80,13 @@ def measure(model: str, name: str, repeats: int, out: Path) -> tuple[float, floa
     state, fixed, _ = initial_model(cfg, num_classes=2)
     strategy = build_strategy(cfg, buffer_keys=fixed)
     arrays = _rounds(strategy, state)
-    exact = {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
     recorder = RunRecorder(out / name)
     rounds = [{"round": r, "test/accuracy": 0.5} for r in range(3)]
+    run_state = RunState(arrays=arrays, strategy=strategy, sampler=Sampler(cfg.seed),
+                         round=2, rounds=rounds)
 
     def resume() -> None:
-        saved = ResumeState(round=2, arrays=exact, strategy=strategy_state(strategy),
-                            rng=rng_state(), rounds=rounds, best={})
-        recorder.save_payload("last", resume_payload(saved, cfg, ["a", "b"]))
+        save_resume_state(recorder, run_state, cfg, ["a", "b"])
 
     def plain() -> None:
         recorder.save_checkpoint("final", state, {"round": 2})

@@ -37,6 +37,7 @@ from fedimg.data import (
     read_site_data,
 )
 from fedimg.errors import DataError
+from fedimg.seeds import derive_seed
 from fedimg.models import batchnorm_state_keys, build_model, frozen_state_keys
 from fedimg.clientapp.site import SiteOptions
 from fedimg.training import (
@@ -216,8 +217,7 @@ class TaskEnvironment:
             self.cfg.train, local_steps=steps)
         # Seed by (run, round, client), not by call order: which worker serves a client
         # varies between runs, and a resumed run must replay the same batches.
-        torch.manual_seed(int(np.random.SeedSequence(
-            [self.cfg.seed, server_round, partition_id]).generate_state(1)[0]))
+        torch.manual_seed(derive_seed(self.cfg.seed, server_round, partition_id))
         data.train.epoch = (server_round - 1) * self.epochs_per_round(data.train)
         if lr is None:
             lr = scheduled_lr(self.cfg.train, server_round=server_round,

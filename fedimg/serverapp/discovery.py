@@ -30,8 +30,8 @@ from fedimg.transport.records import SITE_KEY
 log = logging.getLogger(__name__)
 
 
-def discover_partitions(transport: Transport, checks: UpdateChecks, *, content: RecordDict, timeout: float,
-                        connect_timeout: float,
+def discover_partitions(transport: Transport, checks: UpdateChecks, *, content: RecordDict,
+                        timeout: float, connect_timeout: float,
                         expected_sizes: list[int]) -> dict[int, dict[str, float]]:
     """Ask every node for its partition id and sizes (a Flower ``query`` message).
 
@@ -50,9 +50,14 @@ def discover_partitions(transport: Transport, checks: UpdateChecks, *, content: 
         if reply.has_error():
             failures.append(str(reply.error.reason).strip().splitlines()[-1:])
             continue
-        metrics, _ = metrics_of(reply.content)
-        transport.node_to_partition[reply.metadata.src_node_id] = int(metrics["partition-id"])
-        info[int(metrics["partition-id"])] = metrics
+        try:
+            metrics, _ = metrics_of(reply.content)
+            pid = int(metrics["partition-id"])
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
+            failures.append([f"node {reply.metadata.src_node_id}: malformed reply ({exc})"])
+            continue
+        transport.node_to_partition[reply.metadata.src_node_id] = pid
+        info[pid] = metrics
     log.info("%d of %d clients ready in %.1fs", len(info), len(nodes),
              time.perf_counter() - started)
     _check_discovery(info, expected_sizes, failures)
@@ -89,8 +94,8 @@ def _check_discovery(info: dict[int, dict[str, float]], expected_sizes: list[int
                           "(check FEDIMG_DATA / data.root on every machine)")
 
 
-def discover_sites(transport: Transport, checks: UpdateChecks, *, content: RecordDict, timeout: float,
-                   connect_timeout: float, num_sites: int,
+def discover_sites(transport: Transport, checks: UpdateChecks, *, content: RecordDict,
+                   timeout: float, connect_timeout: float, num_sites: int,
                    num_classes: int) -> dict[int, dict[str, Any]]:
     """Ask every deployed site for its name and sizes; number the sites by name.
 
@@ -106,22 +111,11 @@ def discover_sites(transport: Transport, checks: UpdateChecks, *, content: Recor
     reports: dict[int, dict[str, Any]] = {}  # node id -> report
     failures: list[str] = []
     for reply in transport.grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            failures.append(f"node {node}: {error_summary(str(reply.error.reason))}")
-            continue
-        metrics, _ = metrics_of(reply.content)
-        site = reply.content.config_records.get(SITE_KEY)
-        if site is None:
-            failures.append(f"node {node}: no data-path in its node config (not a site)")
-            continue
-        try:
-            reports[node] = {"name": str(site["name"]), "location": str(site["location"]),
-                             "num_train": int(metrics["num-train"]),
-                             "num_val": int(metrics["num-val"]),
-                             "num_classes": int(metrics["num-classes"])}
-        except KeyError as exc:
-            failures.append(f"node {node} ({site.get('name', '?')}): its reply lacks {exc}")
+        report = _site_report(reply)
+        if isinstance(report, str):
+            failures.append(report)
+        else:
+            reports[reply.metadata.src_node_id] = report
     _check_sites(reports, failures, num_sites=num_sites, num_classes=num_classes)
     by_name = sorted(reports.items(), key=lambda item: item[1]["name"])
     sites = {cid: report for cid, (_, report) in enumerate(by_name)}
@@ -130,6 +124,23 @@ def discover_sites(transport: Transport, checks: UpdateChecks, *, content: Recor
     log.info("%d sites ready in %.1fs: %s", len(sites), time.perf_counter() - started,
              ", ".join(f"{r['name']} ({r['num_train']} train)" for r in sites.values()))
     return sites
+
+
+def _site_report(reply: Message) -> dict[str, Any] | str:
+    """A site's describe reply as its report, or the line that says what is wrong with it."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        return f"node {node}: {error_summary(str(reply.error.reason))}"
+    site = reply.content.config_records.get(SITE_KEY)
+    if site is None:
+        return f"node {node}: no data-path in its node config (not a site)"
+    try:
+        metrics, _ = metrics_of(reply.content)
+        return {"name": str(site["name"])[:200], "location": str(site["location"])[:500],
+                "num_train": int(metrics["num-train"]), "num_val": int(metrics["num-val"]),
+                "num_classes": int(metrics["num-classes"])}
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        return f"node {node} ({str(site.get('name', '?'))[:200]}): malformed reply ({exc})"
 
 
 def _check_sites(reports: dict[int, dict[str, Any]], failures: list[str], *,

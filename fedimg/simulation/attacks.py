@@ -23,11 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from fedimg.config import FedimgConfig
 from fedimg.registry import Registry
+from fedimg.seeds import derive_rng
 
 LabelPoison = Callable[[torch.Tensor, int], torch.Tensor]
 UpdatePoison = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -60,7 +60,7 @@ def malicious_clients(cfg: FedimgConfig) -> frozenset[int]:
     count = int(round(cfg.attack.byzantine_fraction * cfg.clients))
     if count == 0:
         return frozenset()
-    rng = np.random.default_rng([cfg.seed, 0xB12])
+    rng = derive_rng(cfg.seed, 0xB12)
     return frozenset(int(i) for i in rng.choice(cfg.clients, size=count, replace=False))
 
 

@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 
 from fedimg.config import FedimgConfig, HeterogeneityConfig
 from fedimg.errors import FedimgError
+from fedimg.seeds import derive_rng
 
 ABSENT_CODE = 600  # Flower error code of an absent device's reply (Flower's own are < 600)
 # Stream tags, so availability, dropout and speed draws never share random numbers.
@@ -88,7 +88,7 @@ def enabled(h: HeterogeneityConfig) -> bool:
 
 def _uniform(seed: int, tag: int, *keys: int) -> float:
     """A uniform [0, 1) number of its own stream: (seed, tag, keys) seed it alone."""
-    return float(np.random.default_rng([seed, tag, *keys]).random())
+    return float(derive_rng(seed, tag, *keys).random())
 
 
 def speed_factor(cfg: FedimgConfig, partition_id: int) -> float:
@@ -98,7 +98,7 @@ def speed_factor(cfg: FedimgConfig, partition_id: int) -> float:
         return float(h.speed_factors[partition_id])
     if h.speed_sigma == 0:
         return 1.0
-    rng = np.random.default_rng([cfg.seed, _SPEED, partition_id])
+    rng = derive_rng(cfg.seed, _SPEED, partition_id)
     return float(math.exp(h.speed_sigma * rng.standard_normal()))
 
 
@@ -115,7 +115,7 @@ def conditions(cfg: FedimgConfig, server_round: int, partition_id: int,
     online = _uniform(cfg.seed, _ONLINE, *keys) < h.availability
     drop_after = None
     if h.dropout > 0:
-        rng = np.random.default_rng([cfg.seed, _DROP, *keys])
+        rng = derive_rng(cfg.seed, _DROP, *keys)
         if rng.random() < h.dropout:
             drop_after = float(rng.random())
     return ClientConditions(online=online, drop_after=drop_after,

@@ -9,7 +9,7 @@ took about 20 s per message (BENCHMARKS.md §8), for 13.7 MB.
 Packing concatenates the raw bytes of every array into one uint8 array and
 records the layout (key, dtype, shape, offset) in a ConfigRecord; the message then
 holds about six objects. It changes nothing else: the bytes are the same, the
-strategies see ordinary ArrayRecords (the :class:`InstrumentedGrid` unpacks
+strategies see ordinary ArrayRecords (the server's ``unpack`` reply filter unpacks
 replies before they reach them, the ClientApp unpacks what it receives), and the
 unpacked arrays are bit-identical to the ones packed.
 """
