@@ -40,8 +40,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedimg.config import FedimgConfig, from_json, to_json
+from fedimg.resolve import check_registries
 from fedimg.data import InMemoryLoader, build_transform, load_dataset, partition_dataset
-from fedimg.serverapp.strategies import common_kwargs
 from fedimg.models import build_model
 from fedimg.clientapp.environment import ClientData
 from fedimg.training import balanced_class_weights
@@ -107,7 +107,7 @@ def _setup(msg: Message, context: Context) -> Call:
     """Config from the message, then ``load_data`` and ``Net()`` + the received weights."""
     started = time.perf_counter()
     config = msg.content["config"]
-    cfg = from_json(str(config[CONFIG_KEY]))
+    cfg = check_registries(from_json(str(config[CONFIG_KEY])))
     torch.set_num_threads(cfg.train.num_threads or max(1, int(cfg.sim.num_cpus_per_client)))
     pid = int(context.node_config["partition-id"])
     with _decode_cache(bool(config.get(FRESH_KEY, False))):
@@ -191,8 +191,14 @@ def textbook_server(cfg: FedimgConfig, *, num_classes: int, fresh_decode: bool,
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, num_classes=num_classes, weights=cfg.weights,
                             transfer=cfg.transfer)
-        strategy = FedAvg(**{**common_kwargs(cfg), "train_metrics_aggr_fn": aggregate_metrics,
-                             "evaluate_metrics_aggr_fn": aggregate_metrics})
+        fl = cfg.fl  # a textbook app lets Flower sample, from the same fractions
+        strategy = FedAvg(fraction_train=fl.fraction_train,
+                          fraction_evaluate=fl.fraction_evaluate,
+                          min_train_nodes=fl.min_train_clients,
+                          min_evaluate_nodes=min(fl.min_evaluate_clients, cfg.clients),
+                          min_available_nodes=fl.min_train_clients,
+                          train_metrics_aggr_fn=aggregate_metrics,
+                          evaluate_metrics_aggr_fn=aggregate_metrics)
         config = {CONFIG_KEY: to_json(cfg), FRESH_KEY: fresh_decode}
         results["result"] = strategy.start(
             grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.rounds,

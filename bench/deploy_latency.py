@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedimg.config.compose import compose_config  # noqa: E402
+from fedimg.resolve import compose_and_check  # noqa: E402
 from fedimg.data import DATASETS, load_dataset, partition_dataset  # noqa: E402
 from fedimg.deploy.certs import create_dev_pki  # noqa: E402
 from fedimg.deploy.localhost import LocalFederation, free_port, site_yaml  # noqa: E402
@@ -53,7 +53,7 @@ def write_sites(root: Path, overrides: list[str]) -> list[Path]:
     """The simulation's two partitions, written out as two sites' image folders."""
     from PIL import Image
 
-    cfg = compose_config("medical", [*WORK, *overrides, "data.image_size=64"])
+    cfg = compose_and_check("medical", [*WORK, *overrides, "data.image_size=64"])
     dataset = load_dataset(cfg.data, seed=cfg.seed)
     parts = partition_dataset(dataset.train, cfg=cfg.data, num_clients=2, seed=cfg.seed)
     folders = []
@@ -121,12 +121,12 @@ def cold_start(site: Path) -> dict[str, float]:
 import time, json
 t0 = time.perf_counter()
 import torch, flwr.clientapp, fedimg.clientapp.app
-from fedimg.config.compose import compose_config
+from fedimg.resolve import compose_and_check
 from fedimg.config import to_json
 from fedimg.clientapp.environment import site_environment
 from fedimg.clientapp.site import SiteOptions
 t1 = time.perf_counter()
-cfg = compose_config("medical", {json.dumps(WORK)})
+cfg = compose_and_check("medical", {json.dumps(WORK)})
 env = site_environment(to_json(cfg), SiteOptions(data_path="{site}", num_threads=1))
 env.client(0)
 print(json.dumps({{"imports_s": t1 - t0, "data_and_model_s": time.perf_counter() - t1}}))

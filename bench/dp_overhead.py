@@ -22,6 +22,7 @@ classes; the logical batch equals the physical batch (no BatchMemoryManager spli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -34,7 +35,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedimg.config import FedimgConfig  # noqa: E402
+from fedimg.config import (  # noqa: E402
+    BatchNorm,
+    FedimgConfig,
+    GradSampleMode,
+    TransferMode,
+    validate,
+)
 from fedimg.models import build_model, make_inplace_free  # noqa: E402
 from fedimg.privacy.dp_sgd import grad_sample_mode, make_private  # noqa: E402
 from fedimg.training import build_optimizer  # noqa: E402
@@ -43,10 +50,12 @@ warnings.filterwarnings("ignore")
 
 
 def _config(model: str, mode: str, grad_sample: str) -> FedimgConfig:
-    cfg = FedimgConfig(model=model)
-    cfg.transfer.mode, cfg.transfer.bn, cfg.train.momentum = mode, "frozen", 0.0
-    cfg.privacy.grad_sample_mode = grad_sample
-    return cfg
+    base = FedimgConfig()
+    return validate(dataclasses.replace(
+        base, model=model,
+        transfer=dataclasses.replace(base.transfer, mode=TransferMode(mode), bn=BatchNorm.frozen),
+        train=dataclasses.replace(base.train, momentum=0.0),
+        privacy=dataclasses.replace(base.privacy, grad_sample_mode=GradSampleMode(grad_sample))))
 
 
 def _steps(cfg: FedimgConfig, batch: int, size: int) -> tuple[Callable[[], None],

@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import PeakMemory  # noqa: E402
 
-from fedimg.config.compose import compose_config, split_argv  # noqa: E402
+from fedimg.config.compose import split_argv  # noqa: E402
+
+from fedimg.resolve import compose_and_check  # noqa: E402
 from fedimg.simulation.engine import simulate  # noqa: E402
 from fedimg.build import prepare_run  # noqa: E402
 from fedimg.reporting import setup_logging  # noqa: E402
@@ -39,7 +41,7 @@ def _fmt(value: object) -> str:
 def main(argv: list[str]) -> None:
     setup_logging()
     scenario, overrides = split_argv(argv)
-    cfg = compose_config(scenario, overrides)
+    cfg = compose_and_check(scenario, overrides)
     with PeakMemory() as peak:
         results = simulate(prepare_run(cfg))
     final, best = results["final"], results["best"]

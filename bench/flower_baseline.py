@@ -43,7 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._textbook_app import client_app, textbook_server  # noqa: E402
-from fedimg.config.compose import compose_config, split_argv  # noqa: E402
+from fedimg.config.compose import split_argv  # noqa: E402
+from fedimg.resolve import compose_and_check  # noqa: E402
 from fedimg.config import FedimgConfig  # noqa: E402
 from fedimg.simulation.engine import backend_config, simulate, start_ray  # noqa: E402
 from fedimg.errors import ConfigError  # noqa: E402
@@ -185,7 +186,7 @@ def main(argv: list[str]) -> None:
     fresh = FRESH_FLAG in argv
     scenario, overrides = split_argv([a for a in argv if a != FRESH_FLAG])
     run_dir = Path(tempfile.mkdtemp(prefix="fedimg-bench-"))
-    cfg = compose_config(scenario, [*overrides, *_neutral_overrides(),
+    cfg = compose_and_check(scenario, [*overrides, *_neutral_overrides(),
                                     f"hydra.run.dir={run_dir}"])
     check_supported(cfg)
     fed, client_cfg, num_classes = run_fedimg(cfg)

@@ -35,7 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedimg.config.compose import compose_config, split_argv  # noqa: E402
+from fedimg.config.compose import split_argv  # noqa: E402
+
+from fedimg.resolve import compose_and_check  # noqa: E402
 from fedimg.config import FedimgConfig  # noqa: E402
 from fedimg.simulation.engine import simulate  # noqa: E402
 from fedimg.build import prepare_run  # noqa: E402
@@ -112,7 +114,7 @@ def main(argv: list[str]) -> None:
     if engine_only:
         overrides = [*ENGINE_ONLY, *overrides]
     run_dir = Path(tempfile.mkdtemp(prefix="fedimg-bench-"))
-    cfg = compose_config(scenario, [*overrides, f"hydra.run.dir={run_dir}",
+    cfg = compose_and_check(scenario, [*overrides, f"hydra.run.dir={run_dir}",
                                     "output.progress=false", "output.checkpoints=false"])
     prepared = prepare_run(cfg)
     results = simulate(prepared)  # first: the pure side replays the clients it sampled

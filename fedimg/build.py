@@ -37,6 +37,7 @@ from fedimg.models import build_model, frozen_state_keys
 from fedimg.privacy import PRIVACY_MODES
 from fedimg.reporting import RunRecorder
 from fedimg.reporting.run_dir import write_json
+from fedimg.resolve import check_registries
 from fedimg.serverapp.callbacks import default_callbacks
 from fedimg.serverapp.checkpoint import SavedRun, load_resume_state
 from fedimg.serverapp.evaluation import CentralEvaluator
@@ -126,6 +127,7 @@ def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:
     read and checked against ``cfg`` here, before anything but the (identical)
     partition files is rewritten.
     """
+    check_registries(cfg)  # however the config was made
     recorder = RunRecorder(cfg.output.run_dir or "runs/unnamed")
     if not resume:
         recorder.write_config(cfg)

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedimg.cli import run_cli
-from fedimg.config.compose import compose_config, split_argv
+from fedimg.config.compose import split_argv
+from fedimg.resolve import compose_and_check
 from fedimg.errors import RunStopped
 from fedimg.reporting import plot_run, setup_logging, summary_table
 
@@ -39,7 +40,7 @@ def run(argv: Sequence[str]) -> dict:
         cfg = resumed_config(Path(resume), [a for a in argv if not a.startswith("resume=")])
     else:
         scenario, overrides = split_argv(argv)
-        cfg = compose_config(scenario, overrides)
+        cfg = compose_and_check(scenario, overrides)
     run_dir = Path(str(cfg.output.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)

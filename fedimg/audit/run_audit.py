@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from fedimg.config import FedimgConfig, from_dict
+from fedimg.resolve import check_registries
 from fedimg.data import Dataset, InMemoryLoader, build_transform, load_dataset, load_partitions
 from fedimg.errors import DataError
 from fedimg.models import build_model, make_inplace_free
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 
 def load_run_config(run_dir: Path) -> FedimgConfig:
     """The resolved config a run directory was made with (config.json)."""
-    return from_dict(json.loads(RunPaths(run_dir).config_json.read_text())["config"])
+    values = json.loads(RunPaths(run_dir).config_json.read_text())["config"]
+    return check_registries(from_dict(values))
 
 
 def load_final_model(run_dir: Path, cfg: FedimgConfig, num_classes: int) -> torch.nn.Module:

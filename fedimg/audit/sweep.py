@@ -191,7 +191,8 @@ def _audit(run_dir: Path, sweep: SweepConfig, shadows: int, seed: int) -> dict[s
 
 def run_sweep(argv: Sequence[str]) -> Path:
     """Run (or resume) the sweep described by ``argv``; return its directory."""
-    from fedimg.config.compose import compose_config, split_argv
+    from fedimg.config.compose import split_argv
+    from fedimg.resolve import compose_and_check
     from fedimg.audit.plots import plot_sweep
     from fedimg.reporting import setup_logging
     from fedimg.simulate import run
@@ -203,7 +204,7 @@ def run_sweep(argv: Sequence[str]) -> Path:
     root = Path(sweep.dir or f"runs/privacy-sweep/{Path(scenario).stem}-{stamp}").resolve()
     points = [(e, s) for e in sweep.epsilons for s in sweep.seeds]
     for eps, seed in points:  # every point's config is valid before the first run starts
-        compose_config(scenario, [*overrides, *point_args(sweep, eps, seed, root / "check")])
+        compose_and_check(scenario, [*overrides, *point_args(sweep, eps, seed, root / "check")])
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (eps, seed) in enumerate(points, 1):

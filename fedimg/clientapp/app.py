@@ -55,6 +55,7 @@ from fedimg.transport.records import (
 )
 from fedimg.transport.packing import PACKED_ARRAYS_KEY, pack_content, unpack_content
 from fedimg.privacy import PRIVACY_MODES
+from fedimg.resolve import check_registries
 from fedimg.clientapp.site import site_options
 from fedimg.clientapp.environment import TaskEnvironment, environment, site_environment
 
@@ -89,10 +90,10 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
     """
     content = unpack_content(msg.content)
     config = content["config"]
+    cfg = check_registries(config_from_record(config))  # a client never trusts a config
     site = site_options(context.node_config)
     if site is None:
-        env, pid = environment(str(config[CONFIG_KEY]),
-                               _threads(config_from_record(config))), _partition_id(context)
+        env, pid = environment(str(config[CONFIG_KEY]), _threads(cfg)), _partition_id(context)
         if PARTITION_KEY in content.array_records:
             env.install_partitions(partitions_from_record(content[PARTITION_KEY]))
     else:

@@ -1,6 +1,38 @@
-"""fedimg's configuration: the typed schema (:mod:`.schema`) and its validation (:mod:`.checks`)."""
+"""fedimg's configuration: the frozen typed schema and the checks that need no registry.
 
-from fedimg.config.checks import validate
+* :mod:`.schema`: the dataclasses (all frozen) and :func:`to_dict` / :func:`to_json`.
+* :mod:`.choices`: one ``str`` enum per closed set of values (``data.augment``, ...).
+* :mod:`.checks`: :func:`validate`, and :func:`from_dict` / :func:`from_json`, which
+  validate what they decode.
+* :mod:`.compose`: scenario file + overrides -> a validated config.
+
+Nothing here imports more than the standard library, OmegaConf (lazily, in
+:mod:`.compose`) and :mod:`fedimg.errors`. Names resolved through registries (model,
+strategy, dataset) are checked by :func:`fedimg.resolve.check_registries`.
+"""
+
+from fedimg.config.checks import from_dict, from_json, validate
+from fedimg.config.choices import (
+    CHOICES,
+    Accountant,
+    AttackKind,
+    Augment,
+    BatchNorm,
+    Choice,
+    ClassWeighting,
+    Clipping,
+    Clock,
+    Compression,
+    DataSource,
+    GradSampleMode,
+    OnCorrupt,
+    OnTooFew,
+    Optimizer,
+    Partitioner,
+    PrivacyKind,
+    Schedule,
+    TransferMode,
+)
 from fedimg.config.schema import (
     AttackConfig,
     CompressionConfig,
@@ -16,15 +48,17 @@ from fedimg.config.schema import (
     SyntheticConfig,
     TrainConfig,
     TransferConfig,
-    from_dict,
-    from_json,
+    decode,
     to_dict,
     to_json,
 )
 
 __all__ = [
+    "CHOICES", "Accountant", "AttackKind", "Augment", "BatchNorm", "Choice", "ClassWeighting",
+    "Clipping", "Clock", "Compression", "DataSource", "GradSampleMode", "OnCorrupt",
+    "OnTooFew", "Optimizer", "Partitioner", "PrivacyKind", "Schedule", "TransferMode",
     "AttackConfig", "CompressionConfig", "DataConfig", "DeployConfig", "FaultsConfig",
     "FederationConfig", "FedimgConfig", "HeterogeneityConfig",
     "OutputConfig", "PrivacyConfig", "SimConfig", "SyntheticConfig", "TrainConfig",
-    "TransferConfig", "from_dict", "from_json", "to_dict", "to_json", "validate",
+    "TransferConfig", "decode", "from_dict", "from_json", "to_dict", "to_json", "validate",
 ]

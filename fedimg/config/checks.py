@@ -1,14 +1,25 @@
-"""Validation of a composed :class:`~fedimg.config.schema.FedimgConfig`, run once before round 1.
+"""Validation of a :class:`~fedimg.config.schema.FedimgConfig`, and decoding that validates.
 
-Range checks need no registry; name checks look every name-valued field up in its
-registry, so an unknown name lists the valid ones.
+:func:`validate` checks every value that needs no registry: each closed-set field
+holds a member of its enum, each number is in range, and combinations that the
+schema alone can judge are refused. It imports nothing beyond the standard library
+and :mod:`fedimg.errors`. Names of open sets (model, strategy, dataset) and the
+combinations that depend on a registry entry's facts are checked by
+:func:`fedimg.resolve.check_registries`, the composition root's half.
+
+:func:`from_dict` / :func:`from_json` decode *and* validate: a client or a resume
+never holds an unvalidated config.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from typing import Any
 
-from fedimg.config.schema import DataConfig, FedimgConfig
+from fedimg.config.choices import Choice
+from fedimg.config.schema import DataConfig, FedimgConfig, decode, field_types
 from fedimg.errors import ConfigError
 
 
@@ -32,10 +43,6 @@ def _validate_data(d: DataConfig) -> None:
     _check(d.min_partition_size >= 2, f"data.min_partition_size={d.min_partition_size} "
            "must be >= 2 (BatchNorm cannot train on a single sample)")
     _check(8 <= d.image_size <= 1024, f"data.image_size={d.image_size} must be in [8, 1024]")
-    _check(d.source in ("auto", "strict", "synthetic"), f"data.source='{d.source}' is "
-           "unknown; valid: auto, strict, synthetic")
-    _check(d.on_corrupt in ("refuse", "skip"), f"data.on_corrupt='{d.on_corrupt}' is "
-           "unknown; valid: refuse, skip")
     for name in ("max_train_samples", "max_test_samples"):
         value = getattr(d, name)
         _check(value is None or value >= 1, f"data.{name}={value} must be >= 1 or null")
@@ -47,14 +54,8 @@ def _validate_data(d: DataConfig) -> None:
 
 def _validate_training(cfg: FedimgConfig) -> None:
     t = cfg.train
-    _check(cfg.transfer.mode in ("full", "head", "last_k"), f"transfer.mode="
-           f"'{cfg.transfer.mode}' is unknown; valid: full, head, last_k")
     _check(cfg.transfer.last_k >= 1, "transfer.last_k must be >= 1")
-    _check(cfg.transfer.bn in ("train", "frozen"), f"transfer.bn='{cfg.transfer.bn}' "
-           "is unknown; valid: train, frozen")
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
-    _check(t.class_weighting in ("none", "balanced"), f"train.class_weighting="
-           f"'{t.class_weighting}' is unknown; valid: none, balanced")
     _check(0 <= t.restricted_softmax <= 1, f"train.restricted_softmax="
            f"{t.restricted_softmax} must be in [0, 1] (1 = off)")
     _check(t.restricted_softmax == 1 or cfg.privacy.mode != "dp_sgd",
@@ -64,14 +65,16 @@ def _validate_training(cfg: FedimgConfig) -> None:
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     _check(t.local_epochs >= 1, f"train.local_epochs={t.local_epochs} must be >= 1")
     _check(t.local_steps is None or t.local_steps >= 1, "train.local_steps must be >= 1")
-    _check(t.batch_size >= 1 and t.eval_batch_size >= 1, "batch sizes must be >= 1")
+    for name in ("batch_size", "eval_batch_size"):
+        value = getattr(t, name)
+        _check(value >= 1, f"train.{name}={value} must be >= 1")
     _check(t.num_threads >= 0, "train.num_threads must be >= 0")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"train.device='{t.device}' is unknown; valid: auto, cpu, cuda, cuda:N")
 
 
 def _validate_federation(cfg: FedimgConfig) -> None:
-    fl, sim = cfg.fl, cfg.sim
+    fl = cfg.fl
     _check(not fl.local_bn or cfg.transfer.bn == "train",
            "fl.local_bn=true (FedBN) keeps each client's BatchNorm, but transfer.bn=frozen "
            "never changes it. Fix: set transfer.bn=train, or drop fl.local_bn")
@@ -95,11 +98,13 @@ def _validate_federation(cfg: FedimgConfig) -> None:
            f"fl.norm_outlier_factor={fl.norm_outlier_factor} must be > 1 (or 0 = off)")
     _check(1 <= fl.min_replies <= cfg.clients, f"fl.min_replies={fl.min_replies} must be "
            f"between 1 and clients={cfg.clients}")
-    _check(fl.on_too_few in ("retry", "skip", "stop"), f"fl.on_too_few='{fl.on_too_few}' "
-           "is unknown; valid: retry, skip, stop")
     _check(fl.round_retries >= 0, f"fl.round_retries={fl.round_retries} must be >= 0")
     _check(fl.max_skipped_rounds >= 1, f"fl.max_skipped_rounds={fl.max_skipped_rounds} "
            "must be >= 1")
+
+
+def _validate_sim(cfg: FedimgConfig) -> None:
+    sim = cfg.sim
     _check(sim.max_worker_restarts >= -1, f"sim.max_worker_restarts="
            f"{sim.max_worker_restarts} must be -1 (always), 0 (never) or a positive count")
     _check(sim.num_cpus_per_client > 0, f"sim.num_cpus_per_client="
@@ -119,10 +124,7 @@ def _validate_federation(cfg: FedimgConfig) -> None:
 
 
 def _validate_privacy(cfg: FedimgConfig) -> None:
-    from fedimg.privacy import PRIVACY_MODES  # light: the registry only
-
     p, private = cfg.privacy, cfg.privacy.mode != "none"
-    PRIVACY_MODES.get(p.mode)  # an unknown mode is reported before its requirements
     _check(p.target_epsilon > 0, f"privacy.target_epsilon={p.target_epsilon} must be > 0 "
            "(for no privacy use privacy=none)")
     _check(p.target_delta is None or 0 < p.target_delta < 1,
@@ -131,16 +133,9 @@ def _validate_privacy(cfg: FedimgConfig) -> None:
            f"privacy.noise_multiplier={p.noise_multiplier} must be > 0 or null")
     _check(p.max_grad_norm > 0 and p.clipping_norm > 0,
            "privacy.max_grad_norm and privacy.clipping_norm must be > 0")
-    _check(p.accountant in ("prv", "rdp"), f"privacy.accountant='{p.accountant}' is "
-           "unknown; valid: prv, rdp")
-    _check(p.grad_sample_mode in ("auto", "hooks", "functorch"),
-           f"privacy.grad_sample_mode='{p.grad_sample_mode}' is unknown; valid: auto, "
-           "hooks, functorch")
     _check(p.count_noise > 0, f"privacy.count_noise={p.count_noise} must be > 0")
     _check(p.physical_batch_size is None or p.physical_batch_size >= 1,
            "privacy.physical_batch_size must be >= 1 or null")
-    _check(p.clipping in ("fixed", "adaptive"), f"privacy.clipping='{p.clipping}' is "
-           "unknown; valid: fixed, adaptive")
     _check(0 < p.target_clipped_quantile < 1, "privacy.target_clipped_quantile must be in (0, 1)")
     budgets = p.client_epsilons
     _check(budgets is None or (len(budgets) == cfg.clients and min(budgets) > 0),
@@ -150,10 +145,6 @@ def _validate_privacy(cfg: FedimgConfig) -> None:
            "on private data are not covered by the clipping bound, in train mode they mix "
            "the samples of a batch, and noise can make a running variance negative; "
            "GroupNorm instead would lose the pretrained features")
-    if p.mode == "dp_sgd":
-        _check(cfg.strategy != "fedprox", "strategy=fedprox with privacy.mode=dp_sgd is "
-               "not supported: Opacus replaces the gradient by the noisy per-sample sum, "
-               "which drops the proximal term; use fedavg")
 
 
 def _validate_attack_and_faults(cfg: FedimgConfig) -> None:
@@ -174,9 +165,7 @@ def _validate_attack_and_faults(cfg: FedimgConfig) -> None:
 
 
 def _validate_hetero(cfg: FedimgConfig) -> None:
-    """Device heterogeneity: ranges, clocks, and what it cannot be combined with."""
-    from fedimg.privacy import PRIVACY_MODES  # light: the registry only
-
+    """Device heterogeneity: ranges and clocks (its privacy combinations: fedimg.resolve)."""
     h = cfg.hetero
     _check_fraction("hetero.availability", h.availability)
     _check(0 <= h.dropout < 1, f"hetero.dropout={h.dropout} must be in [0, 1)")
@@ -189,32 +178,13 @@ def _validate_hetero(cfg: FedimgConfig) -> None:
     for name in ("uplink_mbps", "downlink_mbps", "deadline_s"):
         value = getattr(h, name)
         _check(value is None or value > 0, f"hetero.{name}={value} must be > 0 or null")
-    _check(h.clock in ("simulated", "real"), f"hetero.clock='{h.clock}' is unknown; "
-           "valid: simulated, real")
     _check(h.step_s is None or (h.step_s > 0 and math.isfinite(h.step_s)),
            f"hetero.step_s={h.step_s} must be > 0 or null")
     _check(h.clock != "real" or h.deadline_s is None or h.deadline_s < cfg.fl.timeout_s,
            f"hetero.deadline_s={h.deadline_s} with hetero.clock=real must be below "
            f"fl.timeout_s={cfg.fl.timeout_s}: the server stops waiting at the earlier one")
-    mode = PRIVACY_MODES.get(cfg.privacy.mode)
-    absent = h.availability < 1 or h.dropout > 0 or h.deadline_s is not None
-    _check(not (absent and mode.needs_every_reply), f"privacy.mode={cfg.privacy.mode} "
-           "releases a round only when every sampled client replied; hetero.availability, "
-           "hetero.dropout or hetero.deadline_s would make every round short. Fix: drop them")
-    _check(not (mode.private_training and h.clock == "real" and h.deadline_s is not None),
-           f"privacy.mode={cfg.privacy.mode} with a real-clock deadline: a late client has "
-           "spent budget the server never hears of. Fix: hetero.clock=simulated")
-
-
-def _validate_personalization(cfg: FedimgConfig) -> None:
-    from fedimg.privacy import PRIVACY_MODES  # light: the registry only
-
     steps = cfg.fl.personalize_steps
     _check(steps >= 0, f"fl.personalize_steps={steps} must be >= 0")
-    _check(steps == 0 or not PRIVACY_MODES.get(cfg.privacy.mode).private_training,
-           f"fl.personalize_steps={steps} with privacy.mode={cfg.privacy.mode}: those "
-           "steps would train on the private data outside DP-SGD and report metrics on it. "
-           "Fix: fl.personalize_steps=0")
 
 
 def _validate_values(cfg: FedimgConfig) -> None:
@@ -227,10 +197,10 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_data(cfg.data)
     _validate_training(cfg)
     _validate_federation(cfg)
+    _validate_sim(cfg)
     _validate_privacy(cfg)
     _validate_attack_and_faults(cfg)
     _validate_hetero(cfg)
-    _validate_personalization(cfg)
     _validate_deploy(cfg)
 
 
@@ -254,41 +224,40 @@ def _validate_deploy(cfg: FedimgConfig) -> None:
            "Fix: name the federation's dataset (data.dataset), whose classes the sites hold")
 
 
-def _validate_names(cfg: FedimgConfig) -> None:
-    """Every name-valued field must be a key of its registry."""
-    # Imported here: the registries pull in torch/torchvision/flwr, and this module
-    # must stay importable for tools that only read configs.
-    from fedimg.simulation.attacks import ATTACKS
-    from fedimg.transport.codecs import CODECS
-    from fedimg.data import AUGMENTATIONS, DATASETS, PARTITIONERS
-    from fedimg.serverapp.strategies import STRATEGIES
-    from fedimg.models import MODELS
-    from fedimg.privacy import PRIVACY_MODES
-    from fedimg.training import OPTIMIZERS, SCHEDULES
-
-    for registry, value in (
-        (MODELS, cfg.model),
-        (STRATEGIES, cfg.strategy),
-        (DATASETS, cfg.data.dataset),
-        (PARTITIONERS, cfg.data.partitioner),
-        (AUGMENTATIONS, cfg.data.augment),
-        (OPTIMIZERS, cfg.train.optimizer),
-        (SCHEDULES, cfg.train.schedule),
-        (PRIVACY_MODES, cfg.privacy.mode),
-        (ATTACKS, cfg.attack.kind),
-    ):
-        registry.get(value)
-    if cfg.compression.kind != "none":
-        CODECS.get(cfg.compression.kind)
+def _validate_choices(section: Any, prefix: str = "") -> None:
+    """Every closed-set field holds a value of its enum (a hand-built config may hold any)."""
+    for name, kind in field_types(type(section)).items():
+        value = getattr(section, name)
+        if dataclasses.is_dataclass(kind):
+            _validate_choices(value, f"{prefix}{name}.")
+        elif isinstance(kind, type) and issubclass(kind, Choice):
+            kind.parse(value, key=prefix + name)
 
 
 def validate(cfg: FedimgConfig) -> FedimgConfig:
-    """Check every value and name of ``cfg``; raise ConfigError on the first problem.
+    """Check every value of ``cfg`` that needs no registry; raise ConfigError on the first.
 
-    This runs once, before any data is read or any worker is started. Checks that
-    need the data (more clients than samples, a partition below the minimum size)
-    run when the partitions are built, which is still before round 1.
+    This runs once, before any data is read or any worker is started, and again on
+    every decode (:func:`from_dict`). Names and registry facts are checked by
+    :func:`fedimg.resolve.check_registries`. Checks that need the data (more clients
+    than samples, a partition below the minimum size) run when the partitions are
+    built, which is still before round 1.
     """
+    _validate_choices(cfg)
     _validate_values(cfg)
-    _validate_names(cfg)
     return cfg
+
+
+def from_dict(values: dict[str, Any]) -> FedimgConfig:
+    """Inverse of :func:`~fedimg.config.to_dict`, validated (clients, resume, export)."""
+    return validate(decode(values))
+
+
+def from_json(text: str) -> FedimgConfig:
+    """Inverse of :func:`~fedimg.config.to_json`, validated."""
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"config JSON is malformed ({exc}). Fix: send the output of "
+                          "fedimg.config.to_json") from exc
+    return from_dict(values)

@@ -3,15 +3,19 @@
 ``python -m fedimg.simulate scenario=medical rounds=3 data.alpha=0.3`` becomes:
 the scenario file ``scenarios/medical.yaml`` (whose defaults list starts from the
 typed schema :class:`fedimg.config.FedimgConfig`), then the ``key=value``
-overrides, merged by Hydra's Compose API, converted to dataclasses and validated
-once by :func:`fedimg.config.validate`. ``hydra.run.dir=PATH`` sets the run
+overrides, merged by Hydra's Compose API, converted to (frozen) dataclasses and
+validated once by :func:`fedimg.config.validate`. ``hydra.run.dir=PATH`` sets the run
 directory. ``scenario=path/to/file.yaml`` composes a file outside ``scenarios/``.
+Names that need a registry (model, strategy, dataset) are not checked here: callers
+use :func:`fedimg.resolve.compose_and_check`, which adds
+:func:`fedimg.resolve.check_registries`.
 
 Every failure becomes a one-line :class:`~fedimg.errors.ConfigError`, never a
 Hydra, OmegaConf or YAML traceback. A malformed scenario file (invalid YAML, an
 empty file, a list instead of a mapping, an unknown key, a value of the wrong
 type) is named with the line at fault, e.g. ``scenario file s.yaml, line 4:
-rounds='ten' must be int``; an unknown key lists the valid ones.
+rounds='ten' must be int``; an unknown key lists the valid ones, and a bad value of a
+closed set (``data.augment=wild``) lists the valid values.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedimg.config import FedimgConfig, validate
+from fedimg.config.checks import validate
+from fedimg.config.choices import Choice
+from fedimg.config.schema import FedimgConfig, field_types
 from fedimg.errors import ConfigError
 
 SCHEMA_NAME = "fedimg_schema"
@@ -163,6 +169,20 @@ def _key_line(tree: Any, full_key: str) -> int | None:
     return line
 
 
+def _choice_problem(exc: Any) -> str | None:
+    """For a bad value of a closed-set field: the enum's message (key, value, valid ones)."""
+    from omegaconf.errors import ValidationError
+
+    owner = getattr(exc, "object_type", None)
+    if not (isinstance(exc, ValidationError) and isinstance(owner, type)
+            and dataclasses.is_dataclass(owner)):
+        return None
+    kind = field_types(owner).get(str(exc.key))
+    if not (isinstance(kind, type) and issubclass(kind, Choice)):
+        return None
+    return kind.unknown_message(exc.full_key, exc.value)
+
+
 def _key_problem(exc: Any) -> str:
     """An unknown key with the valid ones, or a value of the wrong type with the right one."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -170,6 +190,9 @@ def _key_problem(exc: Any) -> str:
     owner, key, full_key = exc.object_type, str(exc.key), exc.full_key
     if not (isinstance(owner, type) and dataclasses.is_dataclass(owner)):
         return f"{full_key}: {_first_line(exc)}"
+    choice = _choice_problem(exc)
+    if choice is not None:
+        return choice
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         valid = [f.name for f in dataclasses.fields(owner)]
         close = difflib.get_close_matches(key, valid, n=1)
@@ -218,13 +241,31 @@ def _explain(exc: BaseException, *, scenario: str, path: Path, tree: Any) -> str
     line = _key_line(tree, keyed.full_key) if keyed is not None and in_file else None
     if line is not None:
         return f"scenario file {path}, line {line}: {_key_problem(keyed)}"
-    return f"bad config for scenario '{scenario}': {_one_line(exc)}"
+    choice = _choice_problem(keyed) if keyed is not None else None
+    return f"bad config for scenario '{scenario}': {choice or _one_line(exc)}"
+
+
+def _writable(node: Any) -> Any:
+    """``node`` with the read-only flag cleared throughout.
+
+    OmegaConf marks the nodes of frozen dataclasses read-only, which would refuse every
+    scenario value merged onto the schema; the frozen types come back in :func:`_to_config`.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    OmegaConf.set_readonly(node, None)  # only the sections' nodes carry the flag
+    for key in node:
+        if isinstance(node[key], DictConfig):
+            _writable(node[key])
+    return node
 
 
 def _register_schema() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=FedimgConfig)
+    schema = _writable(OmegaConf.structured(FedimgConfig))
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=schema)
 
 
 def _default_run_dir(name: str) -> Path:
@@ -285,5 +326,6 @@ def compose_config(
     if run_dir is None and cfg.output.run_dir is None:
         run_dir = str(_default_run_dir(cfg.name))
     if run_dir is not None:
-        cfg.output.run_dir = str(Path(run_dir).resolve())
+        output = dataclasses.replace(cfg.output, run_dir=str(Path(run_dir).resolve()))
+        cfg = dataclasses.replace(cfg, output=output)
     return validate(cfg)

@@ -1,23 +1,48 @@
-"""The typed config schema of fedimg.
+"""The typed config schema of fedimg: frozen dataclasses, enums for the closed sets.
 
 Scenario files in ``scenarios/`` and command-line overrides (Hydra ``key=value``)
 are merged onto these dataclasses by :mod:`fedimg.config.compose`; the result is a
 :class:`FedimgConfig`, checked once by :func:`fedimg.config.validate` before any data is
-loaded or any Ray worker is started. Field names are snake_case; kebab-case keys
-exist only inside Flower records (see :mod:`fedimg.transport.records`).
+loaded or any Ray worker is started. Every dataclass is frozen: a changed config is a
+new one (``dataclasses.replace``). A field with a closed set of values has a
+:class:`~fedimg.config.choices.Choice` enum type; :func:`to_dict` gives plain strings
+back. Field names are snake_case; kebab-case keys exist only inside Flower records
+(see :mod:`fedimg.transport.records`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fedimg.config.choices import (
+    Accountant,
+    AttackKind,
+    Augment,
+    BatchNorm,
+    Choice,
+    ClassWeighting,
+    Clipping,
+    Clock,
+    Compression,
+    DataSource,
+    GradSampleMode,
+    OnCorrupt,
+    OnTooFew,
+    Optimizer,
+    Partitioner,
+    PrivacyKind,
+    Schedule,
+    TransferMode,
+)
 from fedimg.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticConfig:
     """Shape of generated images (``dataset=synthetic`` or the offline fallback)."""
 
@@ -28,15 +53,15 @@ class SyntheticConfig:
     channels: int = 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how they are split across clients."""
 
     dataset: str = "pneumoniamnist"
-    source: str = "auto"  # auto: real, else synthetic with a warning | strict | synthetic
+    source: DataSource = DataSource.auto  # auto: real, else synthetic with a warning
     root: Optional[str] = None  # else $FEDIMG_DATA, else ~/.cache/fedimg
     download: bool = True
-    partitioner: str = "dirichlet"  # iid | dirichlet | quantity | shards | natural
+    partitioner: Partitioner = Partitioner.dirichlet
     alpha: float = 0.5  # Dirichlet concentration of the label skew
     quantity_skew: float = 0.0  # sigma of log-normal client sizes; 0 = equal sizes
     classes_per_client: int = 2  # shards (pathological) partitioner
@@ -45,32 +70,32 @@ class DataConfig:
     val_fraction: float = 0.1  # each client's local validation split
     min_partition_size: int = 16
     image_size: int = 64  # input resolution of the model
-    augment: str = "light"  # none | light | strong
+    augment: Augment = Augment.light
     max_train_samples: Optional[int] = None  # subsample the pooled train split
     max_test_samples: Optional[int] = None
-    on_corrupt: str = "refuse"  # unreadable image files: refuse (list them) | skip (warn, drop)
+    on_corrupt: OnCorrupt = OnCorrupt.refuse  # unreadable image files
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransferConfig:
     """Which parameters of the pretrained network are fine-tuned."""
 
-    mode: str = "full"  # full | head | last_k
+    mode: TransferMode = TransferMode.full
     last_k: int = 2  # feature blocks trained in last_k mode (plus the head)
-    bn: str = "train"  # train: BatchNorm statistics update | frozen: FrozenBatchNorm2d
+    bn: BatchNorm = BatchNorm.train  # frozen: FrozenBatchNorm2d
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Local training at each client (plain PyTorch)."""
 
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: Optimizer = Optimizer.sgd
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "constant"  # constant | cosine | step (over rounds)
-    class_weighting: str = "none"  # none | balanced (inverse local class frequency)
+    schedule: Schedule = Schedule.constant  # over rounds
+    class_weighting: ClassWeighting = ClassWeighting.none
     restricted_softmax: float = 1.0  # FedRS alpha for locally absent classes' logits; 1 = off
     local_epochs: int = 1
     local_steps: Optional[int] = None  # if set, overrides local_epochs
@@ -82,7 +107,7 @@ class TrainConfig:
     num_threads: int = 0  # torch intra-op threads per client; 0 = cpus per client
 
 
-@dataclass
+@dataclass(frozen=True)
 class FederationConfig:
     """Server-side settings: sampling, strategy hyper-parameters, evaluation."""
 
@@ -107,7 +132,7 @@ class FederationConfig:
     norm_outlier_factor: float = 100.0  # reject norms > factor x the round's median; 0 = off
     # Rounds with too few usable updates (failed, rejected, timed out)
     min_replies: int = 1  # usable training updates a round needs to be aggregated
-    on_too_few: str = "retry"  # retry (then skip) | skip (keep the model) | stop (end the run)
+    on_too_few: OnTooFew = OnTooFew.retry
     round_retries: int = 2  # re-samples of a short round before it is skipped
     max_skipped_rounds: int = 3  # this many skipped rounds in a row end the run
     pack_arrays: bool = True  # model arrays travel as one buffer (fedimg.transport.packing)
@@ -115,7 +140,7 @@ class FederationConfig:
     personalize_steps: int = 0  # >0: clients also report val accuracy after k local steps
 
 
-@dataclass
+@dataclass(frozen=True)
 class SimConfig:
     """Flower simulation engine (Ray backend) resources."""
 
@@ -127,7 +152,7 @@ class SimConfig:
     max_worker_restarts: int = -1  # Ray restarts a dead worker actor; -1 = always, 0 = never
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttackConfig:
     """Simulated Byzantine clients, to measure robustness; off unless byzantine_fraction > 0.
 
@@ -138,11 +163,11 @@ class AttackConfig:
     """
 
     byzantine_fraction: float = 0.0
-    kind: str = "sign_flip"  # sign_flip | scale | label_flip
+    kind: AttackKind = AttackKind.sign_flip
     scale: float = 4.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaultsConfig:
     """Injected client faults, to test fault tolerance (chaos testing); off by default.
 
@@ -155,7 +180,7 @@ class FaultsConfig:
     kill_at: list[list[int]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeterogeneityConfig:
     """Simulated device and network heterogeneity of the clients (:mod:`fedimg.simulation.fleet`).
 
@@ -181,20 +206,20 @@ class HeterogeneityConfig:
     uplink_mbps: Optional[float] = None
     downlink_mbps: Optional[float] = None
     deadline_s: Optional[float] = None
-    clock: str = "simulated"  # simulated | real
+    clock: Clock = Clock.simulated
     step_s: Optional[float] = None  # device seconds per local step at speed 1; None: measured
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressionConfig:
     """Compression of client updates on the uplink (see :mod:`fedimg.transport.codecs`)."""
 
-    kind: str = "none"  # none | fp16 | int8 | topk
+    kind: Compression = Compression.none
     topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
     error_feedback: bool = True  # carry what was not sent into the next round
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     """What a run writes into its run directory."""
 
@@ -205,7 +230,7 @@ class OutputConfig:
     progress: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Differential privacy: sample-level DP-SGD at clients, or client-level DP at the server.
 
@@ -213,26 +238,26 @@ class PrivacyConfig:
     presets in ``scenarios/privacy/`` (e.g. frozen BatchNorm for DP-SGD).
     """
 
-    mode: str = "none"  # none | dp_sgd (Opacus, per client) | client_dp (server-side)
+    mode: PrivacyKind = PrivacyKind.none  # dp_sgd: Opacus, per client; client_dp: server
     target_epsilon: float = 8.0  # per client (dp_sgd) or for the federation (client_dp)
     target_delta: Optional[float] = None  # None: 0.1/N for N samples (dp_sgd) / N clients
     client_epsilons: Optional[list[float]] = None  # dp_sgd: one budget per client
     noise_multiplier: Optional[float] = None  # sigma; None: calibrated once from the budget
     max_grad_norm: float = 1.0  # dp_sgd: per-sample clipping norm C
-    accountant: str = "prv"  # prv | rdp; the other one is reported as a cross-check
+    accountant: Accountant = Accountant.prv  # the other one is reported as a cross-check
     poisson: bool = True  # dp_sgd: Poisson batches (false: shuffled, epsilon approximate)
     physical_batch_size: Optional[int] = None  # dp_sgd: None = train.batch_size
-    grad_sample_mode: str = "auto"  # auto (per model) | hooks | functorch
+    grad_sample_mode: GradSampleMode = GradSampleMode.auto  # auto: per model
     count_noise: float = 10.0  # dp_sgd: Gaussian noise on the label counts behind class weights
     seeded_noise: bool = False  # true: noise/sampling from the run seed (tests only: insecure)
-    clipping: str = "fixed"  # client_dp: fixed | adaptive (Andrew et al. 2021)
+    clipping: Clipping = Clipping.fixed  # client_dp; adaptive: Andrew et al. 2021
     clipping_norm: float = 1.0  # client_dp: clip of each update's L2 norm (initial if adaptive)
     target_clipped_quantile: float = 0.5  # client_dp adaptive
     clip_norm_lr: float = 0.2  # client_dp adaptive
     clipped_count_stddev: Optional[float] = None  # client_dp adaptive; None = clients / 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeployConfig:
     """A real federation (``fedimg-server run``): the data stays at the sites.
 
@@ -246,7 +271,7 @@ class DeployConfig:
     enabled: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedimgConfig:
     """A whole fedimg run."""
 
@@ -272,9 +297,18 @@ class FedimgConfig:
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every enum member replaced by its plain ``str`` value."""
+    if isinstance(value, Choice):
+        return str(value.value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (JSON/YAML serialisable)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a config dataclass (JSON/YAML serialisable; enums as ``str``)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: _plain(v) for k, v in items})
 
 
 def to_json(cfg: FedimgConfig) -> str:
@@ -282,24 +316,56 @@ def to_json(cfg: FedimgConfig) -> str:
     return json.dumps(to_dict(cfg), sort_keys=True)
 
 
-def _section_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    kwargs: dict[str, Any] = {}
-    hints = {f.name: f for f in dataclasses.fields(cls)}
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of the config dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_error(key: str, value: Any, kind: Any) -> ConfigError:
+    name = getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+    return ConfigError(f"{key}={value!r} must be {name}. Fix: give {key} a value of that type")
+
+
+def _leaf(key: str, value: Any, kind: Any) -> Any:
+    """``value`` checked against the declared type ``kind``; enums parsed, ints as floats."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # Optional[X]
+        return None if value is None else _leaf(key, value, args[0])
+    if isinstance(kind, type) and issubclass(kind, Choice):
+        return kind.parse(value, key=key)
+    origin = typing.get_origin(kind)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, value, kind)
+        return [_leaf(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is not None or not isinstance(kind, type):  # other generics: not checked here
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _type_error(key, value, kind)
+    return value
+
+
+def _section(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise _type_error(prefix.rstrip(".") or "config", values, cls)
+    types, kwargs = field_types(cls), {}
     for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"unknown config key '{key}' in {cls.__name__}")
-        default = hints[key].default_factory  # type: ignore[misc]
-        if isinstance(value, dict) and default is not dataclasses.MISSING:
-            value = _section_from_dict(type(default()), value)
-        kwargs[key] = value
+        if key not in types:
+            raise ConfigError(f"unknown config key '{prefix}{key}' in {cls.__name__}; valid "
+                              f"keys: {', '.join(types)}. Fix: correct or remove it")
+        kind = types[key]
+        kwargs[key] = (_section(kind, value, f"{prefix}{key}.") if dataclasses.is_dataclass(kind)
+                       else _leaf(prefix + key, value, kind))
     return cls(**kwargs)
 
 
-def from_dict(values: dict[str, Any]) -> FedimgConfig:
-    """Inverse of :func:`to_dict` (used by clients that receive the config as JSON)."""
-    return _section_from_dict(FedimgConfig, values)
+def decode(values: dict[str, Any]) -> FedimgConfig:
+    """Inverse of :func:`to_dict`: types checked, enums parsed, but no range checks.
 
-
-def from_json(text: str) -> FedimgConfig:
-    """Inverse of :func:`to_json`."""
-    return from_dict(json.loads(text))
+    Use :func:`fedimg.config.from_dict`, which also validates, for anything received.
+    """
+    return _section(FedimgConfig, values, "")

@@ -261,10 +261,10 @@ def supernode_env(site: SiteConfig, base: Mapping[str, str] | None = None) -> di
 
 def check_site_data(site: SiteConfig) -> None:
     """Read the site's images as the ClientApp will; log a summary; DataError if unfit."""
-    from fedimg.config.compose import compose_config
+    from fedimg.resolve import compose_and_check
     from fedimg.data.site import read_site_data, site_fingerprint
 
-    cfg = compose_config(site.scenario, [])
+    cfg = compose_and_check(site.scenario, [])
     classes = federation_classes(site)
     data = read_site_data(site.data, classes=classes, image_size=cfg.data.image_size,
                           min_samples=site.limits.min_samples,

@@ -266,7 +266,8 @@ def run_config(scenario: str, overrides: Sequence[str]) -> str:
 
 def submit_run(args: Sequence[str], *, connection: str, runs_dir: Path) -> int:
     """Validate ``scenario=... key=value ...`` here, submit it with ``flwr run``; its exit code."""
-    from fedimg.config.compose import compose_config, split_argv
+    from fedimg.config.compose import split_argv
+    from fedimg.resolve import compose_and_check
 
     scenario, overrides = split_argv(args)
     if scenario.endswith((".yaml", ".yml")):
@@ -276,7 +277,7 @@ def submit_run(args: Sequence[str], *, connection: str, runs_dir: Path) -> int:
         run_dir = runs_dir.expanduser().resolve() / f"{Path(scenario).stem}-{stamp}"
         overrides = [f"output.run_dir={run_dir}", *overrides]
     overrides = ["deploy.enabled=true", *overrides]
-    cfg = compose_config(scenario, overrides)  # ConfigError before anything is submitted
+    cfg = compose_and_check(scenario, overrides)  # ConfigError before anything is submitted
     command = [executable("flwr"), "run", str(app_dir()), connection, "--stream",
                "--run-config", run_config(scenario, overrides)]
     log.info("submitting: %s", shlex.join(command))

@@ -180,9 +180,9 @@ def _check_files(site: SiteConfig, *, where: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _scenario_dataset(scenario: str) -> str:
-    from fedimg.config.compose import compose_config
+    from fedimg.resolve import compose_and_check
 
-    return compose_config(scenario, []).data.dataset
+    return compose_and_check(scenario, []).data.dataset
 
 
 def federation_classes(site: SiteConfig) -> tuple[str, ...]:

@@ -40,7 +40,6 @@ from fedimg.registry import Registry
 log = logging.getLogger(__name__)
 
 UNIFORM_KEY = "dp-uniform-weight"  # every client weighs 1: sample counts would leak
-AVERAGING = ("fedavg", "fedprox")  # strategies whose output is the average the noise covers
 
 CLIPPING: Registry[type] = Registry("client-level clipping", config_key="privacy.clipping")
 CLIPPING.add("fixed", DifferentialPrivacyServerSideFixedClipping)
@@ -142,10 +141,6 @@ def wrap_client_dp(strategy: Strategy, cfg: FedimgConfig,
     p, m = cfg.privacy, sampled_clients(cfg)
     wrapper = CLIPPING.get(p.clipping)
     ledger = client_level_ledger(cfg)
-    if cfg.strategy not in AVERAGING:
-        raise ConfigError(f"privacy.mode=client_dp with strategy={cfg.strategy}: the "
-                          "accounted epsilon needs the server to average the clipped "
-                          f"updates; valid strategies: {', '.join(AVERAGING)}")
     if ledger.delta > 1e-3:
         log.warning("client-level DP: delta=%.2g (0.1 / %d clients) is a weak guarantee; "
                     "it needs many clients (or set privacy.target_delta)", ledger.delta,

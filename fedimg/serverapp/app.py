@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedimg.config.compose import compose_config
+from fedimg.resolve import compose_and_check
 from fedimg.build import PreparedRun, prepare_run
 from fedimg.serverapp.run import run_federation
 from fedimg.reporting import plot_run, setup_logging
@@ -44,7 +44,7 @@ def flwr_run_main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .`` and deployed SuperLinks."""
     scenario = str(context.run_config.get("scenario", "medical"))
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    cfg = compose_config(scenario, overrides)
+    cfg = compose_and_check(scenario, overrides)
     prepared = prepare_run(cfg)
     setup_logging(prepared.recorder.run_dir)
     run_federation(grid, prepared)

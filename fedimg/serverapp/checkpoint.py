@@ -28,9 +28,10 @@ import torch
 from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
-from fedimg.config import FedimgConfig, from_dict, to_dict, validate
+from fedimg.config import FedimgConfig, from_dict, to_dict
 from fedimg.errors import ConfigError
 from fedimg.reporting import RunRecorder
+from fedimg.resolve import check_registries
 from fedimg.serverapp.state import RunState, global_rng_state, restore_global_rng
 from fedimg.transport.records import state_dict_to_record
 from fedimg.reporting.paths import RunPaths
@@ -91,7 +92,7 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> FedimgConfig:
     merged = OmegaConf.merge(OmegaConf.create(values), OmegaConf.from_dotlist(list(overrides)))
     values = OmegaConf.to_container(merged)
     values["output"]["run_dir"] = str(run_dir.resolve())
-    return validate(from_dict(values))
+    return check_registries(from_dict(values))
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,52 @@ def test_unknown_scenario_name_lists_every_valid_name() -> None:
 def test_a_missing_preset_lists_the_available_ones(tmp_path: Path) -> None:
     message = refused(tmp_path, HEADER + "rounds: 2\n", ("privacy=dp_sgdd",))
     assert "privacy/dp_sgdd" in message and "available: client_dp, dp_sgd, none" in message
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("data:\n  augment: wild\n", "line 5: unknown augmentation preset 'wild' (data.augment); "
+                                 "valid: none, light, strong. Fix: set data.augment"),
+    ("hetero:\n  clock: wall\n", "line 5: unknown clock 'wall' (hetero.clock); valid: "
+                                 "simulated, real"),
+    ("privacy:\n  mode: DP_SGD\n", "line 5: unknown privacy mode 'DP_SGD' (privacy.mode); "
+                                   "valid: none, dp_sgd, client_dp"),
+    ("compression:\n  kind: 7\n", "line 5: unknown compression '7' (compression.kind); "
+                                  "valid: none, fp16, int8, topk"),
+])
+def test_a_bad_closed_set_value_in_the_file_names_line_value_and_valid_ones(
+        tmp_path: Path, body: str, expected: str) -> None:
+    message = refused(tmp_path, HEADER + body)
+    assert f"scenario file {tmp_path / 'bad.yaml'}, {expected}" in message
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("data.augment=wild", "unknown augmentation preset 'wild' (data.augment); valid: none, "
+                          "light, strong. Fix: set data.augment to one of them"),
+    ("train.optimizer=adam", "unknown optimizer 'adam' (train.optimizer); valid: sgd, adamw"),
+    ("attack.kind=flip", "unknown attack 'flip' (attack.kind); valid: sign_flip, scale, "
+                         "label_flip"),
+])
+def test_a_bad_closed_set_override_names_key_value_and_valid_ones(
+        tmp_path: Path, override: str, expected: str) -> None:
+    message = refused(tmp_path, HEADER + "rounds: 2\n", (override,))
+    assert message.startswith(f"bad config for scenario '{tmp_path / 'bad.yaml'}': {expected}")
+    assert message.endswith("to one of them") and "line" not in message
+
+
+def test_a_closed_set_value_composes_as_its_enum_member(tmp_path: Path) -> None:
+    from fedimg.config import Augment, Clock
+
+    cfg = compose_text(tmp_path, HEADER + "hetero:\n  clock: real\n", ("data.augment=none",))
+    assert cfg.hetero.clock is Clock.real and cfg.data.augment is Augment.none
+
+
+def test_the_simulate_command_prints_one_line_for_a_bad_augment(tmp_path: Path) -> None:
+    # Act
+    result = subprocess.run([sys.executable, "-m", "fedimg.simulate", "scenario=medical",
+                             "data.augment=wild", f"hydra.run.dir={tmp_path}/run"],
+                            capture_output=True, text=True, timeout=120)
+    # Assert: exit code 2 (ConfigError), one line with the key, the value and the valid ones
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, lines
+    assert "data.augment" in lines[0] and "'wild'" in lines[0]
+    assert "valid: none, light, strong" in lines[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedimg.simulation import fleet
-from fedimg.config.compose import compose_config
+from fedimg.resolve import compose_and_check
 from fedimg.simulate import run
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_a_small_camera_fleet_records_what_each_device_did(shared_data: Path,
             "fl.min_replies=1", "fl.on_too_few=skip", "fl.personalize_steps=2",
             "hetero.availability=0.6", "hetero.dropout=0.3", "hetero.deadline_s=1000",
             "sim.ray_num_cpus=2", "output.progress=false", "output.plots=false"]
-    cfg = compose_config("cameras", argv[1:])
+    cfg = compose_and_check("cameras", argv[1:])
     # Act
     results = run(argv)
     # Assert

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedimg.config.compose import compose_config
+from fedimg.resolve import compose_and_check
 from fedimg.data import load_dataset, partition_dataset
 from fedimg.privacy.accounting import epsilon
 from fedimg.simulate import run
@@ -30,7 +30,7 @@ def test_dp_sgd_epsilon_accumulates_across_rounds_and_a_spent_client_stops(
     # Arrange: sigma=1; client 1's budget lies between its 1-round and 2-round epsilon,
     # client 0's budget is ample.
     argv = _argv(tmp_path, tiny_overrides, "privacy=dp_sgd", "privacy.noise_multiplier=1.0")
-    cfg = compose_config("medical", argv)
+    cfg = compose_and_check("medical", argv)
     parts = partition_dataset(load_dataset(cfg.data, seed=0).train, cfg=cfg.data,
                               num_clients=2, seed=0)
     n1 = len(parts[1].train_indices)

@@ -33,14 +33,31 @@ def test_every_required_strategy_is_registered() -> None:
     assert set(EXPECTED) <= set(STRATEGIES.names())
 
 
-def test_settings_reach_the_strategy() -> None:
+def test_settings_reach_the_strategy_and_sampling_stays_with_the_loop() -> None:
     cfg = FedimgConfig(strategy="fedprox", clients=10,
                        fl=FederationConfig(proximal_mu=0.5, fraction_train=0.3,
                                            min_train_clients=3))
     strategy = build_strategy(cfg)
     assert strategy.proximal_mu == 0.5
-    assert strategy.fraction_train == 0.3
-    assert strategy.min_train_nodes == 3
+    # The round loop samples 3 of 10 itself; the strategy configures every node it is shown.
+    assert (strategy.fraction_train, strategy.min_train_nodes) == (1.0, 1)
+    assert (strategy.fraction_evaluate, strategy.min_available_nodes) == (1.0, 1)
+
+
+def test_a_strategys_facts_live_in_its_registry_entry() -> None:
+    # Arrange / Act
+    specs = {name: STRATEGIES.get(name) for name in ("fedavg", "fedprox", "fedadam", "krum",
+                                                     "fedtrimmedavg", "fedmedian")}
+    cfg = FedimgConfig(fl=FederationConfig(num_malicious=2, trim_beta=0.2))
+    # Assert: Krum n > 2f + 2 = 6 -> 7; trimmed mean n >= 1/0.2 = 5; median of 3.
+    assert specs["krum"].min_replies(cfg) == 7
+    assert specs["fedtrimmedavg"].min_replies(cfg) == 5
+    assert specs["fedmedian"].min_replies(cfg) == 3
+    assert specs["fedavg"].min_replies(cfg) == 1
+    assert (specs["fedadam"].server_lr, specs["fedavg"].server_lr) == (0.01, 1.0)
+    assert specs["fedavg"].averages and specs["fedprox"].averages
+    assert not specs["krum"].averages
+    assert specs["fedprox"].loss_term and not specs["fedavg"].loss_term
 
 
 def test_fedadam_gets_its_own_server_lr_default() -> None:
