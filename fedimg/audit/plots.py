@@ -141,13 +141,11 @@ def _epsilon_per_client(rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_sweep(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """Draw every sweep figure into ``root/plots``; return their paths."""
-    from fedimg.audit.sweep import summarise
-
+def plot_sweep(root: Path, rows: list[dict[str, Any]],
+               summary: list[dict[str, Any]]) -> list[Path]:
+    """Draw every sweep figure into ``root/plots`` (``summary``: per-epsilon means)."""
     plots = RunPaths(root).plots
     plots.mkdir(parents=True, exist_ok=True)
-    summary = summarise(rows)
     _accuracy_vs_epsilon(summary, plots / "accuracy_vs_epsilon.png")
     _mia_vs_epsilon(summary, plots / "mia_vs_epsilon.png")
     _accuracy_vs_round(rows, plots / "accuracy_vs_round.png")

@@ -216,7 +216,7 @@ def run_sweep(argv: Sequence[str]) -> Path:
         lira = sweep.lira_shadows if (eps in sweep.lira_epsilons and seed == sweep.seeds[0]) else 0
         rows.append(_row(eps, seed, run_dir, _audit(run_dir, sweep, lira, seed)))
         write_tables(root, rows)
-    plot_sweep(root, rows)
+    plot_sweep(root, rows, summarise(rows))
     if sweep.inversion_steps:
         from fedimg.audit.run_audit import inversion_audit
 

@@ -57,7 +57,7 @@ def test_tables_and_plots(tmp_path) -> None:
     # Act
     summary = summarise(rows)
     write_tables(tmp_path, rows)
-    plots = plot_sweep(tmp_path, rows)
+    plots = plot_sweep(tmp_path, rows, summary)
     # Assert: mean and std over the two seeds of epsilon=1, and one row for no DP
     assert [s["target_epsilon"] for s in summary] == [1.0, math.inf]
     assert summary[0]["test/accuracy"] == pytest.approx(0.75)
