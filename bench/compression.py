@@ -54,7 +54,7 @@ def _cell(out: Path, kind: str, args: argparse.Namespace) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     part = results.get("participation", {})
     return {"acc": results["final"]["test/accuracy"], "up": results["bytes"]["up"],
-            "ok": part.get("clients_ok", 0), "late": part.get("clients_straggler", 0)}
+            "ok": part.get("ok", 0), "late": part.get("straggler", 0)}
 
 
 def main() -> None:

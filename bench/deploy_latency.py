@@ -75,7 +75,7 @@ def round_stats(run_dir: Path) -> dict[str, float]:
     return {"round_s": sum(r["wall_s"] for r in later) / len(later),
             "compute_s": sum(compute) / len(compute),
             "server_eval_s": sum(r.get("central_eval_s", 0.0) for r in later) / len(later),
-            "mb_per_round": sum(r["bytes_down"] + r["bytes_up"] for r in later) / len(later) / 1e6}
+            "mb_per_round": sum(r["bytes/down"] + r["bytes/up"] for r in later) / len(later) / 1e6}
 
 
 def simulation(root: Path, overrides: list[str]) -> dict[str, float]:

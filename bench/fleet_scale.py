@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
         results = simulate(prepare_run(cfg))
     final, best = results["final"], results["best"]
     keys = ("test/accuracy", "val/accuracy", "fair/worst_accuracy", "fair/p10_accuracy",
-            "fair/spread_accuracy", "fair/std_accuracy", "personal/accuracy",
+            "fair/spread_accuracy", "fair/std_accuracy", "val/personal_accuracy",
             "fair/worst_personal_accuracy", "fair/p10_personal_accuracy")
     lines = [f"scenario={cfg.name} clients={cfg.clients} rounds={cfg.rounds} "
              f"fraction_train={cfg.fl.fraction_train} run_dir={results['run_dir']}",

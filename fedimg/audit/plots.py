@@ -83,8 +83,8 @@ def _mia_vs_epsilon(summary: list[dict[str, Any]], out: Path) -> None:
 
 def _spent(record: dict[str, Any]) -> float:
     """Epsilon spent after a round: the server's (client-level) or the largest client's."""
-    if "privacy/epsilon" in record:
-        return float(record["privacy/epsilon"])
+    if "dp/epsilon" in record:
+        return float(record["dp/epsilon"])
     values = [c.get("train", {}).get("dp/epsilon") for c in record.get("clients", {}).values()]
     values = [v for v in values if v is not None]
     return max(values) if values else math.nan

@@ -62,8 +62,8 @@ def run_guarantee(results: dict[str, Any]) -> tuple[float, float]:
     """The weakest (epsilon, delta) any sample of the run enjoys (inf without DP)."""
     privacy = results.get("privacy", {})
     server = privacy.get("server", {})
-    if "privacy/epsilon" in server:
-        return float(server["privacy/epsilon"]), float(server["privacy/delta"])
+    if "dp/epsilon" in server:
+        return float(server["dp/epsilon"]), float(server["dp/delta"])
     clients = privacy.get("clients", {}).values()
     if not clients:
         return math.inf, 0.0

@@ -243,9 +243,9 @@ def _pace(env: TaskEnvironment, cond: fleet.ClientConditions, *, sent: Message,
         bytes_down=sum(record_bytes(r) for r in sent.content.array_records.values()),
         bytes_up=sum(record_bytes(r) for r in reply.array_records.values()))
     metrics = reply[METRICS_KEY]
-    metrics["hetero/speed"] = cond.speed
-    metrics["hetero/compute_s"] = compute_s  # measured on this host
-    metrics["hetero/device_s"] = device_s
+    metrics["fleet/speed"] = cond.speed
+    metrics["fleet/compute_s"] = compute_s  # measured on this host
+    metrics["fleet/device_s"] = device_s
     time.sleep(fleet.real_delay(h, device_s=device_s, compute_s=compute_s))
 
 
@@ -281,7 +281,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split.
 
     With ``fl.personalize_steps=k`` the client then trains that model for k local
-    steps and evaluates again (``personal/*``): how well the global model serves as
+    steps and evaluates again (``val/personal_*``): how well the global model serves as
     a starting point for each client (the evaluation of personalized FL, e.g. Yu et
     al. 2020, "Salvaging Federated Learning by Local Adaptation"). Nothing is sent back
     but metrics, and the next message reloads the global weights.
@@ -294,5 +294,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         # the base learning rate: a cosine schedule is near 0 by the last round
         env.train(pid, server_round=int(config[ROUND_KEY]), steps=steps, lr=env.cfg.train.lr)
         tuned, _ = env.evaluate_client(pid)
-        metrics.update({f"personal/{k.split('/', 1)[1]}": v for k, v in tuned.items()})
+        metrics.update({f"val/personal_{k.split('/', 1)[1]}": v for k, v in tuned.items()})
     return _reply(msg, reply_content(metrics=metric_record(metrics, num_examples=num_examples)))

@@ -95,15 +95,15 @@ class AccountedClientDP:
             server_round, _uniform_weights(replies))
 
     def privacy_report(self) -> dict[str, float]:
-        """Server-side privacy metrics for the round record."""
+        """Server-side privacy metrics for the round record (``dp/*``)."""
         book = self.ledger
-        return {"privacy/epsilon": book.spent(),
-                f"privacy/epsilon_{book.cross_check()}": book.spent(book.cross_check()),
-                "privacy/delta": book.delta, "privacy/sigma": book.noise_multiplier,
-                "privacy/sample_rate": book.sample_rate,
-                "privacy/target_epsilon": book.target_epsilon,
-                "privacy/releases": float(book.steps),
-                "privacy/clipping_norm": float(self.clipping_norm)}
+        return {"dp/epsilon": book.spent(),
+                f"dp/epsilon_{book.cross_check()}": book.spent(book.cross_check()),
+                "dp/delta": book.delta, "dp/sigma": book.noise_multiplier,
+                "dp/sample_rate": book.sample_rate,
+                "dp/target_epsilon": book.target_epsilon,
+                "dp/releases": float(book.steps),
+                "dp/clipping_norm": float(self.clipping_norm)}
 
 
 def _uniform_weights(replies: Iterable[Message]) -> list[Message]:

@@ -90,7 +90,7 @@ def _fmt(value: Any) -> str:
 _COLUMNS = (("round", "round"), ("train loss", "train/loss"), ("val acc", "val/accuracy"),
             ("test loss", "test/loss"), ("test acc", "test/accuracy"),
             ("test auc", "test/auc"), ("worst val", "fair/worst_accuracy"),
-            ("clients", "clients_ok"), ("wall s", "wall_s"))
+            ("clients", "fleet/ok"), ("wall s", "wall_s"))
 
 
 def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> str:
@@ -113,11 +113,11 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
                f"p10 {_fmt(final.get('fair/p10_accuracy'))}  "
                f"spread {_fmt(final.get('fair/spread_accuracy'))}"
                + (f"  after {final_k} local steps: mean "
-                  f"{_fmt(final.get('personal/accuracy'))} worst "
+                  f"{_fmt(final.get('val/personal_accuracy'))} worst "
                   f"{_fmt(final.get('fair/worst_personal_accuracy'))}"
                   if (final_k := results.get("personalize_steps")) else ""))
     part, sent = results.get("participation", {}), results.get("bytes", {})
-    out.append("clients " + "  ".join(f"{k.removeprefix('clients_')} {v}"
+    out.append("clients " + "  ".join(f"{k} {v}"
                                       for k, v in part.items() if v)
                + f"  |  MB down {sent.get('down', 0) / 1e6:.1f} up {sent.get('up', 0) / 1e6:.1f}")
     out.append(f"data   {results.get('data', {}).get('source')} "

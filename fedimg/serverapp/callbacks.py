@@ -80,7 +80,7 @@ class ClientSummary(Callback):
 
 
 class StrategyReport(Callback):
-    """Server-side metrics a strategy keeps (client-level DP: ``privacy/*``)."""
+    """Server-side metrics a strategy keeps (client-level DP: ``dp/*``)."""
 
     def metrics(self, state: RunState, result: RoundResult) -> dict[str, Any]:
         report = getattr(state.strategy, "privacy_report", None)
@@ -98,9 +98,9 @@ class MetricsWriter(Callback):
         self.recorder.append_round(record)
         if self.fleet_log and result.server_round > 0:
             log.info("round %d devices: %d sampled, %d offline, %d dropped, %d late, "
-                     "%d aggregated", result.server_round, record["clients_sampled"],
-                     record["clients_offline"], record["clients_dropped"],
-                     record["clients_straggler"], record["clients_ok"])
+                     "%d aggregated", result.server_round, record["fleet/sampled"],
+                     record["fleet/offline"], record["fleet/dropped"],
+                     record["fleet/straggler"], record["fleet/ok"])
 
 
 class SelectBest(Callback):

@@ -122,7 +122,7 @@ def declined(e: Exchange, ctx: FilterContext) -> None:
 
 def straggler(e: Exchange, ctx: FilterContext) -> None:
     """A training reply whose simulated device time is past ``hetero.deadline_s``."""
-    device_s = e.metrics.get("hetero/device_s", 0.0)
+    device_s = e.metrics.get("fleet/device_s", 0.0)
     if e.phase == MessageType.TRAIN and fleet.late(ctx.hetero, device_s):
         raise SetAside("straggler", f"arrived after {device_s:.2f}s of device time, past "
                                     f"the hetero.deadline_s={ctx.hetero.deadline_s}s")

@@ -11,8 +11,8 @@ from fedimg.serverapp.state import RunState
 if TYPE_CHECKING:
     from fedimg.build import PreparedRun
 
-PARTICIPATION = ("clients_sampled", "clients_ok", "clients_offline", "clients_dropped",
-                 "clients_straggler", "clients_failed", "clients_rejected")
+PARTICIPATION = ("fleet/sampled", "fleet/ok", "fleet/offline", "fleet/dropped",
+                 "fleet/straggler", "fleet/failed", "fleet/rejected")
 
 
 def run_results(prepared: PreparedRun, state: RunState, startup_s: float) -> dict[str, Any]:
@@ -31,9 +31,10 @@ def run_results(prepared: PreparedRun, state: RunState, startup_s: float) -> dic
         "timing": {"startup_s": startup_s, "rounds_s": rounds_s,
                    "mean_round_s": rounds_s / len(trained) if trained else None,
                    "total_s": time.perf_counter() - prepared.started},
-        "bytes": {"down": sum(r["bytes_down"] for r in rounds),
-                  "up": sum(r["bytes_up"] for r in rounds)},
-        "participation": {k: sum(r.get(k, 0) for r in trained) for k in PARTICIPATION},
+        "bytes": {"down": sum(r["bytes/down"] for r in rounds),
+                  "up": sum(r["bytes/up"] for r in rounds)},
+        "participation": {k.removeprefix("fleet/"): sum(r.get(k, 0) for r in trained)
+                          for k in PARTICIPATION},
         "rejected_updates": {str(k): v for k, v in sorted(state.rejections.items())},
         "skipped_rounds": [r["round"] for r in rounds if r.get("skipped")],
         "stopped_early": state.stopped,
@@ -67,5 +68,5 @@ def privacy_summary(mode: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
                     info["stopped_round"] is None:
                 info["stopped_round"] = record["round"]
     server = {k: v for k, v in (rounds[-1] if rounds else {}).items()
-              if k.startswith("privacy/")}
+              if k.startswith("dp/")} if mode == "client_dp" else {}
     return {"mode": mode, "clients": clients, "server": server}

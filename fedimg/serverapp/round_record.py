@@ -46,21 +46,21 @@ def device_time(exchanges: list[Exchange], deadline_s: float | None) -> dict[str
     reported device time (heterogeneity off).
     """
     trained = [e for e in exchanges if e.phase == MessageType.TRAIN]
-    times = [e.metrics["hetero/device_s"] for e in trained
-             if e.status == "ok" and "hetero/device_s" in e.metrics]
+    times = [e.metrics["fleet/device_s"] for e in trained
+             if e.status == "ok" and "fleet/device_s" in e.metrics]
     if not times and not any(e.status == "straggler" for e in trained):
         return {}
     cut = deadline_s is not None and any(e.status == "straggler" for e in trained)
-    return {"device/round_s": float(deadline_s) if cut else max(times)}
+    return {"fleet/round_s": float(deadline_s) if cut else max(times)}
 
 
 def clients(exchanges: list[Exchange]) -> dict[str, dict[str, Any]]:
     """Per client: bytes, its train and val metrics, its update norm, and any status."""
     out: dict[str, dict[str, Any]] = {}
     for e in exchanges:
-        entry = out.setdefault(str(e.partition_id), {"bytes_down": 0, "bytes_up": 0})
-        entry["bytes_down"] += e.bytes_down
-        entry["bytes_up"] += e.bytes_up
+        entry = out.setdefault(str(e.partition_id), {"bytes/down": 0, "bytes/up": 0})
+        entry["bytes/down"] += e.bytes_down
+        entry["bytes/up"] += e.bytes_up
         phase = "train" if e.phase == MessageType.TRAIN else "val"
         entry[phase] = {**e.metrics, "num_examples": e.num_examples}
         if e.update_norm == e.update_norm:
@@ -75,19 +75,19 @@ def clients(exchanges: list[Exchange]) -> dict[str, dict[str, Any]]:
 def counts(exchanges: list[Exchange]) -> dict[str, int]:
     """How many clients were sampled, aggregated, failed, rejected, declined, absent."""
     trained = [e for e in exchanges if e.phase == MessageType.TRAIN]
-    return {"clients_sampled": len(trained),
-            "clients_ok": sum(e.status == "ok" for e in trained),
-            "clients_failed": sum(e.status in ("failed", "timeout") for e in exchanges),
-            "clients_rejected": sum(e.status == "rejected" for e in exchanges),
-            "clients_declined": sum(e.status == "declined" for e in exchanges),
-            **{f"clients_{s}": sum(e.status == s for e in trained)
+    return {"fleet/sampled": len(trained),
+            "fleet/ok": sum(e.status == "ok" for e in trained),
+            "fleet/failed": sum(e.status in ("failed", "timeout") for e in exchanges),
+            "fleet/rejected": sum(e.status == "rejected" for e in exchanges),
+            "fleet/declined": sum(e.status == "declined" for e in exchanges),
+            **{f"fleet/{s}": sum(e.status == s for e in trained)
                for s in ("offline", "dropped", "straggler")}}
 
 
 def exchange_summary(exchanges: list[Exchange], *, deadline_s: float | None) -> dict[str, Any]:
     """Everything a round record says about its exchanges (``clients`` included)."""
-    return {**fairness(exchanges), **fairness(exchanges, "personal/accuracy"),
+    return {**fairness(exchanges), **fairness(exchanges, "val/personal_accuracy"),
             **device_time(exchanges, deadline_s),
-            "bytes_down": sum(e.bytes_down for e in exchanges),
-            "bytes_up": sum(e.bytes_up for e in exchanges),
+            "bytes/down": sum(e.bytes_down for e in exchanges),
+            "bytes/up": sum(e.bytes_up for e in exchanges),
             **counts(exchanges), "clients": clients(exchanges)}

@@ -16,7 +16,7 @@ from fedimg.audit.run_audit import _pool, run_guarantee
 def test_run_guarantee_is_the_weakest_client_or_the_server() -> None:
     clients = {"privacy": {"clients": {"0": {"dp/epsilon": 0.9, "dp/delta": 1e-4},
                                        "1": {"dp/epsilon": 1.0, "dp/delta": 2e-4}}}}
-    server = {"privacy": {"server": {"privacy/epsilon": 3.0, "privacy/delta": 0.02},
+    server = {"privacy": {"server": {"dp/epsilon": 3.0, "dp/delta": 0.02},
                           "clients": {}}}
     assert run_guarantee(clients) == (1.0, 2e-4)
     assert run_guarantee(server) == (3.0, 0.02)

@@ -37,7 +37,7 @@ def test_a_small_camera_fleet_records_what_each_device_did(shared_data: Path,
     seen: set[str] = set()
     for r in rounds[1:]:
         trained = {int(p): c for p, c in r["clients"].items() if "train" in c}
-        assert r["clients_sampled"] == len(trained) == 6
+        assert r["fleet/sampled"] == len(trained) == 6
         for pid, entry in trained.items():
             draw = fleet.conditions(cfg, r["round"], pid)
             want = ("offline" if not draw.online else
@@ -46,12 +46,12 @@ def test_a_small_camera_fleet_records_what_each_device_did(shared_data: Path,
             assert got == want, (r["round"], pid, entry)
             seen.add(got)
             if want == "ok":  # an aggregated update carries its device time
-                assert entry["train"]["hetero/device_s"] > 0
+                assert entry["train"]["fleet/device_s"] > 0
             else:  # an absent device sent no update
-                assert entry["bytes_up"] == 0
-        assert r["clients_ok"] + r["clients_offline"] + r["clients_dropped"] == 6
-        assert 0.0 <= r["personal/accuracy"] <= 1.0 and "fair/worst_accuracy" in r
+                assert entry["bytes/up"] == 0
+        assert r["fleet/ok"] + r["fleet/offline"] + r["fleet/dropped"] == 6
+        assert 0.0 <= r["val/personal_accuracy"] <= 1.0 and "fair/worst_accuracy" in r
     assert seen == {"ok", "offline", "dropped"}  # seed 0 shows each within 2 rounds
     part = results["participation"]
-    assert part["clients_sampled"] == 12
-    assert part["clients_ok"] == sum(r["clients_ok"] for r in rounds[1:])
+    assert part["sampled"] == 12
+    assert part["ok"] == sum(r["fleet/ok"] for r in rounds[1:])

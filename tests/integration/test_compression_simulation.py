@@ -25,7 +25,7 @@ def test_int8_updates_cut_uplink_bytes_and_still_train(tmp_path, tiny_overrides)
     # model itself, which every train and evaluate message carries down, so
     # uncompressed uplink = bytes_down / 2. int8 sends a quarter, plus raw buffers.
     for r in rounds[1:]:
-        assert r["clients_ok"] == 2 and r["clients_rejected"] == 0
-        assert 0.24 < r["bytes_up"] / (r["bytes_down"] / 2) < 0.30
+        assert r["fleet/ok"] == 2 and r["fleet/rejected"] == 0
+        assert 0.24 < r["bytes/up"] / (r["bytes/down"] / 2) < 0.30
     assert rounds[2]["test/loss"] < rounds[0]["test/loss"]
     assert results["final"]["round"] == 2

@@ -81,7 +81,7 @@ def test_two_sites_train_two_rounds_and_the_server_writes_the_run(federation) ->
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["final"]["round"] == 2 and results["final"]["clients_ok"] == 2
+    assert results["final"]["round"] == 2 and results["final"]["fleet/ok"] == 2
     sites = results["data"]["sites"]
     assert [s["name"] for s in sites.values()] == ["hospital_a", "hospital_b"]
     # 36 images per site: round(0.1 * 36) = 4 held out for validation, 32 to train.
@@ -105,7 +105,7 @@ def test_daemons_rejoin_after_the_superlink_restarts(federation) -> None:
                                     "fl.connect_timeout_s=120"])
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads((run_dir / "results.json").read_text())["final"]["clients_ok"] == 2
+    assert json.loads((run_dir / "results.json").read_text())["final"]["fleet/ok"] == 2
 
 
 def _daemon(federation: LocalFederation, site: Path) -> tuple[int, str]:

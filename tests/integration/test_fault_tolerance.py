@@ -36,12 +36,12 @@ def test_a_raising_client_and_a_killed_worker_do_not_stop_the_run(tmp_path) -> N
     # Assert: every round ran; the failed clients are recorded with their reasons ...
     rounds = _rounds(run_dir)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3] and results["final"]["round"] == 3
-    assert rounds[1]["clients_ok"] == 2
+    assert rounds[1]["fleet/ok"] == 2
     assert "injected fault" in rounds[1]["clients"]["0"]["train_status"]
-    assert rounds[2]["clients_ok"] == 2
+    assert rounds[2]["fleet/ok"] == 2
     assert rounds[2]["clients"]["1"]["train_status"].startswith("failed")
     # ... and the dead worker was replaced: round 3 has all three clients again.
-    assert rounds[3]["clients_ok"] == 3 and rounds[3]["clients_failed"] == 0
+    assert rounds[3]["fleet/ok"] == 3 and rounds[3]["fleet/failed"] == 0
     assert not any(r["skipped"] for r in rounds)
 
 

@@ -35,5 +35,5 @@ def test_flwr_run_local_simulation_writes_a_run_directory(tmp_path, tiny_overrid
     # Assert
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["final"]["round"] == 1 and results["final"]["clients_ok"] == 2
+    assert results["final"]["round"] == 1 and results["final"]["fleet/ok"] == 2
     assert (run_dir / "checkpoints" / "final.pt").is_file()

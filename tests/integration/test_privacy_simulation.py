@@ -42,9 +42,9 @@ def test_dp_sgd_epsilon_accumulates_across_rounds_and_a_spent_client_stops(
     eps0 = [r["clients"]["0"]["train"]["dp/epsilon"] for r in rounds[1:]]
     assert eps0[0] < eps0[1] < eps0[2]
     # ... client 1 trains round 1 only, then declines; the server goes on without it
-    assert rounds[1]["clients_ok"] == 2 and rounds[1]["clients_declined"] == 0
+    assert rounds[1]["fleet/ok"] == 2 and rounds[1]["fleet/declined"] == 0
     for r in rounds[2:]:
-        assert r["clients_ok"] == 1 and r["clients_declined"] == 1
+        assert r["fleet/ok"] == 1 and r["fleet/declined"] == 1
         assert r["clients"]["1"]["train_status"].startswith("declined: privacy budget")
     summary = results["privacy"]["clients"]
     assert summary["1"]["stopped_round"] == 2 and summary["0"]["stopped_round"] is None
@@ -64,9 +64,9 @@ def test_client_level_dp_records_epsilon_and_stops_before_the_budget(
     # Assert: epsilon recorded each round, equal to the accountant's; round 3 is
     # recorded as the one the run stopped in, with no third release
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
-    assert rounds[3]["stopped"] and rounds[3]["privacy/epsilon"] == pytest.approx(two)
-    assert rounds[1]["privacy/epsilon"] == pytest.approx(one, rel=1e-6)
-    assert rounds[2]["privacy/epsilon"] == pytest.approx(two, rel=1e-6)
-    assert rounds[2]["privacy/sample_rate"] == 1.0 and rounds[2]["privacy/delta"] == 0.05
+    assert rounds[3]["stopped"] and rounds[3]["dp/epsilon"] == pytest.approx(two)
+    assert rounds[1]["dp/epsilon"] == pytest.approx(one, rel=1e-6)
+    assert rounds[2]["dp/epsilon"] == pytest.approx(two, rel=1e-6)
+    assert rounds[2]["dp/sample_rate"] == 1.0 and rounds[2]["dp/delta"] == 0.05
     assert "epsilon would reach" in results["stopped_early"]
-    assert results["privacy"]["server"]["privacy/epsilon"] == pytest.approx(two, rel=1e-6)
+    assert results["privacy"]["server"]["dp/epsilon"] == pytest.approx(two, rel=1e-6)

@@ -34,6 +34,6 @@ def test_simulation_joins_a_running_ray_cluster(tmp_path, tiny_overrides) -> Non
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
     # Assert: both clients trained on the cluster's workers.
-    assert results["final"]["clients_ok"] == 2
+    assert results["final"]["fleet/ok"] == 2
     assert json.loads((tmp_path / "config.json").read_text())["config"]["sim"][
         "ray_address"] == f"127.0.0.1:{port}"

@@ -31,9 +31,9 @@ def test_two_rounds_two_clients_through_ray(tmp_path) -> None:
     assert [r["round"] for r in rounds] == [0, 1, 2]
     # ... both clients trained and were evaluated in every round, with their bytes counted ...
     for r in rounds[1:]:
-        assert r["clients_ok"] == 2 and r["clients_failed"] == 0
+        assert r["fleet/ok"] == 2 and r["fleet/failed"] == 0
         assert set(r["clients"]) == {"0", "1"}
-        assert r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]
+        assert r["bytes/up"] > 0 and r["bytes/down"] > r["bytes/up"]
     # ... and the global model improved: central test loss fell below the initial model's.
     assert rounds[2]["test/loss"] < rounds[0]["test/loss"]
     assert rounds[2]["train/last_loss"] < rounds[1]["train/first_loss"]

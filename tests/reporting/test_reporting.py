@@ -14,7 +14,7 @@ from fedimg.reporting.run_dir import write_json
 ROUNDS = [
     {"round": 0, "test/accuracy": 0.5, "test/loss": 0.7, "wall_s": 1.0, "clients": {}},
     {"round": 1, "train/loss": 0.6, "val/accuracy": 0.7, "test/accuracy": 0.75,
-     "test/loss": 0.5, "test/auc": float("nan"), "clients_ok": 2, "wall_s": 3.0,
+     "test/loss": 0.5, "test/auc": float("nan"), "fleet/ok": 2, "wall_s": 3.0,
      "clients": {"0": {"val": {"val/accuracy": 0.6}}, "1": {"val": {"val/accuracy": 0.8}}}},
 ]
 
