@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from fedimg.errors import ConfigError
 from fedimg.reporting import RunRecorder
 from fedimg.resolve import check_registries
 from fedimg.serverapp.state import RunState, global_rng_state, restore_global_rng
+from fedimg.serverapp.state_codec import decode, encode
 from fedimg.transport.records import state_dict_to_record
 from fedimg.reporting.paths import RunPaths
 
@@ -40,11 +40,14 @@ log = logging.getLogger(__name__)
 
 RESUME_NAME = "last"
 LEDGERS_FILE = "checkpoints/ledgers.json"  # clients' DP-SGD ledgers, written as they arrive
-FORMAT = 1
+FORMAT = 2  # 2: JSON and tensors, loaded with weights_only=True (1 pickled its state)
 # What a resumed run may change: its length, its console, and where it runs.
 RESUMABLE_OVERRIDES = ("rounds", "output.progress", "output.plots", "fl.timeout_s",
                        "fl.connect_timeout_s", "sim.")
-# A checkpoint holds pickled strategy state: resume only run directories you trust.
+# Strategy attributes that are sampling configuration, rebuilt from the config (the round
+# loop samples): never saved, never restored.
+_SAMPLING_ATTRS = frozenset({"fraction_train", "fraction_evaluate", "min_train_nodes",
+                             "min_evaluate_nodes", "min_available_nodes"})
 
 
 @dataclass
@@ -98,12 +101,14 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> FedimgConfig:
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
     """The mutable attributes of a Flower strategy (recursing into wrapped strategies).
 
-    Functions are skipped (they are configuration, rebuilt from the config); values
-    such as FedAdam's ``m_t``/``v_t``, FedAvgM's momentum, an adaptive clipping
-    norm or a privacy ledger are kept.
+    Functions and sampling settings are skipped (configuration, rebuilt from the
+    config); values such as FedAdam's ``m_t``/``v_t``, FedAvgM's momentum, an adaptive
+    clipping norm or a privacy ledger are kept.
     """
     state: dict[str, Any] = {}
     for key, value in vars(strategy).items():
+        if key in _SAMPLING_ATTRS:
+            continue
         if isinstance(value, Strategy):
             state[key] = {"__strategy__": strategy_state(value)}
         elif not callable(value):
@@ -114,6 +119,8 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
 def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
     """Inverse of :func:`strategy_state` on a freshly built strategy of the same config."""
     for key, value in state.items():
+        if key in _SAMPLING_ATTRS:  # a format-1 state saved them; the loop samples now
+            continue
         if isinstance(value, dict) and "__strategy__" in value:
             restore_strategy_state(getattr(strategy, key), value["__strategy__"])
         else:
@@ -132,16 +139,17 @@ def save_resume_state(recorder: RunRecorder, state: RunState, cfg: FedimgConfig,
     exact = {k: torch.from_numpy(np.array(v.numpy())) for k, v in state.arrays.items()}
     meta = {"format": FORMAT, "round": state.round, "model": cfg.model,
             "classes": list(classes), "config_digest": config_digest(cfg)}
-    # The rest is pickled separately, into a byte tensor (stored raw, and readable by
-    # torch.load(weights_only=True), which can still load the model).
-    blob = pickle.dumps({"strategy": strategy_state(state.strategy),
-                         "rng": {} if state.sampler.secret else global_rng_state(),
-                         "rounds": state.rounds, "best": state.best,
-                         "rejections": dict(state.rejections), "ledgers": dict(state.ledgers)},
-                        protocol=pickle.HIGHEST_PROTOCOL)
+    # The rest as JSON plus named tensors: torch.load(weights_only=True) reads it back
+    # without unpickling anything (fedimg.serverapp.state_codec).
+    tensors: dict[str, torch.Tensor] = {}
+    extra = encode({"strategy": strategy_state(state.strategy),
+                    "rng": {} if state.sampler.secret else global_rng_state(),
+                    "rounds": state.rounds, "best": state.best,
+                    "rejections": dict(state.rejections), "ledgers": dict(state.ledgers)},
+                   tensors)
     recorder.save_payload(RESUME_NAME, {
-        "state_dict": exact, "meta": meta,
-        "resume": torch.frombuffer(bytearray(blob), dtype=torch.uint8)})
+        "state_dict": exact, "meta": meta, "state_json": json.dumps(extra),
+        "state_tensors": tensors})
 
 
 def restore_run_state(state: RunState, saved: SavedRun, *, recorder: RunRecorder,
@@ -196,8 +204,16 @@ def load_resume_state(run_dir: Path, cfg: FedimgConfig, classes: list[str]) -> S
         raise ConfigError(f"cannot resume {run_dir}: it has no {path.name} (the run ended "
                           "before its first round, or ran with output.checkpoints=false)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        meta, extra = payload["meta"], pickle.loads(payload["resume"].numpy().tobytes())
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        meta = payload["meta"]
+        if "state_json" not in payload:
+            raise ConfigError(f"cannot resume from {path}: it was written by an older fedimg "
+                              f"(checkpoint format {meta.get('format')}) that pickled its "
+                              "state, and unpickling can run code, so it is not loaded. Fix: "
+                              "start the run again, or resume it with the fedimg that wrote it")
+        extra = decode(json.loads(payload["state_json"]), payload["state_tensors"])
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise ConfigError(f"cannot resume from {path}: the file is unreadable "
                           f"({type(exc).__name__}: {exc})") from exc
