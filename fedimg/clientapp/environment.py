@@ -225,11 +225,7 @@ class TaskEnvironment:
         result = train_local(self.model, data.train, cfg=tcfg, lr=lr,
                              device=self.device, proximal_mu=proximal_mu,
                              class_weights=data.class_weights, logit_scale=data.logit_scale)
-        metrics = {"train/loss": result.loss, "train/accuracy": result.accuracy,
-                   "train/first_loss": result.first_loss, "train/last_loss": result.last_loss,
-                   "train/steps": float(result.steps), "train/seconds": result.seconds,
-                   "train/lr": lr}
-        return metrics, data.num_train
+        return {**result.as_metrics(), "train/lr": lr}, data.num_train
 
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
         """Metrics of the loaded weights on client ``partition_id``'s validation split."""

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from fedimg.config import FedimgConfig, from_dict
-from fedimg.resolve import check_registries
 from fedimg.data import InMemoryLoader, build_transform, load_dataset
 from fedimg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fedimg.errors import ConfigError, ModelError
@@ -123,7 +122,7 @@ def _config_of(meta: dict[str, Any], run_dir: Path, path: Path) -> FedimgConfig:
                              f"the run directory that wrote the checkpoint")
         values, source = json.loads(config_json.read_text()).get("config"), str(config_json)
     try:
-        return check_registries(from_dict(values))
+        return from_dict(values)  # validated; the model name resolves when it is built
     except (ConfigError, TypeError) as exc:
         raise ModelError(f"the config in {source} does not match this fedimg version: "
                          f"{exc}") from exc

@@ -11,7 +11,8 @@
 
 An entry says how a client trains one round and how the server wraps its strategy,
 so no code branches on the mode's name. The heavy imports (Opacus, Flower) happen
-only when a mode is used.
+only when a mode is used. A mode's ``train`` gets the client's environment typed as
+:class:`~fedimg.privacy.protocols.ClientEnvironment`: privacy never imports clientapp.
 """
 
 from __future__ import annotations
@@ -20,21 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fedimg.privacy.protocols import ClientRound
 from fedimg.registry import Registry
 
 if TYPE_CHECKING:
     from fedimg.config import FedimgConfig
-    from fedimg.clientapp.environment import TaskEnvironment
-
-
-@dataclass
-class ClientRound:
-    """What one client's training round produced (before it becomes a Flower reply)."""
-
-    metrics: dict[str, float]
-    num_examples: int
-    ledger: dict[str, Any] | None = None  # DP state the client keeps for its next round
-    declined: str = ""  # why the client refused to train (its privacy budget), or ""
+    from fedimg.privacy.protocols import ClientEnvironment
 
 
 ClientTrain = Callable[..., ClientRound]
@@ -58,7 +50,7 @@ class PrivacyMode:
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", config_key="privacy.mode")
 
 
-def plain_train(env: TaskEnvironment, partition_id: int, *, server_round: int,
+def plain_train(env: ClientEnvironment, partition_id: int, *, server_round: int,
                 proximal_mu: float = 0.0, ledger: dict[str, Any] | None = None) -> ClientRound:
     """A non-private local round (also the client's part of client-level DP)."""
     metrics, num_examples = env.train(partition_id, server_round=server_round,
@@ -66,13 +58,13 @@ def plain_train(env: TaskEnvironment, partition_id: int, *, server_round: int,
     return ClientRound(metrics=metrics, num_examples=num_examples)
 
 
-def _dp_sgd_train(env: TaskEnvironment, partition_id: int, **kwargs: Any) -> ClientRound:
+def _dp_sgd_train(env: ClientEnvironment, partition_id: int, **kwargs: Any) -> ClientRound:
     from fedimg.privacy.dp_sgd import train_round
 
     return train_round(env, partition_id, **kwargs)
 
 
-def _dp_sgd_adopt(env: TaskEnvironment, partition_id: int, offered: dict[str, Any]
+def _dp_sgd_adopt(env: ClientEnvironment, partition_id: int, offered: dict[str, Any]
                   ) -> dict[str, Any]:
     from fedimg.privacy.dp_sgd import adopted_ledger
 

@@ -3,13 +3,14 @@
 DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", CCS): every
 logical batch is drawn by Poisson sampling with rate q = B / N, each per-sample
 gradient is clipped to ``max_grad_norm`` C, and Gaussian noise N(0, sigma^2 C^2)
-is added to their sum. Opacus provides the pieces used here: ``GradSampleModule``
-(per-sample gradients; hooks mode with fedimg's grouped Conv2d rule, see
-:mod:`fedimg.privacy.grad_samplers`, or functorch), ``DPOptimizer`` (clip, noise,
-step), ``UniformWithReplacementSampler`` (Poisson batches), ``BatchMemoryManager``
-(physical batches below the logical batch) and the PRV/RDP accountants. The model is
-the client's pretrained network with frozen BatchNorm and its in-place operations
-rewritten (Opacus' hooks cannot see through them).
+is added to their sum. That is a sampler, an optimizer and a model wrapper, not a
+second training loop: the steps run in :func:`fedimg.training.train_local`, with
+:class:`DPSGDHook` supplying Opacus' ``GradSampleModule`` (per-sample gradients; hooks
+mode with fedimg's grouped Conv2d rule, see :mod:`fedimg.privacy.grad_samplers`, or
+functorch), ``DPOptimizer`` (clip, noise, step) and physical micro-batches, over
+``UniformWithReplacementSampler``'s Poisson batches; the PRV/RDP accountants count the
+steps. The model is the client's pretrained network with frozen BatchNorm and its
+in-place operations rewritten (Opacus' hooks cannot see through them).
 
 Sigma is calibrated once per client from its whole planned participation (all
 rounds x local steps); the client's :class:`~fedimg.privacy.accounting.PrivacyLedger`
@@ -23,33 +24,33 @@ clipping. Noise and batches are drawn from a secret source unless
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
-import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from fedimg.config import FedimgConfig
+from fedimg.config import FedimgConfig, TrainConfig
 from fedimg.data import InMemoryLoader
-from fedimg.errors import TrainingDiverged, UpdateError
+from fedimg.errors import UpdateError
 from fedimg.models import MODELS
-from fedimg.privacy import ClientRound, grad_samplers  # noqa: F401 - registers Conv2d rule
+from fedimg.privacy import grad_samplers  # noqa: F401 - registers Conv2d rule
 from fedimg.privacy.accounting import PrivacyLedger, default_delta, new_ledger
-from fedimg.training import build_optimizer, scheduled_lr
+from fedimg.privacy.protocols import ClientEnvironment, ClientRound
+from fedimg.training import build_optimizer, scheduled_lr, train_local
 from fedimg.training.losses import balanced_weights_from_counts
 
 log = logging.getLogger(__name__)
@@ -92,19 +93,6 @@ class WeightedDPOptimizer(DPOptimizer):
             grad = torch.einsum("i,i...", factor.to(grad_sample.device, p.dtype), grad_sample)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
-
-
-class _Positions(Dataset):
-    """Positions 0..n-1 into a client's partition (the batch is gathered in collate)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 def sample_rate(cfg: FedimgConfig, num_samples: int) -> float:
@@ -150,7 +138,8 @@ def client_ledger(cfg: FedimgConfig, partition_id: int, labels: torch.Tensor,
     return book
 
 
-def adopted_ledger(env: Any, partition_id: int, offered: dict[str, Any]) -> dict[str, Any]:
+def adopted_ledger(env: ClientEnvironment, partition_id: int,
+                   offered: dict[str, Any]) -> dict[str, Any]:
     """A ledger the server hands back after a resume, checked against this client's config.
 
     The client can recompute everything but the history: budget, delta, q and sigma
@@ -240,7 +229,8 @@ def private_batches(loader: InMemoryLoader, *, rate: float, steps: int,
     else:
         sampler = ShuffledBatches(len(indices), max(1, round(rate * len(indices))), steps,
                                   generator)
-    return DataLoader(_Positions(len(indices)), batch_sampler=sampler, collate_fn=collate)
+    positions: Any = range(len(indices))  # a map-style dataset: position i -> i
+    return DataLoader(positions, batch_sampler=sampler, collate_fn=collate)
 
 
 def _declined(ledger: PrivacyLedger, server_round: int, steps: int) -> ClientRound:
@@ -252,13 +242,15 @@ def _declined(ledger: PrivacyLedger, server_round: int, steps: int) -> ClientRou
                        ledger=ledger.to_dict(), declined=reason)
 
 
-def train_round(env: Any, partition_id: int, *, server_round: int,
+def train_round(env: ClientEnvironment, partition_id: int, *, server_round: int,
                 ledger: dict[str, Any] | None = None, proximal_mu: float = 0.0) -> ClientRound:
     """One DP-SGD round of client ``partition_id`` on ``env`` (a TaskEnvironment).
 
     The global weights must already be loaded into ``env.model``. Returns the
-    metrics (with epsilon, sigma, q, delta and the clipped fraction) and the
-    updated ledger; a client whose budget cannot cover this round declines.
+    metrics (the ``train/*`` ones of a non-private round, plus epsilon, sigma, q,
+    delta and the clipped fraction) and the updated ledger; a client whose budget
+    cannot cover this round declines. ``proximal_mu`` is ignored: the config refuses
+    FedProx under DP-SGD (the noisy per-sample sum drops the proximal term).
     """
     cfg, data = env.cfg, env.client(partition_id)
     n = data.num_train
@@ -271,14 +263,11 @@ def train_round(env: Any, partition_id: int, *, server_round: int,
     torch.manual_seed(int(np.random.SeedSequence(
         [cfg.seed, server_round, partition_id, 7]).generate_state(1)[0]))
     lr = scheduled_lr(cfg.train, server_round=server_round, total_rounds=cfg.rounds)
-    started = time.perf_counter()
     weights = torch.tensor(book.class_weights) if book.class_weights else None
     stats = train_private(env.private_model(), data.train, book, cfg=cfg, device=env.device,
                           class_weights=weights, lr=lr, steps=steps,
                           generator=noise_generator(cfg, server_round, partition_id))
-    stats["train/seconds"] = time.perf_counter() - started
-    stats["train/lr"] = lr
-    return ClientRound(metrics={**stats, **book.report()}, num_examples=n,
+    return ClientRound(metrics={**stats, "train/lr": lr, **book.report()}, num_examples=n,
                        ledger=book.to_dict())
 
 
@@ -286,22 +275,96 @@ def make_private(model: nn.Module, *, cfg: FedimgConfig, lr: float, noise_multip
                  expected_batch_size: int, device: torch.device,
                  generator: torch.Generator | None = None
                  ) -> tuple[GradSampleModule, WeightedDPOptimizer]:
-    """``model`` wrapped for per-sample gradients, and the clipping, noising optimizer.
+    """``model`` wrapped for per-sample gradients, and ``train.optimizer`` made private.
 
-    The grad-sample mode is :func:`grad_sample_mode`; the optimizer is
-    ``train.optimizer`` inside Opacus' DPOptimizer. Close the module with
-    ``gsm._close()`` to remove Opacus' hooks from ``model`` again.
+    :class:`DPSGDHook`'s two wrappers, for code that steps them itself (e.g.
+    ``bench/dp_overhead.py``); ``gsm._close()`` removes Opacus' hooks from ``model``.
     """
     model.to(device).train()
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
-                           force_functorch=grad_sample_mode(cfg) == "functorch")
-    trainable = [p for p in gsm.parameters() if p.requires_grad]
-    optimizer = WeightedDPOptimizer(
-        build_optimizer(trainable, cfg=cfg.train, lr=lr), noise_multiplier=noise_multiplier,
-        max_grad_norm=cfg.privacy.max_grad_norm,
-        expected_batch_size=max(1, expected_batch_size), loss_reduction="mean",
-        generator=generator)
+    gsm = _grad_sample_module(model, cfg)
+    optimizer = _dp_optimizer(build_optimizer(gsm.parameters(), cfg=cfg.train, lr=lr),
+                              cfg=cfg, noise_multiplier=noise_multiplier,
+                              expected_batch_size=expected_batch_size, generator=generator)
     return gsm, optimizer
+
+
+def _grad_sample_module(model: nn.Module, cfg: FedimgConfig) -> GradSampleModule:
+    """``model`` in Opacus' GradSampleModule, in the mode :func:`grad_sample_mode` picks."""
+    return GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                            force_functorch=grad_sample_mode(cfg) == "functorch")
+
+
+def _dp_optimizer(optimizer: torch.optim.Optimizer, *, cfg: FedimgConfig,
+                  noise_multiplier: float, expected_batch_size: int,
+                  generator: torch.Generator | None) -> WeightedDPOptimizer:
+    """``optimizer`` inside :class:`WeightedDPOptimizer`: clip to C, noise sigma * C, step.
+
+    The loop's loss is a per-micro-batch mean; the noisy sum is divided by the
+    *expected* batch size q * N, as the Poisson batch's actual size is private.
+    """
+    return WeightedDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                               max_grad_norm=cfg.privacy.max_grad_norm,
+                               expected_batch_size=max(1, expected_batch_size),
+                               loss_reduction="mean", generator=generator)
+
+
+class DPSGDHook:
+    """DP-SGD's part in :func:`~fedimg.training.train_local` (a ``StepHook``).
+
+    :meth:`attach` wraps the model in Opacus' GradSampleModule and the round's
+    optimizer in :class:`WeightedDPOptimizer` (Abadi et al. 2016, Algorithm 1), whose
+    accountant continues ``book``'s history; a round that completes writes it back.
+    :meth:`micro_batches` is Opacus' BatchMemoryManager split, done on the tensors: b
+    samples become ceil(b / physical) near-equal pieces (``np.array_split`` sizes),
+    each clipped and accumulated, with noise and the one update after the last
+    (``signal_skip_step``); an empty Poisson batch is one empty piece, still a noisy
+    step. Class weights, scaled so the largest is 1, are applied after clipping.
+    """
+
+    def __init__(self, book: PrivacyLedger, *, cfg: FedimgConfig, expected_batch_size: int,
+                 class_weights: torch.Tensor | None, device: torch.device,
+                 generator: torch.Generator) -> None:
+        self.book, self.cfg, self.generator = book, cfg, generator
+        self.expected_batch_size = expected_batch_size
+        self.physical = cfg.privacy.physical_batch_size or cfg.train.batch_size
+        self.weights = ((class_weights / class_weights.max()).to(device)
+                        if class_weights is not None else None)  # (K,) in (0, 1]
+        self.optimizer: WeightedDPOptimizer | None = None  # this round's, once attached
+
+    @contextmanager
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer
+               ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
+        """Opacus' wrappers around ``model`` and ``optimizer`` for one round."""
+        gsm = _grad_sample_module(model, self.cfg)
+        dp = _dp_optimizer(optimizer, cfg=self.cfg, noise_multiplier=self.book.noise_multiplier,
+                           expected_batch_size=self.expected_batch_size,
+                           generator=self.generator)
+        accountant = create_accountant(mechanism=self.book.accountant)
+        accountant.history = list(self.book.history)
+        dp.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=self.book.sample_rate))
+        self.optimizer = dp
+        try:
+            yield gsm, dp
+        finally:
+            dp.zero_grad(set_to_none=True)  # drop the last noisy sum and per-sample gradients
+            gsm._close()  # remove Opacus' hooks and per-sample attributes from the shared model
+        self.book.history = [tuple(h) for h in accountant.history]
+
+    @property
+    def clipped_fraction(self) -> float:
+        """The fraction of the round's per-sample gradients that were clipped."""
+        seen = self.optimizer.samples_seen if self.optimizer else 0
+        return self.optimizer.samples_clipped / seen if self.optimizer and seen else math.nan
+
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Pieces of at most ``physical`` samples of one logical batch ``x``, ``y`` (b,)."""
+        assert self.optimizer is not None, "attach() first"
+        pieces = max(1, math.ceil(len(y) / self.physical))
+        for i, (xb, yb) in enumerate(zip(x.tensor_split(pieces), y.tensor_split(pieces))):
+            self.optimizer.signal_skip_step(do_skip=i < pieces - 1)
+            self.optimizer.sample_weights = self.weights[yb] if self.weights is not None else None
+            yield xb, yb
 
 
 def train_private(model: nn.Module, train: InMemoryLoader, book: PrivacyLedger, *,
@@ -309,70 +372,32 @@ def train_private(model: nn.Module, train: InMemoryLoader, book: PrivacyLedger, 
                   lr: float, steps: int, generator: torch.Generator) -> dict[str, float]:
     """Train ``model`` (in-place-free, frozen BN) for ``steps`` DP-SGD steps on ``train``.
 
-    Wraps the model for Opacus, continues ``book``'s accountant history (updated in
-    place), and unwraps the model again afterwards. ``generator`` draws the Poisson
-    batches and the noise.
+    :func:`~fedimg.training.train_local` with a :class:`DPSGDHook`, over Poisson
+    batches of ``train``'s partition (``generator`` draws them and the noise); ``book``'s
+    history is continued in place. Returns :meth:`~fedimg.training.TrainResult.as_metrics`
+    (the same meaning as without DP), ``train/samples`` and ``dp/clipped_fraction``.
     """
     num_train = train.num_examples
-    gsm, optimizer = make_private(model, cfg=cfg, lr=lr, noise_multiplier=book.noise_multiplier,
-                                  expected_batch_size=round(book.sample_rate * num_train),
-                                  device=device, generator=generator)
-    accountant = create_accountant(mechanism=book.accountant)
-    accountant.history = list(book.history)
-    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=book.sample_rate))
-    loader = private_batches(train, rate=book.sample_rate, steps=steps, generator=generator,
+    tcfg, per_pass = _round_plan(cfg.train, steps=steps,
+                                 per_epoch=max(1, num_train // cfg.train.batch_size))
+    hook = DPSGDHook(book, cfg=cfg, expected_batch_size=round(book.sample_rate * num_train),
+                     class_weights=class_weights, device=device, generator=generator)
+    loader = private_batches(train, rate=book.sample_rate, steps=per_pass, generator=generator,
                              poisson=cfg.privacy.poisson)
-    physical = cfg.privacy.physical_batch_size or cfg.train.batch_size
-    try:
-        stats = _loop(gsm, loader, optimizer, physical=physical, device=device,
-                      class_weights=class_weights, lr=lr)
-    finally:
-        gsm._close()  # remove Opacus' hooks and per-sample attributes from the shared model
-    book.history = [tuple(h) for h in accountant.history]
-    stats["train/steps"] = float(steps)
-    stats["dp/clipped_fraction"] = (optimizer.samples_clipped / optimizer.samples_seen
-                                    if optimizer.samples_seen else math.nan)
-    return stats
+    result = train_local(model, loader, cfg=tcfg, lr=lr, device=device, hook=hook,
+                         class_weights=None if class_weights is None else class_weights.float())
+    return {**result.as_metrics(), "train/samples": float(result.num_examples),
+            "dp/clipped_fraction": hook.clipped_fraction}
 
 
-def _loop(model: nn.Module, loader: DataLoader, optimizer: WeightedDPOptimizer, *,
-          physical: int,
-          device: torch.device, class_weights: torch.Tensor | None,
-          lr: float) -> dict[str, float]:
-    """Physical-batch loop under BatchMemoryManager; returns loss/accuracy summaries.
+def _round_plan(cfg: TrainConfig, *, steps: int, per_epoch: int) -> tuple[TrainConfig, int]:
+    """The TrainConfig and Poisson batches per pass with which train_local takes ``steps``.
 
-    Class weights are applied after clipping (:class:`WeightedDPOptimizer`), scaled so
-    that the largest is 1; the reported loss is the plain cross-entropy.
+    ``local_epochs`` passes of ``per_epoch`` (~1/q) batches when that is ``steps``, so
+    first/last loss average one epoch as without DP; else one pass of ``steps``. No
+    autocast or channels_last: a float16 GradScaler would scale gradients before clipping.
     """
-    weight = (class_weights / class_weights.max()).to(device) \
-        if class_weights is not None else None
-    losses, sizes, correct = [], [], 0
-    optimizer.zero_grad(set_to_none=True)
-    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
-                            optimizer=optimizer) as batches:
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)  # (b, K)
-            loss = F.cross_entropy(logits, y, reduction="sum") / max(len(y), 1)
-            loss.backward()
-            optimizer.sample_weights = weight[y] if weight is not None else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            sizes.append(len(y))
-            correct += int((logits.argmax(1) == y).sum())
-    loss_arr, size_arr = np.asarray(losses), np.asarray(sizes, dtype=np.float64)
-    if not np.isfinite(loss_arr).all():
-        raise TrainingDiverged(f"DP-SGD loss became {loss_arr[~np.isfinite(loss_arr)][0]} "
-                               f"with lr={lr:g}; fix: lower train.lr")
-    total = size_arr.sum()
-    k = max(1, math.ceil(0.1 * len(losses)))
-    return {"train/loss": float((loss_arr * size_arr).sum() / total) if total else math.nan,
-            "train/accuracy": correct / total if total else math.nan,
-            "train/first_loss": _mean(loss_arr[:k], size_arr[:k]),
-            "train/last_loss": _mean(loss_arr[-k:], size_arr[-k:]),
-            "train/samples": float(total)}
-
-
-def _mean(values: np.ndarray, weights: np.ndarray) -> float:
-    return float((values * weights).sum() / weights.sum()) if weights.sum() else math.nan
+    cfg = dataclasses.replace(cfg, amp=False, channels_last=False)
+    if cfg.local_steps is None and steps == cfg.local_epochs * per_epoch:
+        return cfg, per_epoch
+    return dataclasses.replace(cfg, local_steps=steps), steps

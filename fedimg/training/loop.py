@@ -13,6 +13,11 @@ call starts. On CUDA, batches are copied with ``non_blocking=True``, the model
 and images may use the channels_last layout, and the forward pass may run under
 autocast (bfloat16, or float16 with a GradScaler). On the CPU none of that is used.
 
+DP-SGD trains through the same loop: a :class:`StepHook` wraps the model (per-sample
+gradients) and the optimizer (clipping and noise) for the round and splits each
+Poisson batch of ``loader`` into micro-batches, with one optimizer update per batch.
+Every number in :class:`TrainResult` means the same with and without it.
+
 :func:`evaluate` gathers the logits of a whole loader and returns
 :func:`~fedimg.training.metrics.classification_metrics` plus the mean loss.
 """
@@ -23,7 +28,9 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +52,62 @@ _CHECK_EVERY = 10  # look for a non-finite loss every this many steps (one GPU s
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one call of :func:`train_local` did."""
+    """What one call of :func:`train_local` did; the same meaning with and without a hook.
 
-    loss: float  # mean per-sample cross-entropy over the round (without the FedProx term)
+    A *step* is one optimizer update, on one batch of ``loader`` (which a
+    :class:`StepHook` may feed as several micro-batches). A step's loss is the sum of
+    its samples' cross-entropies, each times its class weight when ``class_weights``
+    are given (FedRS-scaled logits, no FedProx term), divided by its batch size.
+
+    * ``loss``: the per-sample mean of that loss over all steps of the round.
+    * ``first_loss`` / ``last_loss``: the same mean over the first / last *window* of
+      steps: one epoch (``len(loader)`` steps) when the round runs
+      ``local_epochs >= 2`` without ``local_steps``, else ``ceil(0.1 * steps)`` steps.
+    * ``accuracy``: the fraction of samples whose (scaled) logits' argmax is the label,
+      taken as the model changes during the round.
+    """
+
+    loss: float  # per-sample mean (class-weighted) cross-entropy, without the FedProx term
     accuracy: float  # training accuracy over the round (model changing as it goes)
     num_examples: int  # samples processed (a sample seen twice counts twice)
-    steps: int  # optimizer steps
-    seconds: float  # wall time of the loop
-    first_loss: float  # mean loss over the first epoch, or the first 10% of steps
-    last_loss: float  # mean loss over the last epoch, or the last 10% of steps
+    steps: int  # optimizer steps (one per batch of the loader)
+    seconds: float  # wall time of the steps (batches, forward, backward, update), no setup
+    first_loss: float  # per-sample mean loss over the first window of steps
+    last_loss: float  # per-sample mean loss over the last window of steps
+
+    def as_metrics(self) -> dict[str, float]:
+        """The ``train/*`` metrics of a client round (the same keys in every mode)."""
+        return {"train/loss": self.loss, "train/accuracy": self.accuracy,
+                "train/first_loss": self.first_loss, "train/last_loss": self.last_loss,
+                "train/steps": float(self.steps), "train/seconds": self.seconds}
+
+
+class StepHook(Protocol):
+    """How a differentially private optimizer takes part in :func:`train_local`.
+
+    DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", CCS) is a
+    sampler (Poisson batches: pass them as ``loader``), an optimizer that clips every
+    per-sample gradient and adds noise, and a model wrapper that computes per-sample
+    gradients; not a second loop. A hook supplies the last two and splits each batch
+    into micro-batches that fit in memory; the loop, its loss and its metrics stay the
+    same. Only plain PyTorch types appear here; Opacus' hook is
+    :class:`fedimg.privacy.dp_sgd.DPSGDHook`.
+
+    Under a hook, ``class_weights`` weigh the reported loss but not the backpropagated
+    one: the hook's optimizer weighs each sample itself (DP-SGD must, after clipping,
+    which would undo weights in the loss).
+    """
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer
+               ) -> AbstractContextManager[tuple[nn.Module, torch.optim.Optimizer]]:
+        """While open: the module to run forward and the optimizer to step, wrapping
+        ``model`` and the round's ``optimizer``; closing undoes the wrapping."""
+        ...
+
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> Iterable[Batch]:
+        """The pieces of one batch (at least one); the loop calls the optimizer's
+        ``step()`` after each piece, and the optimizer updates once per batch."""
+        ...
 
 
 def train_local(
@@ -67,13 +121,15 @@ def train_local(
     optimizer: torch.optim.Optimizer | None = None,
     class_weights: torch.Tensor | None = None,
     logit_scale: torch.Tensor | None = None,
+    hook: StepHook | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``loader`` for one round and report how it went.
 
     Runs ``cfg.local_epochs`` passes over ``loader``, or exactly
     ``cfg.local_steps`` optimizer steps (cycling through the loader) when that is
     set. A fresh optimizer (``cfg.optimizer``) is built unless ``optimizer`` is
-    given, e.g. a differentially private one; its learning rate is set to ``lr``.
+    given; its learning rate is set to ``lr``. ``hook`` (e.g. DP-SGD's) wraps the
+    model and that optimizer for the round and feeds each batch as micro-batches.
     ``class_weights`` (K,) weights each sample's cross-entropy by its class.
     ``logit_scale`` (K,) multiplies the logits before the loss: FedRS (Li & Zhan
     2021, "FedRS: Federated Learning with Restricted Softmax for Label Distribution
@@ -90,43 +146,20 @@ def train_local(
         optimizer = build_optimizer(model.parameters(), cfg=cfg, lr=lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    w_global = [p.detach().clone() for p in trainable] if proximal_mu > 0 else None
-    weight = class_weights.to(device) if class_weights is not None else None
-    scale = logit_scale.to(device) if logit_scale is not None else None
-
-    step_loss = torch.zeros(total_steps, device=device)  # (T,) mean CE of each step
-    step_size = torch.zeros(total_steps, dtype=torch.long)  # (T,) batch sizes, on CPU
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    start = time.perf_counter()
-    for step, (x, y) in enumerate(_cycle(loader, total_steps)):
-        x = x.to(device, non_blocking=True, memory_format=memory_format)  # (B, C, S, S)
-        y = y.to(device, non_blocking=True)  # (B,)
-        with autocast(device, dtype):
-            logits = model(x)  # (B, K)
-            if scale is not None:
-                logits = logits * scale
-            # sum / B rather than mean: a batch of size 0 (Poisson sampling) gives 0, not NaN
-            loss = F.cross_entropy(logits, y, weight=weight, reduction="sum") / max(len(y), 1)
-        objective = loss
-        if w_global is not None:
-            objective = loss + proximal_mu / 2 * _squared_distance(trainable, w_global)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(objective).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-        step_loss[step] = loss.detach()
-        step_size[step] = len(y)
-        correct += (logits.argmax(dim=1) == y).sum()
-        if (step + 1) % _CHECK_EVERY == 0 or step + 1 == total_steps:
-            _check_finite(step_loss[: step + 1], lr=lr)
-
-    losses = step_loss.float().cpu()  # waits for the GPU
-    window = _window(loader, cfg, total_steps)
-    return _summarise(losses, step_size, correct=int(correct), window=window,
-                      seconds=time.perf_counter() - start)
+    attached = (hook.attach(model, optimizer) if hook is not None
+                else nullcontext((model, optimizer)))
+    with attached as (net, step_optimizer):
+        step = _Step(
+            net=net, optimizer=step_optimizer, device=device, dtype=dtype,
+            scaler=torch.amp.GradScaler("cuda", enabled=dtype is torch.float16),
+            weight=class_weights.to(device) if class_weights is not None else None,
+            weigh_objective=hook is None,
+            scale=logit_scale.to(device) if logit_scale is not None else None,
+            proximal_mu=proximal_mu, params=trainable,
+            anchors=[p.detach().clone() for p in trainable] if proximal_mu > 0 else None)
+        return _run(step, loader, hook, total_steps=total_steps, memory_format=memory_format,
+                    lr=lr, window=_window(loader, cfg, total_steps))
 
 
 def evaluate(
@@ -164,6 +197,70 @@ def evaluate(
 
 
 # --- helpers -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One forward, loss, backward and optimizer step; fixed for the round."""
+
+    net: nn.Module  # the model, or the hook's wrapper of it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype, None for float32
+    weight: torch.Tensor | None  # (K,) class weights of the loss
+    weigh_objective: bool  # False under a hook: its optimizer weighs the samples
+    scale: torch.Tensor | None  # (K,) FedRS logit scale
+    proximal_mu: float
+    params: list[torch.nn.Parameter]  # the trainable parameters
+    anchors: list[torch.Tensor] | None  # their global values (FedProx), or None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step on ``x`` (b, C, S, S), ``y`` (b,); returns the batch's loss sum and its logits."""
+        with autocast(self.device, self.dtype):
+            logits = self.net(x)  # (b, K)
+            if self.scale is not None:
+                logits = logits * self.scale
+            # sum / b rather than mean: a batch of size 0 (Poisson sampling) gives 0, not NaN
+            summed = F.cross_entropy(logits, y, weight=self.weight, reduction="sum")
+            loss = summed / max(len(y), 1)
+            if self.weight is not None and not self.weigh_objective:
+                loss = F.cross_entropy(logits, y, reduction="sum") / max(len(y), 1)
+        objective = loss
+        if self.anchors is not None:
+            objective = loss + self.proximal_mu / 2 * _squared_distance(self.params, self.anchors)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(objective).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return summed.detach(), logits.detach()
+
+
+def _run(step: _Step, loader: Loader, hook: StepHook | None, *, total_steps: int,
+         memory_format: torch.memory_format, lr: float, window: int) -> TrainResult:
+    """The round's ``total_steps`` steps (each over the micro-batches of one batch), summarised."""
+    device = step.device
+    step_loss = torch.zeros(total_steps, device=device)  # (T,) mean loss of each step
+    step_size = torch.zeros(total_steps, dtype=torch.long)  # (T,) batch sizes, on CPU
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(_cycle(loader, total_steps)):
+        x = x.to(device, non_blocking=True, memory_format=memory_format)  # (B, C, S, S)
+        y = y.to(device, non_blocking=True)  # (B,)
+        summed: torch.Tensor | None = None
+        for xb, yb in hook.micro_batches(x, y) if hook is not None else ((x, y),):
+            piece, logits = step(xb, yb)
+            summed = piece if summed is None else summed + piece
+            correct += (logits.argmax(dim=1) == yb).sum()
+        if summed is None:
+            raise ValueError("the step hook yielded no micro-batch for a batch")
+        step_loss[i] = summed / max(len(y), 1)
+        step_size[i] = len(y)
+        if (i + 1) % _CHECK_EVERY == 0 or i + 1 == total_steps:
+            _check_finite(step_loss[: i + 1], lr=lr)
+    losses = step_loss.float().cpu()  # waits for the GPU
+    return _summarise(losses, step_size, correct=int(correct), window=window,
+                      seconds=time.perf_counter() - start)
 
 
 def _count_steps(loader: Loader, cfg: TrainConfig) -> int:

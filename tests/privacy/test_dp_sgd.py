@@ -1,4 +1,5 @@
-"""DP-SGD at a client: clipping, accounting across rounds, budgets, every zoo model."""
+"""DP-SGD at a client: clipping, accounting across rounds, budgets, micro-batches,
+the metrics it shares with the plain loop, every zoo model."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from torch import nn
 from fedimg.config.compose import compose_config
 from fedimg.data import InMemoryLoader
 from fedimg.models import MODELS
-from fedimg.privacy.accounting import epsilon
+from fedimg.privacy.accounting import PrivacyLedger, epsilon
 from fedimg.privacy.dp_sgd import (
     WeightedDPOptimizer,
     client_ledger,
     private_batches,
     steps_per_round,
+    train_private,
     train_round,
 )
 from fedimg.clientapp.environment import TaskEnvironment
@@ -90,7 +92,8 @@ def test_client_declines_when_its_budget_runs_out(tmp_path, tiny_overrides) -> N
     env = _env(tmp_path, tiny_overrides, "rounds=3", "privacy.noise_multiplier=1.0")
     q, delta = 16 / env.client(0).num_train, 0.1 / env.client(0).num_train
     one, two = (epsilon([(1.0, q, k)], delta, "prv") for k in (2, 4))
-    env.cfg.privacy.target_epsilon = (one + two) / 2
+    env = _env(tmp_path, tiny_overrides, "rounds=3", "privacy.noise_multiplier=1.0",
+               f"privacy.target_epsilon={(one + two) / 2!r}")
     first = train_round(env, 0, server_round=1)
     assert not first.declined and first.metrics["dp/epsilon"] == pytest.approx(one, rel=1e-6)
     # Act
@@ -171,3 +174,56 @@ def test_a_handed_back_ledger_is_checked_against_the_clients_own_config(
                        ("class_weights", [-2.0] + reported["class_weights"][1:])):
         with pytest.raises(UpdateError, match="does not match this client's privacy config"):
             adopted_ledger(env, 0, {**reported, key: value})
+
+
+def _private_round(*, physical: int, lr: float, class_weights: torch.Tensor | None = None):
+    """5 noiseless DP-SGD steps (sigma=0, C=1) of a linear model on 40 4-px images, q=0.2."""
+    cfg = compose_config("medical", ["privacy=dp_sgd", "weights=none", "train.optimizer=sgd",
+                                     "train.momentum=0", "train.weight_decay=0",
+                                     "train.batch_size=8", "train.local_steps=5",
+                                     f"privacy.physical_batch_size={physical}"])
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=g)
+    loader = InMemoryLoader(images, torch.arange(40) % 2, indices=np.arange(40), batch_size=8,
+                            transform=None, shuffle=False, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    book = PrivacyLedger(target_epsilon=8.0, delta=1e-3, noise_multiplier=0.0, sample_rate=0.2)
+    stats = train_private(model, loader, book, cfg=cfg, device=torch.device("cpu"),
+                          class_weights=class_weights, lr=lr, steps=5,
+                          generator=torch.Generator().manual_seed(3))
+    return model, stats, book, loader
+
+
+def test_micro_batches_add_up_to_one_step_per_poisson_batch() -> None:
+    # Arrange / Act: the same Poisson batches (same generator, no noise drawn), fed whole
+    # or in pieces of at most 3 samples
+    whole, whole_stats, whole_book, _ = _private_round(physical=1000, lr=0.5)
+    split, split_stats, split_book, _ = _private_round(physical=3, lr=0.5)
+    # Assert: the same weights and metrics; the accountant counted 5 steps, not the pieces
+    for a, b in zip(whole.parameters(), split.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert whole_book.history == split_book.history == [(0.0, 0.2, 5)]
+    assert whole_stats["train/steps"] == split_stats["train/steps"] == 5.0
+    assert whole_stats["train/samples"] == split_stats["train/samples"]
+    for key in ("train/loss", "train/first_loss", "train/last_loss", "train/accuracy"):
+        assert split_stats[key] == pytest.approx(whole_stats[key], rel=1e-6), key
+
+
+def test_dp_sgd_metrics_mean_what_the_plain_loop_reports_on_the_same_batches() -> None:
+    # Arrange: lr=0 keeps the model fixed; class 1 weighs 3
+    from fedimg.config import TrainConfig
+    from fedimg.training import train_local
+
+    weights = torch.tensor([1.0, 3.0])
+    model, stats, _, loader = _private_round(physical=3, lr=0.0, class_weights=weights)
+    batches = list(private_batches(loader, rate=0.2, steps=5,
+                                   generator=torch.Generator().manual_seed(3)))
+    # Act: the plain loop on those Poisson batches, with the same class weights
+    plain = train_local(model, batches, cfg=TrainConfig(local_steps=5), lr=0.0,
+                        device=torch.device("cpu"), class_weights=weights)
+    # Assert: loss, first/last loss (first/last ceil(0.1 * 5) = 1 step) and accuracy agree
+    assert stats["train/samples"] == plain.num_examples == sum(len(y) for _, y in batches)
+    for key, value in plain.as_metrics().items():
+        if key != "train/seconds":
+            assert stats[key] == pytest.approx(value, rel=1e-6), key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -211,3 +212,82 @@ def test_restricted_softmax_scales_the_logits_of_absent_classes():
     # Assert: CE of logits (0, 2, 2) vs (0, 1, 1) for class 0, computed by hand
     assert plain.first_loss == pytest.approx(math.log(1 + 2 * math.e ** 2), rel=1e-5)
     assert fedrs.first_loss == pytest.approx(math.log(1 + 2 * math.e), rel=1e-5)
+
+
+class _TwoHalves:
+    """A StepHook in plain PyTorch: every batch in two halves, their gradients summed,
+    one SGD update per batch (the shape of DP-SGD's micro-batches, without Opacus)."""
+
+    def __init__(self) -> None:
+        self.updates, self.closed, self.first_half = 0, False, True
+
+    @contextmanager
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        hook = self
+
+        class OncePerBatch:  # zero_grad and step act on the first and second half only
+            param_groups = optimizer.param_groups
+
+            def zero_grad(self, set_to_none: bool = True) -> None:
+                if hook.first_half:
+                    optimizer.zero_grad(set_to_none=set_to_none)
+
+            def step(self) -> None:
+                if not hook.first_half:
+                    optimizer.step()
+                    hook.updates += 1
+
+        yield model, OncePerBatch()
+        self.closed = True
+
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor):
+        half = len(y) // 2
+        self.first_half = True
+        yield x[:half], y[:half]
+        self.first_half = False
+        yield x[half:], y[half:]
+
+
+def _sgd(steps: int = 6) -> TrainConfig:
+    return TrainConfig(local_steps=steps, momentum=0.0, weight_decay=0.0)
+
+
+def test_a_hook_feeding_halves_takes_the_same_steps_and_reports_the_same_metrics():
+    # Arrange: batches of 8 in halves of 4. Each half's loss is its own mean, so the
+    # summed gradient is twice the whole batch's: lr 0.05 with the hook = lr 0.1 without.
+    plain, halves, hook = _linear(), _linear(), _TwoHalves()
+    # Act
+    ref = train_local(plain, _batches(), cfg=_sgd(), lr=0.1, device=CPU)
+    got = train_local(halves, _batches(), cfg=_sgd(), lr=0.05, device=CPU, hook=hook)
+    # Assert: one update per batch, the same weights, and every metric means the same
+    assert hook.updates == got.steps == ref.steps == 6 and hook.closed
+    assert torch.allclose(_flat(halves), _flat(plain), atol=1e-6)
+    assert got.num_examples == ref.num_examples == 6 * 8
+    for name in ("loss", "first_loss", "last_loss", "accuracy"):
+        assert getattr(got, name) == pytest.approx(getattr(ref, name), rel=1e-6), name
+
+
+def test_under_a_hook_class_weights_weigh_the_reported_loss_not_the_gradient():
+    # Arrange: class 1 weighs 3, class 0 weighs 1
+    weights = torch.tensor([1.0, 3.0])
+    # Act: lr=0 keeps the model fixed, so the reported losses compare directly
+    plain_cw = train_local(_linear(), _batches(), cfg=_sgd(), lr=0.0, device=CPU,
+                           class_weights=weights)
+    hook_cw = train_local(_linear(), _batches(), cfg=_sgd(), lr=0.0, device=CPU,
+                          class_weights=weights, hook=_TwoHalves())
+    moved_cw, moved = _linear(), _linear()
+    train_local(moved_cw, _batches(), cfg=_sgd(), lr=0.05, device=CPU, class_weights=weights,
+                hook=_TwoHalves())
+    train_local(moved, _batches(), cfg=_sgd(), lr=0.05, device=CPU, hook=_TwoHalves())
+    # Assert: the reported loss is weighted as without a hook; the update is not (the
+    # hook's optimizer weighs the samples itself, as DP-SGD's does after clipping)
+    assert hook_cw.loss == pytest.approx(plain_cw.loss, rel=1e-6)
+    assert torch.equal(_flat(moved_cw), _flat(moved))
+
+
+def test_train_result_as_metrics_uses_the_train_keys():
+    result = train_local(_linear(), _batches(), cfg=_sgd(3), lr=0.01, device=CPU)
+    metrics = result.as_metrics()
+    assert sorted(metrics) == ["train/accuracy", "train/first_loss", "train/last_loss",
+                               "train/loss", "train/seconds", "train/steps"]
+    assert metrics["train/steps"] == 3.0 and metrics["train/loss"] == result.loss
