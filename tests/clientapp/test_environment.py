@@ -1,13 +1,17 @@
-"""The per-process client task: caching, class weights, and a shared model per worker."""
+"""The per-process client task: caching, partitions from the server, a shared model per worker."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fedimg.config.compose import compose_config
 from fedimg.config import to_json
 from fedimg.clientapp.environment import TaskEnvironment, environment
+from fedimg.data import ClientPartition, partition_dataset
+from fedimg.errors import DataError
+from fedimg.transport.records import partitions_from_record, partitions_record
 from fedimg.training import balanced_class_weights
 
 
@@ -27,10 +31,48 @@ def tiny_cfg(tmp_path_factory, tiny_overrides):
                                       "train.class_weighting=balanced"])
 
 
+def _server_partitions(env: TaskEnvironment) -> list[ClientPartition]:
+    """What the server computes for this config (fedimg.build), from the same data."""
+    cfg = env.cfg
+    return partition_dataset(env.dataset.train, cfg=cfg.data, num_clients=cfg.clients,
+                             seed=cfg.seed)
+
+
 def test_environment_is_built_once_per_config(tiny_cfg) -> None:
+    # Arrange: the worker's environment knows no client until a message brings them
+    # (tiny_cfg's run directory is this module's own, so no other test built it)
     first = environment(to_json(tiny_cfg), 1)
     assert environment(to_json(tiny_cfg), 1) is first
+    with pytest.raises(DataError, match="partition id 0 is out of range: this run has 0"):
+        first.client(0)
+    # Act: the partitions as they travel in a message
+    first.install_partitions(partitions_from_record(partitions_record(
+        _server_partitions(first))))
+    # Assert
+    assert first.partitions == _server_partitions(first)
     assert first.client(0) is first.client(0)  # loaders cached too
+
+
+def test_a_standalone_environment_partitions_itself_as_the_server_does(tiny_cfg) -> None:
+    env = TaskEnvironment(tiny_cfg, num_threads=1)
+    assert len(env.partitions) == 2 and env.partitions == _server_partitions(env)
+
+
+def test_installing_partitions_refuses_indices_beyond_the_data(tiny_cfg) -> None:
+    # Arrange: a worker that loaded the 96 synthetic training images
+    env = TaskEnvironment(tiny_cfg, num_threads=1, partitions=())
+    n = len(env.dataset.train.labels)
+    assert n == 96
+    # Act / Assert: index 96 (one past the end) or -1 means the server read other data
+    for bad in (np.array([0, 96]), np.array([-1, 3])):
+        with pytest.raises(DataError, match="indexes beyond the 96 training images"):
+            env.install_partitions([ClientPartition(0, np.arange(8), bad)])
+    assert env.partitions == []  # nothing half-installed
+    # The first good install holds; a later one changes nothing.
+    good = _server_partitions(env)
+    env.install_partitions(good)
+    env.install_partitions([ClientPartition(0, np.arange(3), np.arange(3, 5))])
+    assert env.partitions == good
 
 
 def test_shared_model_serves_clients_without_leaking_state(tiny_cfg) -> None:

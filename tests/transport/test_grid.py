@@ -1,192 +1,119 @@
-"""The instrumented Grid: per-client records, byte counts and rejection of bad updates."""
+"""The transport: exchanges in client order, bytes each way, deadlines, the address book."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
-from offline_grid import OfflineGrid
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from offline_grid import OfflineGrid, answer, fedavg, update
 
-from fedimg.transport.grid import InstrumentedGrid
-from fedimg.transport.records import metric_record, reply_content
-from fedimg.serverapp.validation import UpdateChecks
-
-REFERENCE = {"w": torch.zeros(2, 2)}
+from fedimg.transport.grid import NodeView, Transport, content_bytes, error_summary
+from fedimg.transport.records import PARTITION_KEY, record_bytes
 
 
 class _ScriptedGrid(OfflineGrid):
-    """A Grid whose clients answer with pre-written update arrays (node id -> array)."""
+    """Nodes that answer with all-ones updates of 4 examples, in reverse order; ``silent``
+    nodes never answer, ``failing`` ones answer with an error."""
 
-    def __init__(self, updates: dict[int, np.ndarray]) -> None:
-        self.updates = updates
-        self.node_ids = list(updates)
+    def __init__(self, nodes: Iterable[int], *, silent: frozenset[int] = frozenset(),
+                 failing: frozenset[int] = frozenset()) -> None:
+        self.node_ids, self.silent, self.failing = list(nodes), silent, failing
 
     def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
         replies = []
-        for m in messages:
-            arrays = ArrayRecord({"w": Array(self.updates[m.metadata.dst_node_id])})
-            content = reply_content(metrics=metric_record({"train/loss": 0.5},
-                                                          num_examples=4), arrays=arrays)
-            reply = Message(content=content, message_type=MessageType.TRAIN,
-                            dst_node_id=m.metadata.dst_node_id)
-            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-            replies.append(reply)
+        for m in reversed(list(messages)):  # completion order is not client order
+            node = m.metadata.dst_node_id
+            if node in self.failing:
+                replies.append(answer(m, Error(code=0, reason="worker died")))
+            elif node not in self.silent:
+                replies.append(answer(m, update(np.ones((2, 2), np.float32), num_examples=4,
+                                                **{"train/loss": 0.5})))
         return replies
 
 
-def _train_messages(nodes: list[int]) -> list[Message]:
+def _train_messages(nodes: Iterable[int]) -> list[Message]:
     payload = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})})
     return [Message(content=payload, message_type=MessageType.TRAIN, dst_node_id=n)
             for n in nodes]
 
 
-def test_bad_updates_are_dropped_and_counted() -> None:
-    # Arrange: node 11 is fine, 12 sends NaN, 13 sends the wrong shape.
-    inner = _ScriptedGrid({11: np.ones((2, 2), np.float32),
-                           12: np.full((2, 2), np.nan, np.float32),
-                           13: np.ones((3, 2), np.float32)})
-    grid = InstrumentedGrid(inner, reference=REFERENCE)
-    grid.node_to_partition = {11: 0, 12: 1, 13: 2}
+def test_exchanges_come_back_in_client_order_with_bytes_each_way() -> None:
+    # Arrange: nodes 30, 10, 20 are clients 0, 2, 1
+    transport = Transport(_ScriptedGrid([30, 10, 20]))
+    transport.node_to_partition = {30: 0, 10: 2, 20: 1}
     # Act
-    kept = list(grid.send_and_receive(_train_messages([11, 12, 13])))
-    exchanges = grid.drain()
-    # Assert
-    assert [r.metadata.src_node_id for r in kept] == [11]
-    status = {e.partition_id: e.status for e in exchanges}
-    assert status == {0: "ok", 1: "rejected", 2: "rejected"}
-    assert dict(grid.rejections) == {1: 1, 2: 1}
-    assert "NaN" in next(e.reason for e in exchanges if e.partition_id == 1)
-
-
-def test_bytes_are_counted_per_direction() -> None:
-    grid = InstrumentedGrid(_ScriptedGrid({5: np.ones((2, 2), np.float32)}),
-                            reference=REFERENCE)
-    grid.send_and_receive(_train_messages([5]))
-    (exchange,) = grid.drain()
+    exchanges = transport.exchange(_train_messages([10, 20, 30]), timeout=5)
+    # Assert: client order, whatever order the replies came in
+    assert [(e.partition_id, e.node_id) for e in exchanges] == [(0, 30), (1, 20), (2, 10)]
     # 4 float32 values each way, plus the .npy header Flower's Array carries.
-    assert exchange.bytes_down == exchange.bytes_up >= 16
-    assert exchange.metrics == {"train/loss": 0.5} and exchange.num_examples == 4
+    assert all(e.bytes_down == e.bytes_up >= 16 for e in exchanges)
+    assert all(e.phase == MessageType.TRAIN and e.status == "ok" for e in exchanges)
+    # What a reply means is the filters' job: nothing is decoded yet.
+    assert exchanges[0].metrics == {} and exchanges[0].arrays is None
+
+
+def test_an_error_reply_counts_no_bytes_up() -> None:
+    transport = Transport(_ScriptedGrid([1], failing=frozenset({1})))
+    (exchange,) = transport.exchange(_train_messages([1]), timeout=5)
+    assert exchange.reply.has_error() and exchange.bytes_up == 0 and exchange.bytes_down > 0
+
+
+def test_a_client_that_never_replies_leaves_an_empty_exchange_at_the_deadline() -> None:
+    # Arrange: node 2 never answers; the deadline is 0.3 s
+    transport = Transport(_ScriptedGrid([1, 2], silent=frozenset({2})))
+    transport.node_to_partition = {1: 0, 2: 1}
+    started = time.monotonic()
+    # Act
+    first, second = transport.exchange(_train_messages([1, 2]), timeout=0.3)
+    # Assert
+    assert time.monotonic() - started < 3
+    assert first.reply is not None and second.reply is None and second.bytes_up == 0
+    assert not second.usable
 
 
 def test_node_ids_are_ordered_by_partition() -> None:
-    grid = InstrumentedGrid(_ScriptedGrid({30: np.ones(1), 10: np.ones(1), 20: np.ones(1)}),
-                            reference=REFERENCE)
-    grid.node_to_partition = {30: 0, 10: 2, 20: 1}
-    assert list(grid.get_node_ids()) == [30, 20, 10]
+    transport = Transport(_ScriptedGrid([30, 10, 20]))
+    transport.node_to_partition = {30: 0, 10: 2, 20: 1}
+    assert transport.node_ids() == [30, 20, 10]
+    assert transport.partition_of(20) == 1 and transport.partition_of(99) == -1
 
 
-def test_discovery_refuses_missing_clients_and_mismatched_data() -> None:
-    from fedimg.errors import FedimgError
-    from fedimg.serverapp.discovery import _check_discovery
-
-    info = {0: {"num-train": 10.0}, 1: {"num-train": 12.0}}
-    _check_discovery(info, [10, 12], [])  # all present, sizes agree: no error
-    with pytest.raises(FedimgError, match=r"clients \[2\] did not start.*DataError"):
-        _check_discovery(info, [10, 12, 7], [["DataError: not found"]])
-    with pytest.raises(FedimgError, match="client 1 sees 12 training samples but the server"):
-        _check_discovery(info, [10, 11], [])
+def test_before_discovery_every_node_takes_part_after_it_only_those_found() -> None:
+    grid = _ScriptedGrid([5, 3])
+    transport = Transport(grid)
+    assert transport.node_ids() == [3, 5]  # no address book yet: by node id
+    transport.node_to_partition = {5: 0, 3: 1}
+    grid.node_ids.append(99)  # connects after discovery: it has no size to be held to
+    assert transport.node_ids() == [5, 3]
 
 
-def test_absurd_norms_are_rejected_absolute_and_relative_to_the_round() -> None:
-    # Arrange: updates of norm 2, 2, 4 (w - 0 with all-ones*k on 4 entries: norm 2k),
-    # one of norm 2e6, and one of norm 20 that breaks only an absolute cap of 10.
-    from fedimg.config import FederationConfig
+def test_content_bytes_leave_out_the_simulated_partitions() -> None:
+    # Arrange: 4 float32 weights and a partition record of 100 int64 indices
+    arrays = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    content = RecordDict({"arrays": arrays,
+                          PARTITION_KEY: ArrayRecord({"indices": Array(np.arange(100))})})
+    # Act / Assert: a real client holds its own data, so only the model counts
+    assert content_bytes(content) == record_bytes(arrays) == len(arrays["w"].data)
+    assert 16 < content_bytes(content) < 8 * 100  # 16 bytes of values + the .npy header
 
-    inner = _ScriptedGrid({1: np.ones((2, 2), np.float32), 2: np.ones((2, 2), np.float32),
-                           3: np.full((2, 2), 2.0, np.float32),
-                           4: np.full((2, 2), 1e6, np.float32)})
-    grid = InstrumentedGrid(inner, reference=REFERENCE, checks=UpdateChecks(
-        REFERENCE, fl=FederationConfig(norm_outlier_factor=100.0)))
-    grid.node_to_partition = {1: 0, 2: 1, 3: 2, 4: 3}
+
+def test_error_summary_keeps_the_line_that_names_the_exception() -> None:
+    reason = ("Traceback (most recent call last):\n  File \"app.py\", line 3\n\n"
+              "\x1b[31mRuntimeError: CUDA out of memory'>\x1b[0m\n")
+    assert error_summary(reason) == "RuntimeError: CUDA out of memory"
+    assert error_summary("x" * 500, limit=10) == "x" * 10
+    assert error_summary("") == ""
+
+
+def test_a_strategy_shown_a_node_view_configures_exactly_those_nodes() -> None:
+    # Arrange: fedimg's FedAvg (fraction 1) and the two nodes the loop sampled
+    view = NodeView([4, 9])
     # Act
-    kept = list(grid.send_and_receive(_train_messages([1, 2, 3, 4])))
-    exchanges = {e.partition_id: e for e in grid.drain()}
-    # Assert: the median norm is 3 (of 2, 2, 4, 2e6); 2e6 > 100 x 3 is dropped.
-    assert [r.metadata.src_node_id for r in kept] == [1, 2, 3]
-    assert exchanges[0].update_norm == pytest.approx(2.0)
-    assert exchanges[2].update_norm == pytest.approx(4.0)
-    assert exchanges[3].status == "rejected" and "median 3" in exchanges[3].reason
-    assert dict(grid.rejections) == {3: 1}
-    # An absolute cap applies even with a single update in the round.
-    capped = InstrumentedGrid(_ScriptedGrid({7: np.full((2, 2), 10.0, np.float32)}),
-                              reference=REFERENCE, checks=UpdateChecks(
-                                  REFERENCE, fl=FederationConfig(max_update_norm=10.0)))
-    assert list(capped.send_and_receive(_train_messages([7]))) == []
-    (exchange,) = capped.drain()
-    assert "exceeds fl.max_update_norm=10" in exchange.reason
-
-
-def test_wrong_dtype_is_rejected_but_norms_skip_frozen_keys() -> None:
-    # A float64 update for a float32 model is malformed (a client sends its state dict).
-    grid = InstrumentedGrid(_ScriptedGrid({1: np.ones((2, 2), np.float64)}),
-                            reference=REFERENCE)
-    assert list(grid.send_and_receive(_train_messages([1]))) == []
-    assert "dtype float64" in grid.drain()[0].reason
-    # A frozen key does not count towards the update norm.
-    frozen = InstrumentedGrid(_ScriptedGrid({1: np.ones((2, 2), np.float32)}),
-                              reference=REFERENCE,
-                              checks=UpdateChecks(REFERENCE, fixed_keys=frozenset({"w"})))
-    frozen.send_and_receive(_train_messages([1]))
-    assert frozen.drain()[0].update_norm == 0.0
-
-
-def test_restored_ledger_goes_to_its_own_client_once() -> None:
-    # Arrange: a resumed server holds client 1's ledger; nodes 10 and 11 are clients 0, 1.
-    from fedimg.transport.records import LEDGER_KEY
-
-    seen: dict[int, list[str]] = {}
-
-    class _Recording(_ScriptedGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            messages = list(messages)
-            for m in messages:
-                record = m.content.config_records.get(LEDGER_KEY)
-                seen.setdefault(m.metadata.dst_node_id, []).append(
-                    str(record["json"]) if record is not None else "")
-            return super().send_and_receive(messages, timeout=timeout)
-
-    grid = InstrumentedGrid(_Recording({10: np.ones((2, 2), np.float32),
-                                        11: np.ones((2, 2), np.float32)}),
-                            reference=REFERENCE)
-    grid.node_to_partition = {10: 0, 11: 1}
-    grid.pending_ledgers = {1: '{"history": []}'}
-    # Act: two training rounds
-    grid.send_and_receive(_train_messages([10, 11]))
-    grid.send_and_receive(_train_messages([10, 11]))
-    # Assert: only client 1; until it replies with a ledger, it gets it every time.
-    assert seen == {10: ["", ""], 11: ['{"history": []}', '{"history": []}']}
-    assert grid.pending_ledgers == {1: '{"history": []}'}
-
-
-def test_compressed_updates_are_rebuilt_and_bad_ones_rejected() -> None:
-    from flwr.app import ConfigRecord
-
-    from fedimg.transport.records import COMPRESSION_KEY
-
-    class _Compressed(_ScriptedGrid):
-        codec = "fp16"
-
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = list(super().send_and_receive(messages, timeout=timeout))
-            for reply in replies:
-                w = reply.content["arrays"]["w"].numpy()
-                reply.content["arrays"] = ArrayRecord(
-                    {"w::h": Array(w.astype(np.float16))})
-                reply.content[COMPRESSION_KEY] = ConfigRecord({"codec": self.codec})
-            return replies
-
-    inner = _Compressed({1: np.full((2, 2), 0.5, np.float32)})
-    grid = InstrumentedGrid(inner, reference=REFERENCE)
-    (kept,) = grid.send_and_receive(_train_messages([1]))
-    # The strategy sees full float32 weights: global (0) + delta (0.5)
-    assert kept.content["arrays"]["w"].numpy().tolist() == [[0.5, 0.5], [0.5, 0.5]]
-    (exchange,) = grid.drain()
-    assert exchange.bytes_up < exchange.bytes_down  # counted as sent: fp16, not float32
-    # An unknown codec is a malformed update: rejected with the valid names.
-    inner.codec = "zip"
-    assert list(grid.send_and_receive(_train_messages([1]))) == []
-    (exchange,) = grid.drain()
-    assert exchange.status == "rejected" and "fp16, int8, topk" in exchange.reason
+    messages = list(fedavg().configure_train(1, ArrayRecord(), ConfigRecord(), view))
+    # Assert
+    assert sorted(m.metadata.dst_node_id for m in messages) == [4, 9]
+    with pytest.raises(NotImplementedError, match="strategies do not send"):
+        view.push_messages(messages)

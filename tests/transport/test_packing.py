@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from offline_grid import OfflineGrid
+from offline_grid import OfflineGrid, answer, fedavg
 
+from fedimg.config import HeterogeneityConfig
 from fedimg.errors import UpdateError
-from fedimg.transport.grid import InstrumentedGrid
+from fedimg.serverapp.filters import FilterContext, apply_filters
+from fedimg.serverapp.state import RunState, Sampler
+from fedimg.serverapp.validation import UpdateChecks
+from fedimg.transport.grid import Exchange, Transport
 from fedimg.transport.packing import (
     LAYOUT_KEY,
     PACKED_ARRAYS_KEY,
@@ -73,23 +77,23 @@ class _PackingClients(OfflineGrid):
     """Clients that answer the way fedimg's ClientApp does: packed if the message was."""
 
     def __init__(self, update: np.ndarray, *, corrupt: bool = False) -> None:
-        self.update, self.corrupt, self.received = update, corrupt, []
+        self.update, self.corrupt = update, corrupt
+        self.received: list[list[str]] = []
+        self.contents: set[int] = set()  # the distinct contents that went on the wire
         self.node_ids = [1, 2]
 
     def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
         replies = []
         for m in messages:
             self.received.append(sorted(m.content.keys()))
+            self.contents.add(id(m.content))
             content = reply_content(metrics=metric_record({}, num_examples=4),
                                     arrays=ArrayRecord({"w": Array(self.update)}))
             content = pack_content(content, "arrays")
             if self.corrupt:
                 content[LAYOUT_KEY] = ConfigRecord({"record": "arrays",
                                                     "json": json.dumps([["w", "<f4", [9]]])})
-            reply = Message(content=content, message_type=MessageType.TRAIN,
-                            dst_node_id=m.metadata.dst_node_id)
-            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-            replies.append(reply)
+            replies.append(answer(m, content))
         return replies
 
 
@@ -99,21 +103,34 @@ def _messages() -> list[Message]:
             for n in (1, 2)]
 
 
-def test_grid_sends_packed_and_hands_the_strategy_plain_arrays() -> None:
+def _exchange(inner: _PackingClients) -> list[Exchange]:
+    """One packed training exchange with clients 0 and 1, through the reply filters."""
+    transport = Transport(inner, pack=True)
+    transport.node_to_partition = {1: 0, 2: 1}
+    exchanges = transport.exchange(_messages(), timeout=5)
+    state = RunState(arrays=ArrayRecord(), strategy=fedavg(), sampler=Sampler(0))
+    apply_filters(exchanges, FilterContext(checks=UpdateChecks({"w": torch.zeros(2, 2)}),
+                                           state=state, hetero=HeterogeneityConfig()))
+    return exchanges
+
+
+def test_transport_sends_packed_and_the_strategy_gets_plain_arrays() -> None:
     # Arrange
     inner = _PackingClients(np.full((2, 2), 0.25, np.float32))
-    grid = InstrumentedGrid(inner, reference={"w": torch.zeros(2, 2)}, pack=True)
-    grid.node_to_partition = {1: 0, 2: 1}
     # Act
-    kept = list(grid.send_and_receive(_messages()))
-    # Assert: the wire carried one buffer; the strategy gets the update as sent.
+    exchanges = _exchange(inner)
+    # Assert: the wire carried one buffer, packed once for the content both messages
+    # share; the strategy gets the update as sent, the filters the global model as sent.
     assert inner.received == [sorted([PACKED_ARRAYS_KEY, LAYOUT_KEY])] * 2
-    assert [r.content["arrays"]["w"].numpy().tolist() for r in kept] == [[[0.25] * 2] * 2] * 2
-    assert all(e.status == "ok" and e.bytes_up > 16 for e in grid.drain())
+    assert len(inner.contents) == 1
+    assert [e.reply.content["arrays"]["w"].numpy().tolist() for e in exchanges] == \
+        [[[0.25] * 2] * 2] * 2
+    assert all(e.status == "ok" and e.bytes_up > 16 for e in exchanges)
+    assert all("arrays" in e.sent.content.array_records for e in exchanges)
+    assert [e.update_norm for e in exchanges] == [pytest.approx(0.5)] * 2  # sqrt(4 x 0.25^2)
 
 
 def test_a_malformed_packed_reply_is_rejected_not_aggregated() -> None:
-    inner = _PackingClients(np.ones((2, 2), np.float32), corrupt=True)
-    grid = InstrumentedGrid(inner, reference={"w": torch.zeros(2, 2)}, pack=True)
-    assert list(grid.send_and_receive(_messages())) == []
-    assert {e.status for e in grid.drain()} == {"rejected"}
+    exchanges = _exchange(_PackingClients(np.ones((2, 2), np.float32), corrupt=True))
+    assert {e.status for e in exchanges} == {"rejected"}
+    assert "overruns" in exchanges[0].reason

@@ -1,4 +1,4 @@
-"""Torch <-> Flower record translation, update validation and metric aggregation."""
+"""Torch <-> Flower record translation, update validation, metric aggregation, partitions."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp.strategy import FedAvg
 
 from fedimg.config import FedimgConfig
+from fedimg.data import ClientPartition
 from fedimg.errors import UpdateError
 from fedimg.transport.records import (
     aggregate_metrics,
     config_from_record,
     config_record,
     metric_record,
+    partitions_from_record,
+    partitions_record,
     record_bytes,
     record_to_state_dict,
     reply_content,
@@ -95,3 +98,32 @@ def test_metric_aggregation_skips_nan() -> None:
     assert out["acc"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
     all_nan = [RecordDict({"m": MetricRecord({"num-examples": 5, "auc": float("nan")})})]
     assert math.isnan(aggregate_metrics(all_nan, "num-examples")["auc"])
+
+
+def _partitions() -> list[ClientPartition]:
+    return [ClientPartition(0, np.array([5, 1, 2]), np.array([7])),
+            ClientPartition(1, np.array([0, 3]), np.array([4, 6]))]
+
+
+def test_partitions_travel_as_sizes_and_indices_back_to_back() -> None:
+    # Arrange: client 0 trains on 3 images and validates on 1; client 1 on 2 and 2.
+    # Act
+    record = partitions_record(_partitions())
+    # Assert: sizes [[3, 1], [2, 2]]; indices in client, then train/val order.
+    assert record["sizes"].numpy().tolist() == [[3, 1], [2, 2]]
+    assert record["indices"].numpy().tolist() == [5, 1, 2, 7, 0, 3, 4, 6]
+    assert partitions_from_record(record) == _partitions()
+    assert partitions_from_record(partitions_record([])) == []
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    (ArrayRecord({"sizes": Array(np.array([[3, 1]]))}), "malformed 'fedimg-partition'"),
+    (_record({"sizes": np.array([[3, 1]]), "indices": np.arange(5)}),
+     "sizes add up to 4, but it holds 5 indices"),
+    (_record({"sizes": np.array([[-1, 1]]), "indices": np.arange(0)}), "sizes add up to 0"),
+    (_record({"sizes": np.array([3, 1, 2]), "indices": np.arange(6)}), "malformed"),
+    (_record({"sizes": np.array([[1, 1]]), "indices": np.array(["a", "b"])}), "malformed"),
+])
+def test_a_malformed_partitions_record_is_an_update_error(record, message) -> None:
+    with pytest.raises(UpdateError, match=message):
+        partitions_from_record(record)
