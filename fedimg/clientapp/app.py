@@ -48,7 +48,6 @@ from fedimg.transport.records import (
     config_from_record,
     metric_record,
     partitions_from_record,
-    record_bytes,
     record_to_state_dict,
     reply_content,
     state_dict_to_record,
@@ -57,6 +56,7 @@ from fedimg.transport.packing import PACKED_ARRAYS_KEY, pack_content, unpack_con
 from fedimg.privacy import PRIVACY_MODES
 from fedimg.resolve import check_registries
 from fedimg.clientapp.site import site_options
+from fedimg.transport.grid import content_bytes
 from fedimg.clientapp.environment import TaskEnvironment, environment, site_environment
 
 # A client's DP ledger lives in its Flower context.state between rounds: a fresh
@@ -240,8 +240,7 @@ def _pace(env: TaskEnvironment, cond: fleet.ClientConditions, *, sent: Message,
     h = env.cfg.hetero
     device_s = fleet.device_seconds(
         h, cond, compute_s=compute_s, steps=steps,
-        bytes_down=sum(record_bytes(r) for r in sent.content.array_records.values()),
-        bytes_up=sum(record_bytes(r) for r in reply.array_records.values()))
+        bytes_down=content_bytes(sent.content), bytes_up=content_bytes(reply))
     metrics = reply[METRICS_KEY]
     metrics["fleet/speed"] = cond.speed
     metrics["fleet/compute_s"] = compute_s  # measured on this host

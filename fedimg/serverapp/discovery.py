@@ -53,6 +53,8 @@ def discover_partitions(transport: Transport, checks: UpdateChecks, *, content: 
         try:
             metrics, _ = metrics_of(reply.content)
             pid = int(metrics["partition-id"])
+            metrics["num-train"], metrics["num-val"] = (int(metrics["num-train"]),
+                                                        int(metrics["num-val"]))
         except (KeyError, ValueError, TypeError, OverflowError) as exc:
             failures.append([f"node {reply.metadata.src_node_id}: malformed reply ({exc})"])
             continue
@@ -62,6 +64,7 @@ def discover_partitions(transport: Transport, checks: UpdateChecks, *, content: 
              time.perf_counter() - started)
     _check_discovery(info, expected_sizes, failures)
     checks.expected_sizes = dict(enumerate(expected_sizes))
+    checks.expected_val_sizes = {pid: int(m["num-val"]) for pid, m in info.items()}
     return info
 
 
@@ -121,6 +124,7 @@ def discover_sites(transport: Transport, checks: UpdateChecks, *, content: Recor
     sites = {cid: report for cid, (_, report) in enumerate(by_name)}
     transport.node_to_partition.update({node: cid for cid, (node, _) in enumerate(by_name)})
     checks.expected_sizes = {cid: r["num_train"] for cid, r in sites.items()}
+    checks.expected_val_sizes = {cid: r["num_val"] for cid, r in sites.items()}
     log.info("%d sites ready in %.1fs: %s", len(sites), time.perf_counter() - started,
              ", ".join(f"{r['name']} ({r['num_train']} train)" for r in sites.values()))
     return sites

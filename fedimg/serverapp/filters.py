@@ -4,8 +4,8 @@ The round loop runs :data:`REPLY_FILTERS` in order on every :class:`Exchange` of
 round, training and evaluation alike (the client-side analogue is Flower's mods).
 Each filter does one thing: it reads the exchange, may fill it in (metrics, decoded
 arrays), and sets it aside by raising :class:`SetAside` (a status and a reason).
-An :class:`~fedimg.errors.UpdateError`, or any error decoding what a client sent, is
-a rejected reply: a malformed or hostile message never stops the run. The first
+An :class:`~fedimg.errors.UpdateError`, or any exception decoding what a client sent,
+is a rejected reply: a malformed or hostile message never stops the run. The first
 filter that sets an exchange aside ends its chain. Then the round filters
 (:data:`ROUND_FILTERS`) look at the usable replies together (norm outliers).
 
@@ -17,6 +17,7 @@ where it belongs (after ``read_metrics`` if it reads metrics).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +34,22 @@ from fedimg.simulation import fleet
 from fedimg.transport.codecs import decompress_update
 from fedimg.transport.grid import Exchange, error_summary
 from fedimg.transport.packing import unpack_content
-from fedimg.transport.records import ARRAYS_KEY, COMPRESSION_KEY, DECLINED_KEY, LEDGER_KEY
+from fedimg.transport.records import (
+    ARRAYS_KEY,
+    COMPRESSION_KEY,
+    DECLINED_KEY,
+    LEDGER_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+)
 
 log = logging.getLogger(__name__)
 
-# What decoding a hostile reply can raise besides UpdateError: still a rejected reply.
-MALFORMED = (UpdateError, ValueError, TypeError, KeyError, IndexError, OverflowError,
-             RecursionError, MemoryError)
+# Record names a reply may carry; anything else is a malformed reply (Flower's strategies
+# refuse a second ArrayRecord or MetricRecord, and would end the round).
+_REPLY_RECORDS = {MessageType.TRAIN: ({ARRAYS_KEY}, {METRICS_KEY},
+                                      {LEDGER_KEY, DECLINED_KEY, COMPRESSION_KEY}),
+                  MessageType.EVALUATE: (set(), {METRICS_KEY}, set())}
 
 
 class SetAside(Exception):
@@ -96,10 +106,36 @@ def unpack(e: Exchange, ctx: FilterContext) -> None:
     e.reply.content = unpack_content(e.reply.content)
 
 
+def record_names(e: Exchange, ctx: FilterContext) -> None:
+    """Only the records a fedimg client sends, each at most once (one MetricRecord)."""
+    content = e.reply.content  # type: ignore[union-attr]
+    arrays, metrics, configs = _REPLY_RECORDS.get(e.phase, (set(), set(), set()))
+    extra = ((set(content.array_records) - arrays) | (set(content.config_records) - configs)
+             | (set(content.metric_records) - metrics))
+    if extra or set(content.metric_records) != metrics:
+        raise UpdateError(f"reply carries records {sorted(content.keys())[:5]}; a "
+                          f"{e.phase} reply has {sorted(arrays | metrics | configs)}")
+
+
 def read_metrics(e: Exchange, ctx: FilterContext) -> None:
-    """The reply's metrics and example count."""
+    """The reply's metrics and example count: numbers, the count a whole number >= 0.
+
+    An evaluation reply is held to the validation size its client reported at start-up
+    (its weight in the federated metrics), as a training reply is to its partition size.
+    """
     assert e.reply is not None
+    record = e.reply.content[METRICS_KEY]
+    count = record.get(NUM_EXAMPLES_KEY)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise UpdateError(f"reply's '{NUM_EXAMPLES_KEY}' is {count!r}, not a count")
     e.metrics, e.num_examples = metrics_of(e.reply.content)
+    infinite = [k for k, v in e.metrics.items() if math.isinf(v)]
+    if infinite:  # NaN is a value (no AUC on a one-class split); infinity is not
+        raise UpdateError(f"reply's metric '{infinite[0]}' is infinite")
+    expected = ctx.checks.expected_val_sizes.get(e.partition_id)
+    if e.phase == MessageType.EVALUATE and expected is not None and e.num_examples != expected:
+        raise UpdateError(f"evaluation reply claims {e.num_examples} examples; this "
+                          f"client's validation split has {expected}")
 
 
 def keep_ledger(e: Exchange, ctx: FilterContext) -> None:
@@ -159,8 +195,8 @@ def check_update(e: Exchange, ctx: FilterContext) -> None:
 
 
 REPLY_FILTERS: tuple[ReplyFilter, ...] = (
-    missing_reply, error_reply, unpack, read_metrics, keep_ledger, declined, straggler,
-    decompress, check_update)
+    missing_reply, error_reply, unpack, record_names, read_metrics, keep_ledger, declined,
+    straggler, decompress, check_update)
 
 
 def norm_outliers(exchanges: list[Exchange], ctx: FilterContext) -> None:
@@ -171,7 +207,22 @@ def norm_outliers(exchanges: list[Exchange], ctx: FilterContext) -> None:
             reject(e, ctx, outliers[e.node_id])
 
 
-ROUND_FILTERS = (norm_outliers,)
+def same_metric_keys(exchanges: list[Exchange], ctx: FilterContext) -> None:
+    """Set aside replies whose metric keys differ from most of the round's (Flower would
+    refuse to aggregate them all); ties go to the first client's keys."""
+    for phase in {e.phase for e in exchanges}:
+        usable = [e for e in exchanges if e.usable and e.phase == phase]
+        keys = [frozenset(e.metrics) for e in usable]
+        if len(set(keys)) <= 1:
+            continue
+        common = max(dict.fromkeys(keys), key=keys.count)
+        for e, k in zip(usable, keys):
+            if k != common:
+                reject(e, ctx, f"its metric keys {sorted(k ^ common)[:4]} differ from the "
+                               "other clients' this round")
+
+
+ROUND_FILTERS = (same_metric_keys, norm_outliers)
 
 
 def reject(e: Exchange, ctx: FilterContext, reason: str) -> None:
@@ -191,8 +242,11 @@ def apply_filters(exchanges: list[Exchange], ctx: FilterContext,
                 step(e, ctx)
         except SetAside as aside:
             e.status, e.reason = aside.status, aside.reason
-        except MALFORMED as exc:
-            reject(e, ctx, str(exc) if isinstance(exc, UpdateError)
-                   else f"malformed reply ({type(exc).__name__}: {str(exc)[:200]})")
+        except UpdateError as exc:
+            reject(e, ctx, str(exc))
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile reply makes a decoder
+            # raise (numpy's loader alone has EOFError, BadZipFile, AttributeError) is a
+            # rejected reply, never a crashed round
+            reject(e, ctx, f"malformed reply ({type(exc).__name__}: {str(exc)[:200]})")
     for round_filter in ROUND_FILTERS:
         round_filter(exchanges, ctx)

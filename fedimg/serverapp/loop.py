@@ -81,6 +81,7 @@ class RoundLoop:
                  callbacks: Sequence[Any]) -> None:
         self.setup, self.cfg, self.state = setup, setup.cfg, state
         self.transport, self.callbacks = transport, list(callbacks)
+        self._tried: list[Exchange] = []  # this round's training exchanges, every attempt
 
     def run(self) -> None:
         """Round 0 (the initial model) on a fresh run, then every round to the last."""
@@ -88,10 +89,12 @@ class RoundLoop:
             self._end_round(RoundResult(0, self._state_dict()))
         for server_round in range(self.state.round + 1, self.cfg.rounds + 1):
             rng = self.state.sampler.for_round(server_round)
+            self._tried = []
             try:
                 result = self.train(server_round, rng)
-            except (PrivacyBudgetExhausted, RunStopped):
-                self._end_round(RoundResult(server_round, self._state_dict(), stopped=True))
+            except (PrivacyBudgetExhausted, RunStopped):  # recorded with what it tried
+                self._end_round(RoundResult(server_round, self._state_dict(), self._tried,
+                                            skipped=True, stopped=True))
                 raise
             result.exchanges += self.evaluate(server_round, rng, result)
             self.state.round = server_round
@@ -111,7 +114,7 @@ class RoundLoop:
         """One training round under the short-round policy."""
         fl = self.cfg.fl
         attempts = 1 + (fl.round_retries if fl.on_too_few == "retry" else 0)
-        tried: list[Exchange] = []
+        tried = self._tried
         for attempt in range(1, attempts + 1):
             if not self._enough_nodes(server_round):
                 continue
@@ -180,8 +183,11 @@ class RoundLoop:
         minimum = fl.min_train_clients if train else fl.min_evaluate_clients
         if fraction == 0:
             return []
-        view = NodeView(Sampler.sample(rng, self.transport.node_ids(), fraction=fraction,
-                                       minimum=minimum))
+        sampled = Sampler.sample(rng, self.transport.node_ids(), fraction=fraction,
+                                 minimum=minimum)
+        if not sampled:  # e.g. int(5 x 0.1) = 0 evaluating clients: nothing to send
+            return []
+        view = NodeView(sampled)
         config = ConfigRecord(dict(self.setup.train_config if train
                                    else self.setup.evaluate_config))
         if train:

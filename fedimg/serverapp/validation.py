@@ -53,6 +53,7 @@ class UpdateChecks:
     immutable_keys: frozenset[str] = frozenset()  # must come back exactly as sent
     screen_norms: bool = True
     expected_sizes: dict[int, int] = field(default_factory=dict)  # partition -> num train
+    expected_val_sizes: dict[int, int] = field(default_factory=dict)  # partition -> num val
 
     def __post_init__(self) -> None:
         self.norm_keys = sorted(k for k, v in self.reference.items()

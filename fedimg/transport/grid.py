@@ -150,7 +150,9 @@ class NodeView(Grid):
 
     Client sampling belongs to the round loop (its seeded generator, see
     :class:`fedimg.serverapp.state.Sampler`); a strategy built with fraction 1 then
-    configures a message for each node it is shown. It never sends anything itself.
+    configures a message for each node it is shown. (Flower's ``sample_nodes`` still
+    shuffles their order with the global ``random``, which decides nothing: replies are
+    handled in client order.) It never sends anything itself.
     """
 
     def __init__(self, node_ids: Iterable[int]) -> None:

@@ -310,7 +310,7 @@ HOSTILE = {
     "not-npy bytes": lambda: _content({"w": _raw(b"junkjunk")}),
     "truncated npy": lambda: _content({"w": _raw(_npy()[:-4])}),
 }
-STILL_RAISE = {  # found while writing these tests: name -> (reply, what escapes)
+STILL_RAISE = {  # NumPy's loader raises these outside UpdateError: name -> (reply, error)
     "empty array bytes": (lambda: _content({"w": _raw(b"")}), EOFError),
     "zip magic bytes": (lambda: _content({"w": _raw(b"PK\x03\x04" + bytes(40))}),
                         zipfile.BadZipFile),
@@ -318,10 +318,7 @@ STILL_RAISE = {  # found while writing these tests: name -> (reply, what escapes
 }
 
 
-@pytest.mark.parametrize("name", [*HOSTILE, *[pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, raises=error, reason="bug: np.load of a reply's Array bytes raises an "
-    f"exception outside filters.MALFORMED ({error.__name__}), which escapes apply_filters"))
-    for n, (_, error) in STILL_RAISE.items()]])
+@pytest.mark.parametrize("name", [*HOSTILE, *STILL_RAISE])
 def test_a_hostile_reply_is_rejected_and_the_others_still_filtered(name: str) -> None:
     # Arrange: the hostile reply first, an honest one after it
     hostile = _exchange(HOSTILE[name]() if name in HOSTILE else STILL_RAISE[name][0]())
@@ -344,11 +341,6 @@ def test_a_nan_metric_is_kept_not_rejected() -> None:
     assert e.usable and e.metrics["val/auc"] != e.metrics["val/auc"]
 
 
-@pytest.mark.xfail(strict=True, raises=InconsistentMessageReplies, reason=(
-    "bug: a reply the filters pass but Flower's validate_message_reply_consistency refuses "
-    "(a second ArrayRecord or MetricRecord, metric keys unlike the others', an evaluation "
-    "reply without num-examples) raises out of aggregate_train/aggregate_evaluate and "
-    "ends the run"))
 @pytest.mark.parametrize("change", ["second ArrayRecord", "second MetricRecord",
                                     "an extra metric", "evaluation without num-examples"])
 def test_a_reply_the_strategy_refuses_is_rejected_not_a_crashed_round(change: str) -> None:

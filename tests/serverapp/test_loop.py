@@ -258,10 +258,6 @@ class _Hung(Exception):
     """Flower's sample_nodes went to sleep waiting for nodes: the round would hang."""
 
 
-@pytest.mark.xfail(strict=True, raises=_Hung, reason=(
-    "bug: a 0-client evaluation sample (int(5 x 0.1) = 0, min_evaluate_clients=0) is shown "
-    "to FedAvg as an empty NodeView; its sample_nodes waits forever for "
-    "min_available_nodes=1 nodes"))
 def test_an_evaluation_sample_of_no_clients_sends_nothing(monkeypatch) -> None:
     import flwr.serverapp.strategy.strategy_utils as strategy_utils
 
@@ -278,10 +274,6 @@ def test_an_evaluation_sample_of_no_clients_sends_nothing(monkeypatch) -> None:
     assert loop.state.round == 1 and "val/accuracy" not in recording.records[1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "regression: RoundLoop.run records a stopped round as RoundResult(stopped=True) without "
-    "the exchanges of its attempts, so metrics.jsonl loses the statuses that stopped it "
-    "(the old tracker drained them into that record)"))
 def test_a_stopped_round_keeps_the_client_statuses_that_stopped_it() -> None:
     # Round 2: all three clients fail on its one attempt (fl.on_too_few=stop).
     loop, recording = _loop([set(), {1, 2, 3}], on_too_few="stop")

@@ -145,10 +145,6 @@ def test_a_real_deadline_cuts_off_a_client_that_never_replies() -> None:
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: clientapp.app._pace counts every ArrayRecord of the message as downlink bytes, "
-    "the simulated partitions record (fedimg-partition) included; the server's "
-    "transport.grid.content_bytes leaves it out"))
 def test_device_time_is_reported_with_links_and_speed() -> None:
     overrides = ["hetero.speed_factors=[2,2,2,2,2,3]", "hetero.uplink_mbps=8",
                  "hetero.downlink_mbps=16", "hetero.step_s=0.25"]
