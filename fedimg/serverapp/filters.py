@@ -9,9 +9,11 @@ is a rejected reply: a malformed or hostile message never stops the run. The fir
 filter that sets an exchange aside ends its chain. Then the round filters
 (:data:`ROUND_FILTERS`) look at the usable replies together (norm outliers).
 
-To add a filter: write ``def my_filter(exchange, ctx) -> None``, raise
-``SetAside("rejected", why)`` to drop a reply, and put it in :data:`REPLY_FILTERS`
-where it belongs (after ``read_metrics`` if it reads metrics).
+To add a filter: write ``def my_filter(exchange, ctx) -> None`` (it sees training and
+evaluation replies: check ``exchange.phase``), raise ``UpdateError(why)`` to reject a
+reply (counted against its client) or ``SetAside(status, why)`` for one that is not
+aggregated but not a fault, and put it in :data:`REPLY_FILTERS` where it belongs (after
+``read_metrics`` if it reads metrics).
 """
 
 from __future__ import annotations
