@@ -41,7 +41,10 @@ def setup_logging(run_dir: Path | None = None, *, verbose: bool = False) -> None
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):
-        if getattr(handler, "_fedimg", False):
+        # Ours from an earlier call, or a bare stderr handler from a library's import-time
+        # logging.basicConfig (opacus/utils/module_utils.py has one): it would print every
+        # record a second time.
+        if getattr(handler, "_fedimg", False) or type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
     ours = logging.getLogger("fedimg")
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
