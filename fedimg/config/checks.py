@@ -96,6 +96,8 @@ def _validate_federation(cfg: FedimgConfig) -> None:
            f"fl.max_update_norm={fl.max_update_norm} must be > 0 or null")
     _check(fl.norm_outlier_factor == 0 or fl.norm_outlier_factor > 1,
            f"fl.norm_outlier_factor={fl.norm_outlier_factor} must be > 1 (or 0 = off)")
+    _check(fl.max_reply_mb is None or fl.max_reply_mb > 0,
+           f"fl.max_reply_mb={fl.max_reply_mb} must be > 0 or null (4x the model + 1 MB)")
     _check(1 <= fl.min_replies <= cfg.clients, f"fl.min_replies={fl.min_replies} must be "
            f"between 1 and clients={cfg.clients}")
     _check(fl.round_retries >= 0, f"fl.round_retries={fl.round_retries} must be >= 0")

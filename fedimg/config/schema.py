@@ -130,6 +130,7 @@ class FederationConfig:
     # Update validation (besides NaN/Inf, keys, shapes, dtypes, which are always checked)
     max_update_norm: Optional[float] = None  # reject ||w_i - w_global||_2 above this
     norm_outlier_factor: float = 100.0  # reject norms > factor x the round's median; 0 = off
+    max_reply_mb: Optional[float] = None  # refuse bigger replies undecoded; None = 4x the model + 1
     # Rounds with too few usable updates (failed, rejected, timed out)
     min_replies: int = 1  # usable training updates a round needs to be aggregated
     on_too_few: OnTooFew = OnTooFew.retry

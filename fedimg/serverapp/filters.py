@@ -102,6 +102,15 @@ def error_reply(e: Exchange, ctx: FilterContext) -> None:
         raise SetAside(status, error_summary(raw))
 
 
+def reply_size(e: Exchange, ctx: FilterContext) -> None:
+    """A reply bigger than ``fl.max_reply_mb`` (default: 4x the model + 1 MB) is refused
+    before anything in it is decoded."""
+    limit = ctx.checks.max_reply_bytes
+    if limit is not None and e.bytes_up > limit:
+        raise UpdateError(f"reply of {e.bytes_up / 1e6:.1f} MB exceeds the "
+                          f"{limit / 1e6:.1f} MB a reply may have (fl.max_reply_mb)")
+
+
 def unpack(e: Exchange, ctx: FilterContext) -> None:
     """Arrays packed into one buffer (``fl.pack_arrays``) become an ArrayRecord again."""
     assert e.reply is not None
@@ -197,7 +206,7 @@ def check_update(e: Exchange, ctx: FilterContext) -> None:
 
 
 REPLY_FILTERS: tuple[ReplyFilter, ...] = (
-    missing_reply, error_reply, unpack, record_names, read_metrics, keep_ledger, declined,
+    missing_reply, error_reply, reply_size, unpack, record_names, read_metrics, keep_ledger, declined,
     straggler, decompress, check_update)
 
 

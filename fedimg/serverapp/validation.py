@@ -54,10 +54,15 @@ class UpdateChecks:
     screen_norms: bool = True
     expected_sizes: dict[int, int] = field(default_factory=dict)  # partition -> num train
     expected_val_sizes: dict[int, int] = field(default_factory=dict)  # partition -> num val
+    max_reply_bytes: int | None = None  # a reply's arrays above this are refused undecoded
 
     def __post_init__(self) -> None:
         self.norm_keys = sorted(k for k, v in self.reference.items()
                                 if k not in self.fixed_keys and v.is_floating_point())
+        if self.max_reply_bytes is None:  # fl.max_reply_mb unset: 4x the model, plus 1 MB
+            limit = self.fl.max_reply_mb
+            model = sum(v.numel() * v.element_size() for v in self.reference.values())
+            self.max_reply_bytes = int(limit * 1e6) if limit else 4 * model + 1_000_000
 
     def check(self, arrays: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray] | None,
               *, num_examples: int, partition_id: int) -> float:

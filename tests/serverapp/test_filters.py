@@ -382,3 +382,18 @@ def test_a_reply_the_strategy_refuses_is_rejected_not_a_crashed_round(change: st
     assert "rejected" in statuses.values()
     if change != "evaluation without num-examples":
         assert loop.state.arrays["w"].numpy().tolist() == [[2.5, 2.5], [2.5, 2.5]]
+
+
+def test_a_reply_above_the_size_cap_is_refused_before_decoding() -> None:
+    # Arrange: the model is 4 float32 = 16 bytes, so the default cap is 4 x 16 + 1 MB;
+    # an explicit fl.max_reply_mb=1e-5 allows 10 bytes
+    default = UpdateChecks(REFERENCE)
+    tight = UpdateChecks(REFERENCE, fl=FederationConfig(max_reply_mb=1e-5))
+    big = _exchange(update(np.ones((2, 2), np.float32), num_examples=4))
+    big.bytes_up = 16
+    # Act
+    apply_filters([big], _ctx(tight))
+    # Assert
+    assert default.max_reply_bytes == 4 * 16 + 1_000_000 and tight.max_reply_bytes == 10
+    assert big.status == "rejected" and "exceeds the 0.0 MB" in big.reason
+    assert big.arrays is None  # nothing was decoded
