@@ -10,6 +10,7 @@ leave the client. Used unchanged by simulation (``python -m fedimg.simulate``),
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -55,7 +56,7 @@ from fedimg.transport.records import (
 from fedimg.transport.packing import PACKED_ARRAYS_KEY, pack_content, unpack_content
 from fedimg.privacy import PRIVACY_MODES
 from fedimg.resolve import check_registries
-from fedimg.clientapp.site import site_options
+from fedimg.clientapp.site import SiteOptions, site_options
 from fedimg.transport.grid import content_bytes
 from fedimg.clientapp.environment import TaskEnvironment, environment, site_environment
 
@@ -97,12 +98,27 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
         if PARTITION_KEY in content.array_records:
             env.install_partitions(partitions_from_record(content[PARTITION_KEY]))
     else:
-        env, pid = site_environment(str(config[CONFIG_KEY]), site), 0
+        env, pid = _site_environment(str(config[CONFIG_KEY]), site), 0
     state: dict[str, torch.Tensor] = {}
     if ARRAYS_KEY in content.array_records:
         state = record_to_state_dict(content[ARRAYS_KEY], env.reference)
         env.load_state(state)
     return env, pid, config, state
+
+
+def _site_environment(config_json: str, site: SiteOptions) -> TaskEnvironment:
+    """A deployed site's environment; a data error is told to the server without names.
+
+    File names are often patient ids: the full error (every file and why) goes to the
+    site's own log, the server hears how many problems there were and where to look.
+    """
+    try:
+        return site_environment(config_json, site)
+    except DataError as exc:
+        logging.getLogger(__name__).error("site %s: %s", site.name, exc)
+        raise DataError(f"site {site.name}: its data does not fit this run "
+                        f"({type(exc).__name__}); the site's own log names the files and "
+                        "the fix (fedimg-client --check)") from None
 
 
 def _use_local_bn(env: TaskEnvironment, context: Context) -> None:
@@ -147,7 +163,7 @@ def describe(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": info})
     site = site_options(context.node_config)
     if site is not None:
-        content[SITE_KEY] = ConfigRecord({"name": site.name, "location": env.site_location})
+        content[SITE_KEY] = ConfigRecord({"name": site.name})  # no paths leave the site
     return Message(content, reply_to=msg)
 
 

@@ -113,11 +113,6 @@ class TaskEnvironment:
     def num_classes(self) -> int:
         return self.dataset.num_classes
 
-    @property
-    def site_location(self) -> str:
-        """Where the data was read (a deployed site's folder)."""
-        return self.dataset.provenance.location
-
     def install_partitions(self, partitions: Sequence[ClientPartition]) -> None:
         """The server's partitions, from the first message that carries them (once)."""
         if self.partitions:

@@ -102,7 +102,7 @@ def discover_sites(transport: Transport, checks: UpdateChecks, *, content: Recor
                    num_classes: int) -> dict[int, dict[str, Any]]:
     """Ask every deployed site for its name and sizes; number the sites by name.
 
-    Returns ``{client id: {"name", "location", "num_train", "num_val"}}``; from then
+    Returns ``{client id: {"name", "num_train", "num_val"}}`` (no paths leave a site); then
     on only these nodes take part (a site connecting later is left out). Raises
     FedimgError naming each site that failed (its own error line: a bad file, an
     unknown class) or reported another class count, and on duplicate site names.
@@ -140,7 +140,7 @@ def _site_report(reply: Message) -> dict[str, Any] | str:
         return f"node {node}: no data-path in its node config (not a site)"
     try:
         metrics, _ = metrics_of(reply.content)
-        return {"name": str(site["name"])[:200], "location": str(site["location"])[:500],
+        return {"name": str(site["name"])[:200],
                 "num_train": int(metrics["num-train"]), "num_val": int(metrics["num-val"]),
                 "num_classes": int(metrics["num-classes"])}
     except (KeyError, ValueError, TypeError, OverflowError) as exc:

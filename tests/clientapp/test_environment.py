@@ -100,3 +100,24 @@ def test_same_round_and_client_give_the_same_update(tiny_cfg) -> None:
         env.train(1, server_round=1)
         updates.append(env.state())
     assert all(torch.equal(updates[0][k], updates[1][k]) for k in start)
+
+
+def test_a_site_data_error_reaches_the_server_without_file_names(tmp_path, caplog) -> None:
+    # Arrange: a site folder whose only image is unreadable (its name could be a patient id)
+    import logging
+
+    from fedimg.clientapp import app as client_app
+    from fedimg.clientapp.site import SiteOptions
+    from fedimg.config import DataConfig, FedimgConfig
+
+    folder = tmp_path / "site" / "RBC"
+    folder.mkdir(parents=True)
+    (folder / "patient-4711.png").write_bytes(b"not an image")
+    cfg = FedimgConfig(data=DataConfig(dataset="bccd_cells"))
+    # Act
+    with caplog.at_level(logging.ERROR), pytest.raises(DataError) as info:
+        client_app._site_environment(to_json(cfg), SiteOptions(data_path=str(tmp_path / "site"),
+                                                               name="hospital_a"))
+    # Assert: the server's line names the site, not the file; the site's log has it
+    assert "hospital_a" in str(info.value) and "patient-4711" not in str(info.value)
+    assert "patient-4711" in caplog.text

@@ -39,7 +39,7 @@ class _Sites(OfflineGrid):
                 reply = Message(RecordDict({
                     "metrics": MetricRecord({"partition-id": 0, **sizes,
                                              "num-val": 2, "num-classes": classes}),
-                    SITE_KEY: ConfigRecord({"name": name, "location": f"/data/{name}"})}),
+                    SITE_KEY: ConfigRecord({"name": name})}),
                     reply_to=m)
             reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
             replies.append(reply)
@@ -63,6 +63,8 @@ def test_sites_are_numbered_by_name_and_held_to_their_reported_sizes() -> None:
     assert [found[i]["name"] for i in range(3)] == ["camera_01", "hospital_a", "hospital_b"]
     assert transport.node_to_partition == {90: 0, 50: 1, 70: 2}
     assert checks.expected_sizes == {0: 12, 1: 30, 2: 40}
+    assert checks.expected_val_sizes == {0: 2, 1: 2, 2: 2}
+    assert set(found[0]) == {"name", "num_train", "num_val", "num_classes"}  # no paths
     assert transport.node_ids() == [90, 50, 70]
     # A node that connects after discovery has no size to be held to: left out.
     transport.grid.node_ids.append(99)
