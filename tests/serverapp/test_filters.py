@@ -20,7 +20,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.exception import InconsistentMessageReplies
 from offline_grid import OfflineGrid, Recording, answer, fedavg, offline_loop, update
 
 from fedimg.config import FedimgConfig, FederationConfig, HeterogeneityConfig

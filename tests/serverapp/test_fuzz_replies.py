@@ -13,7 +13,6 @@ import json
 from collections.abc import Callable
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from offline_grid import OfflineGrid, Recording, answer, offline_loop
