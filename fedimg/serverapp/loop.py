@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp.exception import InconsistentMessageReplies
 
 from fedimg.config import FedimgConfig
 from fedimg.errors import PrivacyBudgetExhausted, RunStopped
@@ -145,7 +146,12 @@ class RoundLoop:
         usable = [e.reply for e in exchanges if e.usable]
         if len(usable) < self.setup.min_replies:
             return None
-        arrays, metrics = self.state.strategy.aggregate_train(server_round, usable)
+        try:
+            arrays, metrics = self.state.strategy.aggregate_train(server_round, usable)
+        except InconsistentMessageReplies as exc:  # the filters should have caught it
+            log.error("round %d: the strategy refused the filtered replies (%s); the "
+                      "round is short", server_round, exc)
+            return None
         return None if arrays is None else (arrays, dict(metrics or {}))
 
     def evaluate(self, server_round: int, rng: random.Random,
