@@ -59,3 +59,15 @@ class RunStopped(FedimgError):
     """
 
     exit_code = 8
+
+
+class PolicyRefused(FedimgError):
+    """A deployed site refuses a run config that breaks its own policy (its YAML's ``policy:``)."""
+
+    exit_code = 9
+
+
+class LedgerError(FedimgError):
+    """A site's own privacy ledger is missing, corrupt, or would be lowered: it refuses to train."""
+
+    exit_code = 12

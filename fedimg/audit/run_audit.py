@@ -108,7 +108,8 @@ def train_shadow(cfg: FedimgConfig, images: torch.Tensor, labels: torch.Tensor,
                  indices: np.ndarray, *, num_classes: int, epsilon: float, delta: float,
                  seed: int) -> torch.nn.Module:
     """A shadow model: the target's local recipe, run centrally on ``indices``."""
-    from fedimg.privacy.dp_sgd import sample_rate, steps_per_round, train_private
+    from fedimg.privacy.dp_budget import sample_rate, steps_per_round
+    from fedimg.privacy.dp_sgd import train_private
 
     torch.manual_seed(seed)
     device = resolve_device(cfg.train.device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -56,13 +55,14 @@ from fedimg.transport.records import (
 from fedimg.transport.packing import PACKED_ARRAYS_KEY, pack_content, unpack_content
 from fedimg.privacy import PRIVACY_MODES
 from fedimg.resolve import check_registries
+from fedimg.clientapp.ledger import ledger_keeper, open_site_ledger
+from fedimg.clientapp.policy import check_policy
 from fedimg.clientapp.site import SiteOptions, site_options
 from fedimg.transport.grid import content_bytes
 from fedimg.clientapp.environment import TaskEnvironment, environment, site_environment
 
-# A client's DP ledger lives in its Flower context.state between rounds: a fresh
-# accountant every round would restart epsilon at zero. So does the error-feedback
-# residual of update compression.
+# The error-feedback residual of update compression lives in the client's Flower
+# context.state between rounds (a DP ledger lives with its keeper: fedimg.clientapp.ledger).
 RESIDUAL_KEY = "fedimg-ef-residual"
 # FedBN: this client's own BatchNorm weights and statistics, between rounds.
 LOCAL_BN_KEY = "fedimg-local-bn"
@@ -93,6 +93,8 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
     config = content["config"]
     cfg = check_registries(config_from_record(config))  # a client never trusts a config
     site = site_options(context.node_config)
+    if site is not None:  # then holds it to its own floor, before touching its data
+        check_policy(cfg, site.policy, site=site.name)
     if site is None:
         env, pid = environment(str(config[CONFIG_KEY]), _threads(cfg)), _partition_id(context)
         if PARTITION_KEY in content.array_records:
@@ -163,27 +165,24 @@ def describe(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": info})
     site = site_options(context.node_config)
     if site is not None:
+        if site.state_dir:
+            open_site_ledger(site)  # a missing or corrupt ledger stops the run before round 1
         content[SITE_KEY] = ConfigRecord({"name": site.name})  # no paths leave the site
     return Message(content, reply_to=msg)
 
 
-def _ledger(context: Context, msg: Message, env: TaskEnvironment,
-            partition_id: int) -> dict[str, Any] | None:
-    """This client's DP ledger: its own, else the one a resumed server hands back.
+class _ContextStash:
+    """A simulated client's DP ledger in its node's ``context.state`` between rounds."""
 
-    A resumed run starts fresh client processes; the server's checkpoint holds the
-    ledgers the clients reported, so epsilon keeps accumulating across the restart.
-    A client never lets the server replace a ledger it still holds, and checks a
-    handed-back one against its own privacy config first.
-    """
-    record = context.state.config_records.get(LEDGER_KEY)
-    if record is not None:
-        return json.loads(str(record["json"]))
-    offered = msg.content.config_records.get(LEDGER_KEY)
-    adopt = PRIVACY_MODES.get(env.cfg.privacy.mode).adopt_ledger
-    if offered is None or adopt is None:
-        return None
-    return adopt(env, partition_id, json.loads(str(offered["json"])))
+    def __init__(self, context: Context) -> None:
+        self.state = context.state
+
+    def get(self) -> str | None:
+        record = self.state.config_records.get(LEDGER_KEY)
+        return None if record is None else str(record["json"])
+
+    def put(self, ledger_json: str) -> None:
+        self.state[LEDGER_KEY] = ConfigRecord({"json": ledger_json})
 
 
 @app.train()
@@ -202,11 +201,18 @@ def train(msg: Message, context: Context) -> Message:
     except fleet.DeviceAbsent as exc:  # an error reply: no update, no traceback in the logs
         return msg.create_error_reply(Error(code=fleet.ABSENT_CODE, reason=str(exc)))
     mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
+    offered = msg.content.config_records.get(LEDGER_KEY)
+    keeper = ledger_keeper(stash=_ContextStash(context), env=env, partition_id=pid,
+                           offered=None if offered is None else json.loads(str(offered["json"])),
+                           site=site_options(context.node_config))
     started = time.perf_counter()
     result = mode.train(env, pid, server_round=server_round,
                         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
-                        ledger=_ledger(context, msg, env, pid))
+                        ledger=keeper.load(), admit=keeper.admit)
     compute_s = time.perf_counter() - started
+    if result.ledger is not None:  # on the site's disk before anything leaves
+        keeper.save(result.ledger)
+        result.metrics.update(keeper.report(result.ledger))
     metrics = metric_record(result.metrics, num_examples=result.num_examples)
     _keep_local_bn(env, context)
     if result.declined:
@@ -215,10 +221,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         sent = poisoned_update(env.cfg, pid, start, env.state(), env.trained_keys())
         content = _update_content(env, context, metrics, start, sent)
-    if result.ledger is not None:
-        ledger = ConfigRecord({"json": json.dumps(result.ledger)})
-        context.state[LEDGER_KEY] = ledger
-        content[LEDGER_KEY] = ledger  # accountant history only: sigma, q, steps, noisy counts
+    if result.ledger is not None:  # a report: accountant history, sigma, q, noisy counts
+        content[LEDGER_KEY] = ConfigRecord({"json": json.dumps(result.ledger)})
     if device is not None:
         _pace(env, device, sent=msg, reply=content, compute_s=compute_s,
               steps=int(result.metrics.get("train/steps", 0)))

@@ -39,6 +39,7 @@ from fedimg.data import (
 from fedimg.errors import DataError
 from fedimg.seeds import derive_seed
 from fedimg.models import batchnorm_state_keys, build_model, frozen_state_keys
+from fedimg.clientapp.policy import site_epsilon
 from fedimg.clientapp.site import SiteOptions
 from fedimg.training import (
     balanced_class_weights,
@@ -250,6 +251,9 @@ def site_environment(config_json: str, site: SiteOptions) -> TaskEnvironment:
     cfg = from_json(config_json)
     if site.device:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=site.device))
+    # the run's budget for this site, by its name (every deployed site is client 0)
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
+        cfg.privacy, target_epsilon=site_epsilon(cfg, site.name)))
     data = read_site_data(site.data_path, classes=DATASETS.get(cfg.data.dataset).classes,
                           image_size=cfg.data.image_size, min_samples=site.min_samples,
                           val_fraction=cfg.data.val_fraction, seed=cfg.seed,

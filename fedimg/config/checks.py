@@ -136,12 +136,28 @@ def _validate_privacy(cfg: FedimgConfig) -> None:
     _check(p.max_grad_norm > 0 and p.clipping_norm > 0,
            "privacy.max_grad_norm and privacy.clipping_norm must be > 0")
     _check(p.count_noise > 0, f"privacy.count_noise={p.count_noise} must be > 0")
+    _check(not (p.secure_noise and p.seeded_noise), "privacy.secure_noise=true with privacy."
+           "seeded_noise=true: seeded noise is reproducible from the run seed, which is what "
+           "secure noise prevents; set privacy.seeded_noise=false (or secure_noise=false)")
+    _check(not p.secure_noise or p.mode == "dp_sgd", f"privacy.secure_noise=true with privacy."
+           f"mode={p.mode}: only DP-SGD's noise and batches come from the ChaCha20 stream "
+           "(client_dp's noise is drawn by Flower's DP wrapper at the server; none adds no noise); "
+           "set privacy=dp_sgd or privacy.secure_noise=false")
     _check(p.physical_batch_size is None or p.physical_batch_size >= 1,
            "privacy.physical_batch_size must be >= 1 or null")
     _check(0 < p.target_clipped_quantile < 1, "privacy.target_clipped_quantile must be in (0, 1)")
     budgets = p.client_epsilons
     _check(budgets is None or (len(budgets) == cfg.clients and min(budgets) > 0),
            f"privacy.client_epsilons needs {cfg.clients} positive values (one per client)")
+    _check(budgets is None or not cfg.deploy.enabled, "privacy.client_epsilons numbers "
+           "simulated clients; deployed sites are named: use privacy.site_epsilons="
+           "{site_a:4,site_b:8}")
+    named = p.site_epsilons or {}
+    _check(all(math.isfinite(v) and v > 0 for v in named.values()),
+           f"privacy.site_epsilons={named} needs positive budgets")
+    _check(not named or (cfg.deploy.enabled and p.mode == "dp_sgd"), "privacy.site_epsilons "
+           "applies to deployed sites under privacy=dp_sgd; in simulation use "
+           "privacy.client_epsilons=[...] (one per client)")
     _check(not private or cfg.transfer.bn == "frozen", f"privacy.mode={p.mode} needs "
            "transfer.bn=frozen (the privacy= presets set it): BatchNorm statistics computed "
            "on private data are not covered by the clipping bound, in train mode they mix "

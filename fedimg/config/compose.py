@@ -254,6 +254,8 @@ def _writable(node: Any) -> Any:
     from omegaconf import DictConfig, OmegaConf
 
     OmegaConf.set_readonly(node, None)  # only the sections' nodes carry the flag
+    if OmegaConf.get_type(node) is dict:  # a mapping field (site name -> value): open keys
+        OmegaConf.set_struct(node, False)
     for key in node:
         if isinstance(node[key], DictConfig):
             _writable(node[key])

@@ -242,7 +242,8 @@ class PrivacyConfig:
     mode: PrivacyKind = PrivacyKind.none  # dp_sgd: Opacus, per client; client_dp: server
     target_epsilon: float = 8.0  # per client (dp_sgd) or for the federation (client_dp)
     target_delta: Optional[float] = None  # None: 0.1/N for N samples (dp_sgd) / N clients
-    client_epsilons: Optional[list[float]] = None  # dp_sgd: one budget per client
+    client_epsilons: Optional[list[float]] = None  # dp_sgd: one budget per simulated client
+    site_epsilons: dict[str, float] = field(default_factory=dict)  # dp_sgd, deployed: per site name
     noise_multiplier: Optional[float] = None  # sigma; None: calibrated once from the budget
     max_grad_norm: float = 1.0  # dp_sgd: per-sample clipping norm C
     accountant: Accountant = Accountant.prv  # the other one is reported as a cross-check
@@ -251,6 +252,7 @@ class PrivacyConfig:
     grad_sample_mode: GradSampleMode = GradSampleMode.auto  # auto: per model
     count_noise: float = 10.0  # dp_sgd: Gaussian noise on the label counts behind class weights
     seeded_noise: bool = False  # true: noise/sampling from the run seed (tests only: insecure)
+    secure_noise: bool = False  # dp_sgd: noise and batches from ChaCha20 (a CSPRNG), not torch
     clipping: Clipping = Clipping.fixed  # client_dp; adaptive: Andrew et al. 2021
     clipping_norm: float = 1.0  # client_dp: clip of each update's L2 norm (initial if adaptive)
     target_clipped_quantile: float = 0.5  # client_dp adaptive
@@ -302,6 +304,8 @@ def _plain(value: Any) -> Any:
     """``value`` with every enum member replaced by its plain ``str`` value."""
     if isinstance(value, Choice):
         return str(value.value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
@@ -337,6 +341,10 @@ def _leaf(key: str, value: Any, kind: Any) -> Any:
     if isinstance(kind, type) and issubclass(kind, Choice):
         return kind.parse(value, key=key)
     origin = typing.get_origin(kind)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _type_error(key, value, kind)
+        return {k: _leaf(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise _type_error(key, value, kind)

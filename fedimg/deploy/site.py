@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedimg.clientapp.policy import NEVER_ACCEPT, SitePolicy
+from fedimg.clientapp.site import policy_node_config
 from fedimg.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -38,10 +41,13 @@ REQUIRED = ("name", "superlink", "ca_certificate", "private_key", "data")
 _TOP = {"name": "str", "superlink": "str", "ca_certificate": "path", "private_key": "path",
         "data": "path", "scenario": "str", "classes": "str_list", "device": "str",
         "port": "int", "state_dir": "path?", "warm": "bool", "limits": "mapping",
-        "reconnect": "mapping"}
+        "reconnect": "mapping", "federation": "str", "policy": "mapping"}
 _LIMITS = {"num_threads": "int", "max_samples": "int?", "min_samples": "int",
            "memory_gb": "number?"}
 _RECONNECT = {"max_wait_s": "number?", "backoff_s": "number", "activation_grace_s": "number"}
+_POLICY = {"require_dp": "bool", "max_run_epsilon": "number?", "lifetime_epsilon": "number?",
+           "lifetime_delta": "number", "min_noise_multiplier": "number?",
+           "min_batch_size": "int", "never_accept": "str_list"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,22 @@ class SiteConfig:
     warm: bool = True  # one ClientApp process for all messages (fedimg.deploy.warm)
     limits: SiteLimits = field(default_factory=SiteLimits)
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
+    federation: str = ""  # the privacy ledger's key; "" = the superlink address
+    policy: SitePolicy = field(default_factory=SitePolicy)
     source: Path | None = None  # the YAML file it was read from
+
+    @property
+    def ledger_dir(self) -> Path:
+        """Where the site keeps its privacy ledger: ``state_dir``, else the user's state dir."""
+        if self.state_dir is not None:
+            return self.state_dir
+        base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+        return Path(base).expanduser() / "fedimg" / self.name
+
+    @property
+    def federation_key(self) -> str:
+        """The federation this site's budget is spent in (``federation``, else the address)."""
+        return self.federation or self.superlink
 
     @property
     def public_key(self) -> Path:
@@ -100,6 +121,7 @@ def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfi
     values = {k: typed(v, _TOP[k], where=where, key=k, base=path.parent) for k, v in raw.items()}
     values["limits"] = _section(raw, "limits", _LIMITS, SiteLimits, where=where)
     values["reconnect"] = _section(raw, "reconnect", _RECONNECT, ReconnectPolicy, where=where)
+    values["policy"] = _policy(raw, where=where)
     if "classes" in values:
         values["classes"] = tuple(values["classes"])
     site = SiteConfig(**values, source=path)
@@ -116,6 +138,32 @@ def _section(raw: Mapping[str, Any], key: str, spec: Mapping[str, str], cls: typ
     check_keys(section, spec, where=where, prefix=f"{key}.")
     return cls(**{k: typed(v, spec[k], where=where, key=f"{key}.{k}")
                   for k, v in section.items()})
+
+
+def _policy(raw: Mapping[str, Any], *, where: str) -> SitePolicy:
+    """The ``policy:`` section as a :class:`SitePolicy`, its values checked."""
+    policy = _section(raw, "policy", _POLICY, dict, where=where)
+    if "never_accept" in policy:
+        unknown = sorted(set(policy["never_accept"]) - set(NEVER_ACCEPT))
+        if unknown:
+            raise _fail(where, "policy.never_accept", f"unknown settings {unknown}",
+                        f"list some of {', '.join(NEVER_ACCEPT)}")
+        policy["never_accept"] = tuple(policy["never_accept"])
+    site_policy = SitePolicy(**policy)
+    for key in ("max_run_epsilon", "lifetime_epsilon", "min_noise_multiplier"):
+        value = getattr(site_policy, key)
+        if value is not None and value <= 0:
+            raise _fail(where, f"policy.{key}", f"{value} is not positive",
+                        "give a positive number or null (no limit)")
+    if not 0 < site_policy.lifetime_delta < 1 or site_policy.min_batch_size < 1:
+        raise _fail(where, "policy", f"lifetime_delta={site_policy.lifetime_delta}, "
+                    f"min_batch_size={site_policy.min_batch_size}",
+                    "use 0 < lifetime_delta < 1 and min_batch_size >= 1")
+    if site_policy.lifetime_epsilon is not None and not site_policy.require_dp:
+        raise _fail(where, "policy.lifetime_epsilon", "a lifetime budget needs require_dp: "
+                    "true (a run without DP-SGD spends an unbounded epsilon)",
+                    "add 'require_dp: true' to policy, or remove lifetime_epsilon")
+    return site_policy
 
 
 def _fail(where: str, key: str, problem: str, fix: str) -> ConfigError:
@@ -146,7 +194,10 @@ def _check_values(site: SiteConfig, *, where: str) -> None:
                     "pick a free local port, distinct per daemon on this host (e.g. 9094)")
     if len(set(site.classes)) != len(site.classes):
         raise _fail(where, "classes", f"{list(site.classes)} has duplicates", "list each once")
-    if '"' in str(site.data):
+    if site.federation and not NAME_RE.match(site.federation):
+        raise _fail(where, "federation", f"'{site.federation}' is not a valid name",
+                    "use letters, digits, '_', '.', '-' (e.g. chest-xray-2027)")
+    if '"' in str(site.data) or '"' in str(site.ledger_dir):
         raise _fail(where, "data", f"path {site.data} contains '\"'",
                     "rename the folder (Flower's --node-config cannot quote it)")
     _check_limits(site, where=where)
@@ -214,6 +265,12 @@ def node_config(site: SiteConfig) -> str:
              f"min-samples={site.limits.min_samples}"]
     if site.limits.max_samples is not None:
         parts.append(f"max-samples={site.limits.max_samples}")
+    parts += [f"state-dir={toml_string(str(site.ledger_dir.resolve()))}",
+              f"federation={toml_string(site.federation_key)}"]
+    for key, value in policy_node_config(site.policy).items():
+        text = toml_string(value) if isinstance(value, str) else (
+            str(value).lower() if isinstance(value, bool) else repr(value))
+        parts.append(f"{key}={text}")
     return " ".join(parts)
 
 

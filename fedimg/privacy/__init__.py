@@ -51,7 +51,8 @@ PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", config_key="priv
 
 
 def plain_train(env: ClientEnvironment, partition_id: int, *, server_round: int,
-                proximal_mu: float = 0.0, ledger: dict[str, Any] | None = None) -> ClientRound:
+                proximal_mu: float = 0.0, ledger: dict[str, Any] | None = None,
+                admit: Callable[[dict[str, Any]], str] | None = None) -> ClientRound:
     """A non-private local round (also the client's part of client-level DP)."""
     metrics, num_examples = env.train(partition_id, server_round=server_round,
                                       proximal_mu=proximal_mu)
@@ -66,7 +67,7 @@ def _dp_sgd_train(env: ClientEnvironment, partition_id: int, **kwargs: Any) -> C
 
 def _dp_sgd_adopt(env: ClientEnvironment, partition_id: int, offered: dict[str, Any]
                   ) -> dict[str, Any]:
-    from fedimg.privacy.dp_sgd import adopted_ledger
+    from fedimg.privacy.dp_budget import adopted_ledger
 
     return adopted_ledger(env, partition_id, offered)
 

@@ -40,13 +40,18 @@ def epsilon(history: list[tuple[float, float, int]], delta: float, accountant: s
     Opacus merges them: a PRV evaluation takes up to a second, and a round asks for
     the same value twice (the budget check before training, the report after).
     """
+    return _epsilon(tuple(merged_history(history)), float(delta), accountant)
+
+
+def merged_history(history: Any) -> list[tuple[float, float, int]]:
+    """``history`` with consecutive equal (sigma, q) entries merged, as Opacus merges them."""
     merged: list[tuple[float, float, int]] = []
     for sigma, q, steps in history:
-        if merged and merged[-1][:2] == (sigma, q):
-            merged[-1] = (sigma, q, merged[-1][2] + int(steps))
+        if merged and merged[-1][:2] == (float(sigma), float(q)):
+            merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + int(steps))
         else:
             merged.append((float(sigma), float(q), int(steps)))
-    return _epsilon(tuple(merged), float(delta), accountant)
+    return merged
 
 
 @functools.lru_cache(maxsize=256)

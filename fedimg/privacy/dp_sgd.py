@@ -12,10 +12,11 @@ functorch), ``DPOptimizer`` (clip, noise, step) and physical micro-batches, over
 steps. The model is the client's pretrained network with frozen BatchNorm and its
 in-place operations rewritten (Opacus' hooks cannot see through them).
 
-Sigma is calibrated once per client from its whole planned participation (all
-rounds x local steps); the client's :class:`~fedimg.privacy.accounting.PrivacyLedger`
-travels between rounds in Flower's ``context.state``, and the accountant attached to
-the optimizer continues that history, so epsilon accumulates. A client whose next
+Sigma is calibrated once per client from its whole planned participation
+(:mod:`fedimg.privacy.dp_budget`); the client's :class:`~fedimg.privacy.accounting.PrivacyLedger`
+is kept between rounds by its keeper (a site's own disk, or Flower's ``context.state``
+in simulation), and the accountant attached to the optimizer continues that history,
+so epsilon accumulates. A client whose next
 round would exceed its budget declines that round and every later one. Class weights
 come from a noisy (accounted) release of the label counts and are applied after
 clipping. Noise and batches are drawn from a secret source unless
@@ -27,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,19 +39,25 @@ from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fedimg.config import FedimgConfig, TrainConfig
 from fedimg.data import InMemoryLoader
-from fedimg.errors import UpdateError
 from fedimg.models import MODELS
 from fedimg.privacy import grad_samplers  # noqa: F401 - registers Conv2d rule
-from fedimg.privacy.accounting import PrivacyLedger, default_delta, new_ledger
+from fedimg.privacy.accounting import PrivacyLedger
+from fedimg.privacy.batches import ShuffledBatches, private_batches  # noqa: F401 - re-export
+from fedimg.privacy.dp_budget import (  # noqa: F401 - re-exported for callers
+    Admit,
+    adopted_ledger,
+    client_ledger,
+    noise_generator,
+    sample_rate,
+    steps_per_round,
+)
 from fedimg.privacy.protocols import ClientEnvironment, ClientRound
+from fedimg.privacy.secure_noise import ChaChaStream
 from fedimg.training import build_optimizer, scheduled_lr, train_local
-from fedimg.training.losses import balanced_weights_from_counts
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Optimal order is the", module="opacus")
@@ -69,8 +75,10 @@ class WeightedDPOptimizer(DPOptimizer):
     None means weight 1. It also counts the per-sample gradients that were clipped.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, noise_stream: ChaChaStream | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.noise_stream = noise_stream
         self.samples_seen = 0
         self.samples_clipped = 0
         self.sample_weights: torch.Tensor | None = None
@@ -94,91 +102,17 @@ class WeightedDPOptimizer(DPOptimizer):
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
 
-
-def sample_rate(cfg: FedimgConfig, num_samples: int) -> float:
-    """Poisson sampling rate q = B / N (expected logical batch B = train.batch_size)."""
-    return min(1.0, cfg.train.batch_size / max(1, num_samples))
-
-
-def steps_per_round(cfg: FedimgConfig, num_samples: int) -> int:
-    """Noisy steps in one round: ``local_steps``, else ``local_epochs`` x 1/q."""
-    if cfg.train.local_steps is not None:
-        return cfg.train.local_steps
-    return cfg.train.local_epochs * max(1, num_samples // cfg.train.batch_size)
-
-
-def client_ledger(cfg: FedimgConfig, partition_id: int, labels: torch.Tensor,
-                  num_classes: int) -> PrivacyLedger:
-    """The first-round ledger: budget, delta and sigma calibrated for all planned rounds.
-
-    With ``train.class_weighting=balanced`` the client first releases its label
-    counts with Gaussian noise (sigma = ``privacy.count_noise``, sensitivity 1 under
-    add/remove); that release opens the ledger's history and the weights come from it,
-    so they cost budget instead of leaking the exact counts.
-    """
-    p, n = cfg.privacy, len(labels)
-    if not p.poisson:
-        log.warning("client %d: privacy.poisson=false draws shuffled fixed-size batches; the "
-                    "reported epsilon assumes Poisson sampling and is only approximate",
-                    partition_id)
-    budget = p.client_epsilons[partition_id] if p.client_epsilons else p.target_epsilon
-    prefix, weights = [], None
-    if cfg.train.class_weighting == "balanced":
-        counts = torch.bincount(labels, minlength=num_classes).double()
-        noise = torch.randn(num_classes, generator=noise_generator(cfg, partition_id, 0),
-                            dtype=torch.float64) * p.count_noise
-        weights = balanced_weights_from_counts((counts + noise).clamp(min=1.0)).tolist()
-        prefix = [(p.count_noise, 1.0, 1)]
-    book = new_ledger(target_epsilon=budget, delta=p.target_delta or default_delta(n),
-                      sample_rate=sample_rate(cfg, n),
-                      planned_steps=cfg.rounds * steps_per_round(cfg, n),
-                      accountant=p.accountant, noise_multiplier=p.noise_multiplier,
-                      prefix=prefix)
-    book.class_weights = weights
-    return book
-
-
-def adopted_ledger(env: ClientEnvironment, partition_id: int,
-                   offered: dict[str, Any]) -> dict[str, Any]:
-    """A ledger the server hands back after a resume, checked against this client's config.
-
-    The client can recompute everything but the history: budget, delta, q and sigma
-    must equal its own calibration, the history must only contain valid mechanisms,
-    and class weights must be positive (a negative weight would scale a clipped
-    gradient beyond C). The history itself is trusted: a server that omits entries
-    makes epsilon under-count, which only a ledger the client stores itself prevents.
-    """
-    cfg = env.cfg
-    labels = env.dataset.train.labels[env.partitions[partition_id].train_indices]
-    own = client_ledger(cfg, partition_id, labels, env.num_classes)
-    book = PrivacyLedger.from_dict(offered)
-    same = (book.target_epsilon, book.delta, book.sample_rate, book.accountant) == \
-        (own.target_epsilon, own.delta, own.sample_rate, own.accountant) and \
-        math.isclose(book.noise_multiplier, own.noise_multiplier, rel_tol=1e-9)
-    history_ok = all(sigma > 0 and 0 < q <= 1 and int(steps) >= 0
-                     for sigma, q, steps in book.history) and \
-        book.history[:len(own.history)] == own.history
-    weights = book.class_weights
-    weights_ok = (weights is None) == (own.class_weights is None) and (
-        weights is None or (len(weights) == env.num_classes
-                            and all(math.isfinite(w) and w > 0 for w in weights)))
-    if not (same and history_ok and weights_ok):
-        raise UpdateError(f"client {partition_id}: the privacy ledger the server handed back "
-                          "does not match this client's privacy config; refusing to train")
-    return book.to_dict()
-
-
-def noise_generator(cfg: FedimgConfig, *salt: int) -> torch.Generator:
-    """The generator of DP noise and sampling: secret unless ``privacy.seeded_noise``.
-
-    Noise drawn from the run seed could be regenerated, and subtracted, by anyone who
-    reads the config; only tests and reproducibility studies should seed it.
-    """
-    if cfg.privacy.seeded_noise:
-        seed = int(np.random.SeedSequence([cfg.seed, *salt]).generate_state(1)[0])
-    else:
-        seed = secrets.randbits(63)
-    return torch.Generator().manual_seed(seed)
+    def add_noise(self) -> None:
+        """Opacus' ``add_noise``, with N(0, sigma^2 C^2) from :attr:`noise_stream` if set."""
+        if self.noise_stream is None:
+            super().add_noise()
+            return
+        noise = self.noise_stream.normal_like([p.summed_grad for p in self.params],
+                                              std=self.noise_multiplier * self.max_grad_norm)
+        for p, z in zip(self.params, noise):
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + z).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def grad_sample_mode(cfg: FedimgConfig) -> str:
@@ -188,69 +122,30 @@ def grad_sample_mode(cfg: FedimgConfig) -> str:
     return getattr(MODELS.get(cfg.model), "dp_grad_sample_mode", "hooks")
 
 
-class ShuffledBatches:
-    """``steps`` fixed-size batches of positions, reshuffled every pass (no Poisson)."""
-
-    def __init__(self, n: int, batch_size: int, steps: int, generator: torch.Generator) -> None:
-        self.n, self.batch_size, self.steps, self.generator = n, min(batch_size, n), steps, generator
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order: list[int] = []
-        for _ in range(self.steps):
-            if len(order) < self.batch_size:
-                order = torch.randperm(self.n, generator=self.generator).tolist()
-            batch, order = order[:self.batch_size], order[self.batch_size:]
-            yield batch
-
-
-def private_batches(loader: InMemoryLoader, *, rate: float, steps: int,
-                    generator: torch.Generator, poisson: bool = True) -> DataLoader:
-    """``steps`` logical batches over ``loader``'s partition (same transform).
-
-    Poisson sampling (each sample independently with probability ``rate``) is what
-    the accountants assume; ``poisson=False`` draws shuffled batches of the expected
-    size instead, for which the reported epsilon is only the usual approximation.
-    """
-    images, labels, indices = loader.images, loader.labels, loader.indices
-    empty_x = loader.transform(images[torch.from_numpy(indices[:1])])[:0]  # (0, C, S, S)
-
-    def collate(positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not positions:
-            return empty_x, labels[:0]
-        idx = torch.from_numpy(indices[np.asarray(positions)])
-        return loader.transform(images[idx]), labels[idx]
-
-    if poisson:
-        sampler: Any = UniformWithReplacementSampler(num_samples=len(indices), sample_rate=rate,
-                                                     generator=generator, steps=steps)
-    else:
-        sampler = ShuffledBatches(len(indices), max(1, round(rate * len(indices))), steps,
-                                  generator)
-    positions: Any = range(len(indices))  # a map-style dataset: position i -> i
-    return DataLoader(positions, batch_sampler=sampler, collate_fn=collate)
-
-
-def _declined(ledger: PrivacyLedger, server_round: int, steps: int) -> ClientRound:
+def _declined(ledger: PrivacyLedger, server_round: int, steps: int, reason: str = ""
+              ) -> ClientRound:
     if ledger.stopped_round is None:
         ledger.stopped_round = server_round
-    reason = (f"privacy budget: epsilon would reach {ledger.epsilon_after(steps):.3f} > "
-              f"{ledger.target_epsilon:g} after this round (spent {ledger.spent():.3f})")
+    reason = reason or (f"privacy budget: epsilon would reach {ledger.epsilon_after(steps):.3f}"
+                        f" > {ledger.target_epsilon:g} after this round (spent "
+                        f"{ledger.spent():.3f})")
     return ClientRound(metrics={**ledger.report(), "dp/declined": 1.0}, num_examples=0,
                        ledger=ledger.to_dict(), declined=reason)
 
 
 def train_round(env: ClientEnvironment, partition_id: int, *, server_round: int,
-                ledger: dict[str, Any] | None = None, proximal_mu: float = 0.0) -> ClientRound:
+                ledger: dict[str, Any] | None = None, proximal_mu: float = 0.0,
+                admit: Admit | None = None) -> ClientRound:
     """One DP-SGD round of client ``partition_id`` on ``env`` (a TaskEnvironment).
 
     The global weights must already be loaded into ``env.model``. Returns the
     metrics (the ``train/*`` ones of a non-private round, plus epsilon, sigma, q,
     delta and the clipped fraction) and the updated ledger; a client whose budget
-    cannot cover this round declines. ``proximal_mu`` is ignored: the config refuses
-    FedProx under DP-SGD (the noisy per-sample sum drops the proximal term).
+    cannot cover this round declines. ``admit`` (the site's ledger keeper) sees the
+    ledger as it will be after this round, before the first noisy step: it may name a
+    reason to decline (a lifetime budget), or write the round ahead to disk.
+    ``proximal_mu`` is ignored: the config refuses FedProx under DP-SGD (the noisy
+    per-sample sum drops the proximal term).
     """
     cfg, data = env.cfg, env.client(partition_id)
     n = data.num_train
@@ -260,6 +155,11 @@ def train_round(env: ClientEnvironment, partition_id: int, *, server_round: int,
     steps = steps_per_round(cfg, n)
     if book.stopped_round is not None or book.would_exceed(steps):
         return _declined(book, server_round, steps)
+    planned = PrivacyLedger.from_dict(book.to_dict())
+    planned.record(steps)
+    refused = admit(planned.to_dict()) if admit is not None else ""
+    if refused:
+        return _declined(book, server_round, steps, refused)
     torch.manual_seed(int(np.random.SeedSequence(
         [cfg.seed, server_round, partition_id, 7]).generate_state(1)[0]))
     lr = scheduled_lr(cfg.train, server_round=server_round, total_rounds=cfg.rounds)
@@ -301,11 +201,13 @@ def _dp_optimizer(optimizer: torch.optim.Optimizer, *, cfg: FedimgConfig,
 
     The loop's loss is a per-micro-batch mean; the noisy sum is divided by the
     *expected* batch size q * N, as the Poisson batch's actual size is private.
+    ``privacy.secure_noise`` draws the noise from a fresh :class:`ChaChaStream` instead.
     """
+    stream = ChaChaStream() if cfg.privacy.secure_noise else None  # a fresh secret key
     return WeightedDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
                                max_grad_norm=cfg.privacy.max_grad_norm,
                                expected_batch_size=max(1, expected_batch_size),
-                               loss_reduction="mean", generator=generator)
+                               loss_reduction="mean", generator=generator, noise_stream=stream)
 
 
 class DPSGDHook:
@@ -373,7 +275,8 @@ def train_private(model: nn.Module, train: InMemoryLoader, book: PrivacyLedger, 
     """Train ``model`` (in-place-free, frozen BN) for ``steps`` DP-SGD steps on ``train``.
 
     :func:`~fedimg.training.train_local` with a :class:`DPSGDHook`, over Poisson
-    batches of ``train``'s partition (``generator`` draws them and the noise); ``book``'s
+    batches of ``train``'s partition (``generator`` draws them and the noise; ChaCha20
+    with ``privacy.secure_noise``); ``book``'s
     history is continued in place. Returns :meth:`~fedimg.training.TrainResult.as_metrics`
     (the same meaning as without DP), ``train/samples`` and ``dp/clipped_fraction``.
     """
@@ -383,7 +286,7 @@ def train_private(model: nn.Module, train: InMemoryLoader, book: PrivacyLedger, 
     hook = DPSGDHook(book, cfg=cfg, expected_batch_size=round(book.sample_rate * num_train),
                      class_weights=class_weights, device=device, generator=generator)
     loader = private_batches(train, rate=book.sample_rate, steps=per_pass, generator=generator,
-                             poisson=cfg.privacy.poisson)
+                             poisson=cfg.privacy.poisson, secure=cfg.privacy.secure_noise)
     result = train_local(model, loader, cfg=tcfg, lr=lr, device=device, hook=hook,
                          class_weights=None if class_weights is None else class_weights.float())
     return {**result.as_metrics(), "train/samples": float(result.num_examples),

@@ -128,15 +128,68 @@ def test_bad_values_are_refused_with_key_and_value(tmp_path: Path, old: str, new
     assert expected in str(err.value)
 
 
-def test_node_config_string_is_exact(tmp_path: Path) -> None:
-    # Arrange
+def test_node_config_string_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: no state_dir, so the ledger lives in the user's state dir
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     folder = _site_folder(tmp_path)
     site = load_site_config(_write(folder, VALID))
     # Act
     text = node_config(site)
     # Assert
     assert text == (f'site="hospital_a" data-path="{folder / "data" / "xray"}" device="cpu" '
-                    "num-threads=2 min-samples=16")
+                    f'num-threads=2 min-samples=16 state-dir="{tmp_path}/state/fedimg/'
+                    'hospital_a" federation="fl.example.org:9092" policy-require-dp=false '
+                    'policy-lifetime-delta=1e-05 policy-min-batch-size=1 '
+                    'policy-never-accept="seeded_noise,faults,attack,synthetic,hetero"')
+
+
+POLICY = VALID + """federation: chest-xray-2027
+state_dir: /var/lib/fedimg/hospital_a
+policy:
+  require_dp: true
+  max_run_epsilon: 4
+  lifetime_epsilon: 10
+  min_noise_multiplier: 0.8
+  min_batch_size: 16
+  never_accept: [seeded_noise, faults]
+"""
+
+
+def test_policy_reaches_the_clientapp_through_the_node_config(tmp_path: Path) -> None:
+    # Arrange
+    import tomllib
+
+    from fedimg.clientapp.site import site_options
+
+    site = load_site_config(_write(_site_folder(tmp_path), POLICY))
+    # Act: Flower parses --node-config as TOML key=value pairs
+    parsed = tomllib.loads("\n".join(node_config(site).split(" ")))
+    options = site_options(parsed)
+    # Assert
+    assert options is not None and options.policy == site.policy
+    assert options.policy.max_run_epsilon == 4.0 and options.policy.min_batch_size == 16
+    assert options.policy.never_accept == ("seeded_noise", "faults")
+    assert options.state_dir == "/var/lib/fedimg/hospital_a"
+    assert options.federation == "chest-xray-2027"
+
+
+@pytest.mark.parametrize("policy, named", [
+    ("{lifetime_epsilon: 10}", "policy.lifetime_epsilon: a lifetime budget needs require_dp"),
+    ("{require_dp: true, max_run_epsilon: -1}", "policy.max_run_epsilon: -1.0 is not positive"),
+    ("{never_accept: [seeded_noise, telemetry]}", "unknown settings ['telemetry']"),
+    ("{require_dp: yes-please}", "policy.require_dp: 'yes-please' is not true or false"),
+    ("{max_epsilon: 3}", "policy.max_epsilon: unknown key"),
+])
+def test_a_bad_policy_is_one_line_naming_the_key(tmp_path: Path, policy: str,
+                                                 named: str) -> None:
+    # Arrange
+    path = _write(_site_folder(tmp_path), VALID + f"policy: {policy}\n")
+    # Act
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    # Assert
+    assert named in str(err.value) and "Fix:" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_node_config_adds_max_samples_only_when_set(tmp_path: Path) -> None:
@@ -146,7 +199,7 @@ def test_node_config_adds_max_samples_only_when_set(tmp_path: Path) -> None:
     # Act
     text = node_config(site)
     # Assert
-    assert text.endswith("num-threads=2 min-samples=16 max-samples=500")
+    assert "num-threads=2 min-samples=16 max-samples=500 state-dir=" in text
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
