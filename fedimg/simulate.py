@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedimg.cli import run_cli
-from fedimg.config.compose import split_argv
-from fedimg.resolve import compose_and_check
 from fedimg.errors import RunStopped
 from fedimg.reporting import plot_run, setup_logging, summary_table
 
@@ -32,20 +30,15 @@ def run(argv: Sequence[str]) -> dict:
     from fedimg.simulation.engine import simulate
     from fedimg.build import prepare_run
 
-    setup_logging()
-    resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
-    if resume is not None:
-        from fedimg.serverapp.checkpoint import resumed_config
+    from fedimg.serverapp.checkpoint import config_from_argv
 
-        cfg = resumed_config(Path(resume), [a for a in argv if not a.startswith("resume=")])
-    else:
-        scenario, overrides = split_argv(argv)
-        cfg = compose_and_check(scenario, overrides)
+    setup_logging()
+    cfg, resume = config_from_argv(argv)
     run_dir = Path(str(cfg.output.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
     log.info("scenario '%s' -> %s", cfg.name, cfg.output.run_dir)
-    prepared = prepare_run(cfg, resume=resume is not None)
+    prepared = prepare_run(cfg, resume=resume)
     try:
         results = simulate(prepared)
     except RunStopped:

@@ -27,18 +27,20 @@ def free_port() -> int:
 
 
 def site_yaml(path: Path, *, name: str, superlink: str, ca: Path, key: Path, data: Path,
-              classes: Sequence[str], port: int, state_dir: Path, warm: bool = True) -> Path:
+              classes: Sequence[str], port: int, state_dir: Path, warm: bool = True,
+              extra: str = "") -> Path:
     """Write a site config for a daemon on this machine (one thread, quick reconnects).
 
     A refused activation is believed at once (``activation_grace_s: 0``): nodes here
-    never die uncleanly and come straight back.
+    never die uncleanly and come straight back. ``extra`` is appended as YAML (e.g. a
+    ``policy:`` section).
     """
     path.write_text(
         f"name: {name}\nsuperlink: {superlink}\nca_certificate: {ca}\nprivate_key: {key}\n"
         f"data: {data}\nscenario: medical\nclasses: [{', '.join(classes)}]\ndevice: cpu\n"
         f"port: {port}\nstate_dir: {state_dir}\nwarm: {str(warm).lower()}\n"
         "limits: {num_threads: 1, min_samples: 16}\n"
-        "reconnect: {backoff_s: 2, activation_grace_s: 0}\n")
+        "reconnect: {backoff_s: 2, activation_grace_s: 0}\n" + extra)
     return path
 
 
@@ -102,13 +104,25 @@ class LocalFederation:
         self.start(name, "fedimg.client", "--site", str(site))
         self.wait_for(name, "SuperNode ID:")
 
+    def _run_command(self, overrides: Sequence[str]) -> list[str]:
+        return [sys.executable, "-m", "fedimg.server", "run", "--connection", self.connection,
+                "--runs-dir", str(self.root / "runs"), *overrides]
+
     def run(self, overrides: Sequence[str], *,
             timeout: float = 900) -> tuple[subprocess.CompletedProcess, Path]:
         """Submit a run (``fedimg-server run``); its result and run directory."""
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedimg.server", "run", "--connection", self.connection,
-             "--runs-dir", str(self.root / "runs"), *overrides],
-            env=self.env, capture_output=True, text=True, timeout=timeout)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("run directory:")),
+        proc = subprocess.run(self._run_command(overrides), env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        return proc, self.run_dir(proc.stdout)
+
+    def submit(self, overrides: Sequence[str]) -> subprocess.Popen:
+        """Submit a run in the background; ``communicate()`` gives its output."""
+        return subprocess.Popen(self._run_command(overrides), env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    @staticmethod
+    def run_dir(stdout: str) -> Path:
+        """The run directory ``fedimg-server run`` printed."""
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("run directory:")),
                     "run directory: ?")
-        return proc, Path(line.split(":", 1)[1].strip())
+        return Path(line.split(":", 1)[1].strip())

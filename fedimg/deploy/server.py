@@ -35,11 +35,15 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fedimg
 from fedimg.deploy.client import executable, run_until_stopped, start, stop_on_signals
 from fedimg.deploy.site import check_keys, read_yaml_mapping, split_address, toml_string, typed
 from fedimg.errors import ConfigError, FedimgError
+
+if TYPE_CHECKING:
+    from fedimg.config import FedimgConfig
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +269,30 @@ def run_config(scenario: str, overrides: Sequence[str]) -> str:
 
 
 def submit_run(args: Sequence[str], *, connection: str, runs_dir: Path) -> int:
-    """Validate ``scenario=... key=value ...`` here, submit it with ``flwr run``; its exit code."""
-    from fedimg.config.compose import split_argv
-    from fedimg.resolve import compose_and_check
+    """Validate ``scenario=... key=value ...`` here, submit it with ``flwr run``; its exit code.
 
+    ``resume=<run_dir> [rounds=N ...]`` continues a deployed run from its last complete
+    round instead: the run's saved config is checked here (a bad override exits 2),
+    and the ServerApp matches the sites by name and leaves their ledgers to them.
+    """
+    scenario, overrides = _run_arguments(list(args), runs_dir=runs_dir)
+    cfg = _checked_config(scenario, overrides)  # ConfigError before anything is submitted
+    command = [executable("flwr"), "run", str(app_dir()), connection, "--stream",
+               "--run-config", run_config(scenario, overrides)]
+    log.info("submitting: %s", shlex.join(command))
+    code = subprocess.run(command, cwd=app_dir(), env=_env(), check=False).returncode
+    print(f"run directory: {cfg.output.run_dir}")  # noqa: T201 - the command's result
+    return code
+
+
+def _run_arguments(args: list[str], *, runs_dir: Path) -> tuple[str, list[str]]:
+    """The ``scenario`` and ``overrides`` the ServerApp gets (a new run's dir filled in)."""
+    from fedimg.config.compose import split_argv
+
+    resume = [a for a in args if a.startswith("resume=")]
+    if resume:
+        run_dir = Path(resume[-1].partition("=")[2]).expanduser().resolve()
+        return "resume", [f"resume={run_dir}", *(a for a in args if a not in resume)]
     scenario, overrides = split_argv(args)
     if scenario.endswith((".yaml", ".yml")):
         scenario = str(Path(scenario).resolve())  # the ServerApp runs elsewhere
@@ -276,14 +300,21 @@ def submit_run(args: Sequence[str], *, connection: str, runs_dir: Path) -> int:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         run_dir = runs_dir.expanduser().resolve() / f"{Path(scenario).stem}-{stamp}"
         overrides = [f"output.run_dir={run_dir}", *overrides]
-    overrides = ["deploy.enabled=true", *overrides]
-    cfg = compose_and_check(scenario, overrides)  # ConfigError before anything is submitted
-    command = [executable("flwr"), "run", str(app_dir()), connection, "--stream",
-               "--run-config", run_config(scenario, overrides)]
-    log.info("submitting: %s", shlex.join(command))
-    code = subprocess.run(command, cwd=app_dir(), env=_env(), check=False).returncode
-    print(f"run directory: {cfg.output.run_dir}")  # noqa: T201 - the command's result
-    return code
+    return scenario, ["deploy.enabled=true", *overrides]
+
+
+def _checked_config(scenario: str, overrides: list[str]) -> FedimgConfig:
+    """The config the ServerApp will build, composed and validated here first."""
+    from fedimg.serverapp.checkpoint import config_from_argv
+
+    if scenario == "resume":
+        cfg, _ = config_from_argv(overrides)
+        if not cfg.deploy.enabled:
+            raise ConfigError(f"{cfg.output.run_dir} is a simulation, not a deployed run. "
+                              "Fix: resume it with python -m fedimg.simulate resume=<run_dir>")
+        return cfg
+    cfg, _ = config_from_argv([f"scenario={scenario}", *overrides])
+    return cfg
 
 
 # --- CLI ----------------------------------------------------------------------------
@@ -304,7 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("public_keys", nargs="*", type=Path, metavar="KEY.pub")
     reg.add_argument("--keys", type=Path, help="register every *.pub in this folder")
     reg.add_argument("--connection", default="fedimg", help="flwr connection name")
-    run = sub.add_parser("run", help="submit a run: scenario=NAME [key=value ...]")
+    run = sub.add_parser("run", help="submit a run: scenario=NAME [key=value ...], or "
+                         "resume=RUN_DIR [rounds=N]")
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.add_argument("--config", type=Path, help="take the connection and runs dir from it")
     run.add_argument("--connection", help="flwr connection name (default fedimg)")

@@ -18,8 +18,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedimg.resolve import compose_and_check
 from fedimg.build import PreparedRun, prepare_run
+from fedimg.serverapp.checkpoint import config_from_argv
 from fedimg.serverapp.run import run_federation
 from fedimg.reporting import plot_run, setup_logging
 
@@ -44,8 +44,10 @@ def flwr_run_main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .`` and deployed SuperLinks."""
     scenario = str(context.run_config.get("scenario", "medical"))
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    cfg = compose_and_check(scenario, overrides)
-    prepared = prepare_run(cfg)
+    if not any(o.startswith("resume=") for o in overrides):  # fedimg-server run resume=
+        overrides = [f"scenario={scenario}", *overrides]
+    cfg, resume = config_from_argv(overrides)
+    prepared = prepare_run(cfg, resume=resume)
     setup_logging(prepared.recorder.run_dir)
     run_federation(grid, prepared)
     if cfg.output.plots:

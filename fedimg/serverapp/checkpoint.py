@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,23 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> FedimgConfig:
     values = OmegaConf.to_container(merged)
     values["output"]["run_dir"] = str(run_dir.resolve())
     return check_registries(from_dict(values))
+
+
+def config_from_argv(argv: Sequence[str]) -> tuple[FedimgConfig, bool]:
+    """The run config of ``scenario=... key=value ...`` or ``resume=<run_dir> [key=value]``.
+
+    Returns the config and whether it resumes a run (its checkpoint is then read by
+    :func:`fedimg.build.prepare_run`). Used by simulation and the deployed ServerApp.
+    """
+    from fedimg.config.compose import split_argv
+    from fedimg.resolve import compose_and_check
+
+    resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
+    if resume is not None:
+        rest = [a for a in argv if not a.startswith("resume=")]
+        return resumed_config(Path(resume).expanduser(), rest), True
+    scenario, overrides = split_argv(list(argv))
+    return compose_and_check(scenario, overrides), False
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:

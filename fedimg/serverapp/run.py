@@ -18,7 +18,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedimg.build import PreparedRun, build_loop, new_transport, update_checks
-from fedimg.errors import PrivacyBudgetExhausted
+from fedimg.errors import FedimgError, PrivacyBudgetExhausted
 from fedimg.reporting.run_dir import write_json
 from fedimg.serverapp.checkpoint import repair_best, restore_run_state
 from fedimg.serverapp.discovery import discover_partitions, discover_sites
@@ -80,10 +80,22 @@ def _resume(prepared: PreparedRun, loop: RoundLoop) -> None:
     reported = ({int(k): v for k, v in json.loads(path.read_text()).items()}
                 if not prepared.cfg.privacy.seeded_noise and path.is_file() else {})
     restore_run_state(loop.state, saved, recorder=recorder, reported_ledgers=reported)
+    if prepared.cfg.deploy.enabled:  # a site keeps its own ledger: the server's is a report
+        loop.state.ledgers_to_return.clear()
     repair_best(loop.state, saved, recorder=recorder, reference=prepared.initial_state,
                 meta=prepared.checkpoint_meta)
     log.info("resuming %s after round %d of %d", recorder.run_dir, saved.round,
              prepared.cfg.rounds)
+
+
+def _saved_site_names(prepared: PreparedRun) -> list[str]:
+    """The site names of the run being resumed, in their client-id order."""
+    path = prepared.recorder.paths.sites
+    if not path.is_file():
+        raise FedimgError(f"cannot resume {prepared.recorder.run_dir}: it has no {path.name} "
+                          "(it never got past discovery). Fix: start the run anew")
+    saved = json.loads(path.read_text())
+    return [saved[k]["name"] for k in sorted(saved, key=int)]
 
 
 def _discover(prepared: PreparedRun, transport: Transport, checks: UpdateChecks) -> None:
@@ -92,10 +104,16 @@ def _discover(prepared: PreparedRun, transport: Transport, checks: UpdateChecks)
     content = RecordDict({"config": config_record(prepared.client_cfg),
                           **prepared.context()})
     if cfg.deploy.enabled:
+        before = _saved_site_names(prepared) if prepared.resume is not None else None
         prepared.sites = discover_sites(
             transport, checks, content=content, timeout=cfg.fl.timeout_s,
             connect_timeout=cfg.fl.connect_timeout_s, num_sites=cfg.clients,
             num_classes=len(prepared.classes))
+        names = [site["name"] for site in prepared.sites.values()]
+        if before is not None and names != before:
+            raise FedimgError(f"cannot resume {prepared.recorder.run_dir}: it ran with sites "
+                              f"{before}, now {names} answered. Fix: start the same sites' "
+                              "daemons (clients= their number), then resume again")
         write_json(prepared.recorder.paths.sites,
                    {str(k): v for k, v in prepared.sites.items()})
     else:
