@@ -5,7 +5,10 @@
    (unknown class folders, unreadable files, too few images exit 3, naming them);
    log a summary. ``--check`` stops here with 0: run it before asking to register.
 3. Run ``flower-supernode`` (TLS + node authentication, :func:`supernode_command`)
-   as a child in its own process group and forward its output to stdout.
+   as a child in its own process group and forward its output to stdout. A warm
+   site's SuperNode and executor share a secret made at each start
+   (:func:`write_secret`, mode 0600 in :func:`private_dir`), with which the executor
+   signs its ``AcquireTask`` requests; no other local process can take the tasks.
 4. Supervise it (:func:`supervise`): SIGTERM/SIGINT stop the whole group and exit 0.
    A SuperNode whose key the server does not know ("Failed to activate SuperNode",
    Flower exit code 305) exits 10 without a restart, unless this daemon was connected
@@ -27,10 +30,13 @@ import argparse
 import logging
 import os
 import re
+import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -144,6 +150,45 @@ def start(command: Sequence[str], *, env: Mapping[str, str] | None = None,
                           "this environment (pip install -e .) or put it on PATH.") from exc
 
 
+SECRET_FILE = "superexec.secret"
+
+
+@contextmanager
+def private_dir(parent: Path | None, *, prefix: str) -> Iterator[Path]:
+    """A folder only this user can enter (0700), removed on leaving.
+
+    ``parent/runtime`` if ``parent`` is given (a site's ``state_dir``), else a new
+    ``tempfile.mkdtemp`` folder. It holds per-start files such as the SuperExec secret.
+    """
+    if parent is None:
+        folder = Path(tempfile.mkdtemp(prefix=prefix))
+    else:
+        folder = parent / "runtime"
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"runtime folder {folder} cannot be created ({exc}). Fix: make "
+                              f"{parent} writable for this user.") from exc
+    folder.chmod(0o700)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_secret(folder: Path) -> Path:
+    """A fresh 32-byte SuperExec secret in ``folder``, mode 0600; its path (never logged)."""
+    path = folder / SECRET_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secrets.token_bytes(32))
+    finally:
+        os.close(fd)
+    return path
+
+
 # --- one SuperNode run ----------------------------------------------------------------
 
 @dataclass
@@ -228,11 +273,15 @@ def executable(name: str) -> str:
     return str(sibling) if sibling.is_file() else name
 
 
-def supernode_command(site: SiteConfig) -> list[str]:
+def supernode_command(site: SiteConfig, *, secret_file: Path | None = None) -> list[str]:
     """The ``flower-supernode`` command line of ``site`` (TLS and node auth, never insecure).
 
     A ``warm`` site runs it with ``--isolation process`` under :mod:`fedimg.deploy.warm`,
-    whose one long-lived process serves every ClientApp message.
+    whose one long-lived process serves every ClientApp message. With ``secret_file``
+    both get ``--superexec-auth-secret-file``: the SuperNode then serves its Runtime
+    API's ``AcquireTask`` only to requests HMAC-signed with that secret, i.e. to the
+    warm executor and no other local process. A ``warm: false`` site (Flower's
+    subprocess isolation) ignores ``secret_file``, as Flower would.
     """
     command = [executable("flower-supernode"), "--superlink", site.superlink,
                "--root-certificates", str(site.ca_certificate),
@@ -241,8 +290,10 @@ def supernode_command(site: SiteConfig) -> list[str]:
     if site.reconnect.max_wait_s is not None:
         command += ["--max-wait-time", f"{site.reconnect.max_wait_s:g}"]
     if site.warm:
+        secret = ["--superexec-auth-secret-file", str(secret_file)] if secret_file else []
         command = [sys.executable, "-m", "fedimg.deploy.warm", "--runtime-api-address",
-                   f"127.0.0.1:{site.port}", "--", *command, "--isolation", "process"]
+                   f"127.0.0.1:{site.port}", *secret, "--", *command,
+                   "--isolation", "process", *secret]
     return command
 
 
@@ -276,6 +327,24 @@ def check_site_data(site: SiteConfig) -> None:
              counts, site_fingerprint(site.data))
     for warning in data.warnings:
         log.warning("site %s: %s", site.name, warning)
+    check_site_ledger(site)
+
+
+def check_site_ledger(site: SiteConfig) -> None:
+    """Open the site's own privacy ledger (LedgerError if missing or corrupt); log its spend."""
+    from fedimg.privacy.site_ledger import LifetimeBudget, SiteLedger
+
+    book = SiteLedger.open(site.ledger_dir, federation=site.federation_key, site=site.name)
+    policy = site.policy
+    if policy.lifetime_epsilon is None or not book.runs:
+        log.info("site %s: privacy ledger %s: %d run(s) on record", site.name, book.path,
+                 len(book.runs))
+        return
+    budget = LifetimeBudget(policy.lifetime_epsilon, policy.lifetime_delta)
+    accountant = next(iter(book.runs.values()))["accountant"]
+    log.info("site %s: privacy ledger %s: %d run(s), lifetime epsilon %.3f of %g (delta %g)",
+             site.name, book.path, len(book.runs),
+             book.lifetime_spent(budget, accountant=accountant), budget.epsilon, budget.delta)
 
 
 def warn_if_key_exposed(site: SiteConfig) -> bool:
@@ -308,12 +377,20 @@ def run_site(site: SiteConfig, *, check_only: bool = False) -> int:
         log.info("site %s: data OK; node public key to register: %s", site.name,
                  site.public_key)
         return 0
-    command = supernode_command(site)
-    log.info("starting SuperNode %s -> %s: %s", site.name, site.superlink, shlex.join(command))
-    memory = site.limits.memory_gb
-    return supervise(command, reconnect=site.reconnect, env=supernode_env(site),
-                     memory_bytes=int(memory * 2**30) if memory else None,
-                     public_key=str(site.public_key))
+    if not site.warm:
+        log.info("site %s: warm: false runs Flower's own ClientApp executor (subprocess "
+                 "isolation), which ignores a SuperExec secret: its Runtime API on "
+                 "127.0.0.1:%d hands tasks to any local process. warm: true signs them.",
+                 site.name, site.port)
+    with private_dir(site.state_dir, prefix=f"fedimg-{site.name}-") as runtime:
+        secret = write_secret(runtime) if site.warm else None
+        command = supernode_command(site, secret_file=secret)
+        log.info("starting SuperNode %s -> %s: %s", site.name, site.superlink,
+                 shlex.join(command))
+        memory = site.limits.memory_gb
+        return supervise(command, reconnect=site.reconnect, env=supernode_env(site),
+                         memory_bytes=int(memory * 2**30) if memory else None,
+                         public_key=str(site.public_key))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
