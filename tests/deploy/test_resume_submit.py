@@ -42,6 +42,7 @@ def test_resume_submits_the_saved_run_with_its_allowed_overrides(
         capsys: pytest.CaptureFixture[str]) -> None:
     # Arrange
     run_dir = _saved_run(tmp_path / "run", deployed=True)
+    (run_dir / "results.json").write_text("{}")  # as the resumed run will leave it
     calls: list[list[str]] = []
     monkeypatch.setattr(subprocess, "run", _recording(calls))
     # Act
@@ -81,3 +82,16 @@ def test_the_serverapp_reads_a_resume_from_its_run_config(tmp_path: Path) -> Non
     # Assert
     assert scenario == "resume" and resume and cfg.rounds == 4
     assert cfg.output.run_dir == str(run_dir) and cfg.deploy.enabled
+
+
+def test_a_run_that_failed_without_results_exits_1_with_its_reason(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog) -> None:
+    # Arrange: flwr run exits 0 although the ServerApp failed at discovery
+    run_dir = _saved_run(tmp_path / "run", deployed=True)
+    (run_dir / "run.log").write_text("INFO starting\nfedimg.errors.FedimgError: 1 of 2 sites "
+                                     "are ready; site hospital_b refuses this run\n")
+    monkeypatch.setattr(subprocess, "run", _recording([]))
+    # Act
+    code = server_main(["run", f"resume={run_dir}"])
+    # Assert
+    assert code == 1 and "site hospital_b refuses this run" in caplog.text
