@@ -5,6 +5,10 @@ test and latency benchmark. It runs the product's own launchers
 (``python -m fedimg.server`` / ``python -m fedimg.client``) as real processes, each
 in its own process group with its output in ``<root>/<name>.log``, and a private
 ``FLWR_HOME`` under ``root``.
+
+As on a real coordinator, the SuperLink listens on loopback only
+(``internal_address``: the flwr CLI's connection) and nginx on ``address``, the one
+the sites dial, forwarding only the Fleet API (:mod:`fedimg.deploy.proxy`).
 """
 
 from __future__ import annotations
@@ -53,8 +57,12 @@ class LocalFederation:
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr_home"),
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "FEDIMG_CACHE": str(root / "cache")}
-        self.port = free_port()
+        self.port = free_port()  # nginx: what the sites dial
         self.address = f"127.0.0.1:{self.port}"
+        self.internal_port = free_port()  # the SuperLink itself, all APIs (flwr dials it)
+        while self.internal_port == self.port:
+            self.internal_port = free_port()
+        self.internal_address = f"127.0.0.1:{self.internal_port}"
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         """Run ``python -m ARGS`` as process ``name``, logging to ``<root>/<name>.log``."""
@@ -67,10 +75,11 @@ class LocalFederation:
     def output(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
-    def wait_for(self, name: str, text: str, timeout: float = 120) -> None:
-        """Wait until process ``name`` printed ``text``; AssertionError if it died or timed out."""
+    def wait_for(self, name: str, text: str, timeout: float = 120, *, count: int = 1) -> None:
+        """Wait until ``name`` printed ``text`` (``count`` times in its log, which restarts
+        append to); AssertionError if it died or timed out."""
         deadline = time.monotonic() + timeout
-        while text not in self.output(name):
+        while self.output(name).count(text) < count:
             proc = self.procs[name]
             tail = self.output(name)[-3000:]
             assert proc.poll() is None, f"{name} exited {proc.returncode}: {tail}"
@@ -93,11 +102,18 @@ class LocalFederation:
             self.stop(name)
 
     def superlink(self, *, pki: Path, keys: Path) -> None:
-        """Start the SuperLink launcher (TLS, node auth, keys registered) and wait for it."""
+        """Start the SuperLink launcher and wait until it is ready.
+
+        That is: the SuperLink (TLS, node auth) on ``internal_address``, its SuperExec,
+        nginx on ``address``, the connection written and the keys registered.
+        """
+        log = self.root / "server.log"
+        ready = "SuperLink ready"
+        before = log.read_text(errors="replace").count(ready) if log.exists() else 0
         self.start("server", "fedimg.server", "superlink", "--certs", str(pki), "--keys",
                    str(keys), "--host", "127.0.0.1", "--port", str(self.port),
-                   "--name", self.connection)
-        self.wait_for("server", "SuperLink ready")
+                   "--internal-port", str(self.internal_port), "--name", self.connection)
+        self.wait_for("server", ready, count=before + 1)
 
     def daemon(self, name: str, site: Path) -> None:
         """Start a site daemon and wait until its SuperNode has joined."""

@@ -7,8 +7,12 @@ a second or two; here that start-up took about 4.5 s of every message
 (BENCHMARKS.md §8).
 
 Flower leaves the executor pluggable: a SuperNode started with
-``--isolation process`` runs no executor of its own, and any process that polls its
-Runtime API (``AcquireTask``) may take the tasks. This module is such a process.
+``--isolation process`` runs no executor of its own, and a process that polls its
+Runtime API (``AcquireTask``) takes the tasks. This module is such a process. The
+client daemon starts both with the same ``--superexec-auth-secret-file`` (a fresh
+32-byte secret per start), so the SuperNode hands tasks only to ``AcquireTask``
+requests HMAC-signed with it (Flower's ``SuperExecAuthHttpInterceptor``), not to
+any other process on the host.
 It polls every ``poll_interval`` seconds and runs each ClientApp task in itself,
 with the steps ``flwr-clientapp`` runs (Flower's own ``pull_task_input``,
 ``push_message`` and ``push_task_output``), but without exiting afterwards. The
@@ -53,10 +57,13 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.auth import load_superexec_auth_secret
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
 )
+from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import (
@@ -67,16 +74,24 @@ from flwr.supernode.runtime.run_clientapp import (
 
 import fedimg
 from fedimg.clientapp import app as client_app
+from fedimg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_S = 0.1
+# What a SuperNode started with --superexec-auth-secret-file checks (as flower-superexec).
+AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 
 
-def _client(address: str, component: str, token: str | None = None) -> RuntimeHttpClient:
-    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+def _client(address: str, component: str, token: str | None = None, *,
+            auth_secret: bytes | None = None) -> RuntimeHttpClient:
+    interceptors: list[ProtobufClientInterceptor] = [
+        RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if auth_secret is not None:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret,
+                                                         protected_methods=AUTH_METHODS))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
@@ -129,19 +144,24 @@ class WarmExecutor:
     It runs fedimg's ClientApp as installed at the site, and serves a run only if
     the submitted app's fedimg sources are byte-identical to it; any other app (an
     upgraded coordinator, a foreign app) is refused with an error reply that says so.
+    With ``auth_secret`` (the SuperNode's ``--superexec-auth-secret-file``), its
+    ``AcquireTask`` polls are HMAC-signed as ``flower-superexec`` signs them.
     """
 
-    def __init__(self, runtime_address: str, *, poll_interval: float = DEFAULT_POLL_S) -> None:
+    def __init__(self, runtime_address: str, *, poll_interval: float = DEFAULT_POLL_S,
+                 auth_secret: bytes | None = None) -> None:
         self.address = runtime_address
         self.poll_interval = poll_interval
+        self._auth_secret = auth_secret
         self.checked: dict[str, str] = {}  # FAB hash -> "" if served, else why refused
         self.served = 0
         self._installed = installed_digest()
 
     def serve(self, *, max_tasks: int | None = None) -> None:
         """Poll for tasks and run them until stopped (or after ``max_tasks``)."""
-        poller = _client(self.address, "SuperExec")
-        log.info("warm executor polling %s every %.2fs", self.address, self.poll_interval)
+        poller = _client(self.address, "SuperExec", auth_secret=self._auth_secret)
+        log.info("warm executor polling %s every %.2fs (AcquireTask %s)", self.address,
+                 self.poll_interval, "signed" if self._auth_secret else "unsigned")
         try:
             while max_tasks is None or self.served < max_tasks:
                 res = poller.AcquireTask(AcquireTaskRequest(
@@ -227,24 +247,46 @@ def watch(command: Sequence[str]) -> subprocess.Popen:
     return proc
 
 
+def read_secret(path: Path) -> bytes:
+    """The SuperExec secret in ``path`` (raw bytes, as Flower reads it); a ConfigError."""
+    try:
+        secret = load_superexec_auth_secret(str(path))
+    except ValueError as exc:
+        raise ConfigError(f"SuperExec secret file {path}: {exc}. Fix: pass the file given to "
+                          "flower-supernode --superexec-auth-secret-file (fedimg-client "
+                          "writes one at each start).") from exc
+    assert secret is not None
+    return secret
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fedimg.deploy.warm --runtime-api-address 127.0.0.1:9094 [-- SUPERNODE...]``.
 
     After ``--`` comes a ``flower-supernode ... --isolation process`` command line to
     start and watch (the client daemon passes it); without one, it serves an already
-    running SuperNode.
+    running SuperNode. ``--superexec-auth-secret-file F`` (the SuperNode's own flag)
+    signs the executor's ``AcquireTask`` requests.
     """
     argv = list(argv) if argv is not None else sys.argv[1:]
     supernode = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S)
+    parser.add_argument("--superexec-auth-secret-file", type=Path,
+                        help="sign AcquireTask with this secret (the SuperNode's file)")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    try:
+        secret = (read_secret(args.superexec_auth_secret_file)
+                  if args.superexec_auth_secret_file else None)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
     if supernode:
         watch(supernode)
-    WarmExecutor(args.runtime_api_address, poll_interval=args.poll_interval).serve()
+    WarmExecutor(args.runtime_api_address, poll_interval=args.poll_interval,
+                 auth_secret=secret).serve()
     return 0
 
 

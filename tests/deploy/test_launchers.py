@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,28 +23,33 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from fedimg.deploy import server
+from fedimg.deploy import client, server
+from fedimg.deploy.certs import create_dev_pki
 from fedimg.deploy.client import (
     EXIT_GAVE_UP,
     EXIT_UNREGISTERED,
+    private_dir,
     supernode_command,
     supervise,
     warn_if_key_exposed,
+    write_secret,
 )
 from fedimg.deploy.client import (
     main as client_main,
 )
 from fedimg.deploy.server import (
     ServerConfig,
+    load_server_config,
     register_key,
     run_config,
+    superexec_command,
     superlink_command,
     write_connection,
 )
 from fedimg.deploy.server import (
     main as server_main,
 )
-from fedimg.deploy.site import ReconnectPolicy, load_site_config
+from fedimg.deploy.site import ReconnectPolicy, load_site_config, node_config
 
 UNREGISTERED = ("Exit Code: 305\\nFailed to initialize the connection to the SuperLink.\\n"
                 "[code: 2004] Failed to activate SuperNode.")
@@ -91,18 +97,19 @@ def test_supernode_command_uses_tls_auth_and_the_node_config(tmp_path: Path) -> 
     # Arrange
     site = load_site_config(_site_yaml(tmp_path, tmp_path / "data",
                                        "limits: {num_threads: 2}\nport: 9694\nwarm: false\n"))
-    # Act
-    command = supernode_command(site)
+    # Act: a warm: false site ignores the secret (Flower's subprocess isolation would)
+    command = supernode_command(site, secret_file=tmp_path / "superexec.secret")
     # Assert
     assert Path(command[0]).name == "flower-supernode"
     assert command[1:] == [
         "--superlink", "127.0.0.1:9692",
         "--root-certificates", str(tmp_path / "ca.crt"),
         "--auth-supernode-private-key", str(tmp_path / "node.key"),
-        "--node-config", (f'site="hospital_a" data-path="{tmp_path / "data"}" device="cpu" '
-                          "num-threads=2 min-samples=16"),
+        "--node-config", node_config(site),
         "--port", "9694"]
-    assert "--insecure" not in command
+    assert node_config(site).startswith(f'site="hospital_a" data-path="{tmp_path / "data"}" '
+                                        'device="cpu" num-threads=2 min-samples=16')
+    assert "--insecure" not in command and "--superexec-auth-secret-file" not in command
 
 
 def test_a_private_key_readable_by_others_is_warned_about(tmp_path: Path, caplog) -> None:
@@ -116,14 +123,40 @@ def test_a_private_key_readable_by_others_is_warned_about(tmp_path: Path, caplog
 
 
 def test_a_warm_site_runs_the_supernode_under_the_warm_executor(tmp_path: Path) -> None:
+    # Arrange
     site = load_site_config(_site_yaml(tmp_path, tmp_path / "data", "port: 9694\n"))
-    command = supernode_command(site)
-    # The executor serves the SuperNode's local Runtime API; the SuperNode runs no executor.
-    assert command[1:5] == ["-m", "fedimg.deploy.warm", "--runtime-api-address",
-                            "127.0.0.1:9694"]
+    secret = tmp_path / "runtime" / "superexec.secret"
+    # Act
+    command = supernode_command(site, secret_file=secret)
+    # Assert: the executor serves the SuperNode's local Runtime API, signing AcquireTask
+    # with the secret the SuperNode checks; the SuperNode runs no executor of its own.
+    assert command[1:7] == ["-m", "fedimg.deploy.warm", "--runtime-api-address",
+                            "127.0.0.1:9694", "--superexec-auth-secret-file", str(secret)]
     inner = command[command.index("--") + 1:]
     assert Path(inner[0]).name == "flower-supernode"
-    assert inner[-2:] == ["--isolation", "process"] and "--insecure" not in inner
+    assert inner[-4:] == ["--isolation", "process", "--superexec-auth-secret-file",
+                          str(secret)]
+    assert "--insecure" not in inner
+
+
+def test_a_secret_is_32_fresh_bytes_only_its_owner_can_read(tmp_path: Path) -> None:
+    # Act
+    with private_dir(tmp_path / "state", prefix="unused-") as runtime:
+        first = write_secret(runtime).read_bytes()
+        path = write_secret(runtime)
+        modes = (runtime.stat().st_mode & 0o777, path.stat().st_mode & 0o777)
+        second = path.read_bytes()
+    # Assert: state_dir/runtime, 0700; the file 0600; a new secret per start; removed after
+    assert runtime == tmp_path / "state" / "runtime" and modes == (0o700, 0o600)
+    assert len(first) == len(second) == 32 and first != second
+    assert not runtime.exists()
+
+
+def test_without_a_state_dir_the_secret_lies_in_a_private_temp_dir() -> None:
+    with private_dir(None, prefix="fedimg-test-") as runtime:
+        assert runtime.name.startswith("fedimg-test-")
+        assert runtime.stat().st_mode & 0o777 == 0o700
+    assert not runtime.exists()
 
 
 def test_unregistered_node_exits_10_after_one_start(tmp_path: Path) -> None:
@@ -255,23 +288,119 @@ def test_bad_site_config_returns_2(tmp_path: Path, no_supernode: list[list[str]]
     assert code == 2 and no_supernode == []
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_daemon_makes_a_secret_for_a_warm_site_only(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        warm: bool) -> None:
+    # Arrange: record the supervised command and what the secret file held meanwhile
+    seen: dict[str, object] = {}
+
+    def fake_supervise(command: list[str], **kwargs: object) -> int:
+        flag = "--superexec-auth-secret-file"
+        path = Path(command[command.index(flag) + 1]) if flag in command else None
+        seen.update(command=command, path=path, mode=path and path.stat().st_mode & 0o777,
+                    size=path and len(path.read_bytes()))
+        return 0
+
+    monkeypatch.setattr(client, "supervise", fake_supervise)
+    monkeypatch.setenv("FEDIMG_CACHE", str(tmp_path / "cache"))
+    data = _image_folder(tmp_path / "data", ["a", "b", "c"])
+    site = _site_yaml(tmp_path, data, f"classes: [a, b, c]\nwarm: {str(warm).lower()}\n")
+    # Act
+    with caplog.at_level(logging.INFO):
+        code = client_main(["--site", str(site)])
+    # Assert
+    assert code == 0
+    if warm:  # under state_dir/runtime, 0600, 32 bytes, passed to both processes; removed
+        assert seen["path"] == tmp_path / "state" / "runtime" / "superexec.secret"
+        assert (seen["mode"], seen["size"]) == (0o600, 32)
+        assert seen["command"].count("--superexec-auth-secret-file") == 2
+        assert not seen["path"].exists()
+    else:
+        assert seen["path"] is None
+        assert caplog.text.count("ignores a SuperExec secret") == 1
+
+
 # --- fedimg-server ---------------------------------------------------------------------
 
-def test_superlink_command_uses_tls_and_node_auth(tmp_path: Path) -> None:
+def test_superlink_command_listens_on_loopback_with_tls_node_auth_and_a_secret(
+        tmp_path: Path) -> None:
     # Arrange
-    for name in ("ca.crt", "server.crt", "server.key"):
-        (tmp_path / name).write_text("PEM")
+    create_dev_pki(tmp_path)
     cfg = ServerConfig(certs=tmp_path, host="0.0.0.0", port=9692)
     # Act
-    command = superlink_command(cfg)
-    # Assert
+    command = superlink_command(cfg, secret_file=tmp_path / "superexec.secret")
+    # Assert: the sites' 0.0.0.0:9692 is nginx's; the SuperLink takes 127.0.0.1:9693
     assert Path(command[0]).name == "flower-superlink"
     assert command[1:] == [
         "--ssl-ca-certfile", str(tmp_path / "ca.crt"),
         "--ssl-certfile", str(tmp_path / "server.crt"),
         "--ssl-keyfile", str(tmp_path / "server.key"),
         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-        "--host", "0.0.0.0", "--port", "9692"]
+        "--host", "127.0.0.1", "--port", "9693",
+        "--isolation", "process", "--superexec-auth-secret-file",
+        str(tmp_path / "superexec.secret")]
+
+
+def test_superexec_command_runs_serverapps_for_the_loopback_superlink(tmp_path: Path) -> None:
+    # Arrange
+    cfg = ServerConfig(certs=tmp_path, port=9692, internal_port=9700)
+    # Act
+    command = superexec_command(cfg, secret_file=tmp_path / "s")
+    # Assert: TLS to the Runtime API, signed AcquireTask, no uv sync, dies with us
+    assert Path(command[0]).name == "flower-superexec"
+    assert command[1:] == ["--runtime-api-address", "127.0.0.1:9700",
+                           "--root-certificates", str(tmp_path / "ca.crt"),
+                           "--executor", "subprocess",
+                           "--superexec-auth-secret-file", str(tmp_path / "s"),
+                           "--parent-pid", str(os.getpid())]
+    assert "--allow-runtime-dependency-installation" not in command
+
+
+@pytest.mark.parametrize(("port", "internal", "cli", "expected"), [
+    (9092, None, None, ("127.0.0.1:9093", "0.0.0.0:9092", "127.0.0.1:9093")),
+    (9092, 9500, None, ("127.0.0.1:9500", "0.0.0.0:9092", "127.0.0.1:9500")),
+    (9092, 9500, "localhost:9500", ("127.0.0.1:9500", "0.0.0.0:9092", "localhost:9500")),
+])
+def test_the_sites_dial_nginx_and_flwr_dials_the_loopback_superlink(
+        tmp_path: Path, port: int, internal: int | None, cli: str | None,
+        expected: tuple[str, str, str]) -> None:
+    # Act
+    cfg = server.checked(ServerConfig(certs=tmp_path, port=port, internal_port=internal,
+                                      cli_address=cli), where="test")
+    # Assert: (SuperLink, sites, flwr CLI)
+    assert (cfg.internal_address, cfg.public_address, cfg.address) == expected
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"internal_port": 9092}, "internal_port 9092 equals port"),
+    ({"cli_address": "127.0.0.1:9092"}, "refuses the Control API.*127.0.0.1:9093"),
+    ({"internal_port": 70000}, "outside 1..65535"),
+])
+def test_ports_that_would_collide_or_dial_the_proxy_are_refused(
+        tmp_path: Path, fields: dict, match: str) -> None:
+    with pytest.raises(server.ConfigError, match=match):
+        server.checked(ServerConfig(certs=tmp_path, port=9092, **fields), where="test")
+
+
+def test_internal_port_is_read_from_the_server_yaml(tmp_path: Path) -> None:
+    # Arrange
+    path = tmp_path / "server.yaml"
+    path.write_text("certs: certs\nport: 9092\ninternal_port: 9193\n")
+    # Act
+    cfg = load_server_config(path)
+    # Assert
+    assert (cfg.loopback_port, cfg.address) == (9193, "127.0.0.1:9193")
+
+
+def test_a_server_certificate_without_127_0_0_1_is_refused_before_starting(
+        tmp_path: Path) -> None:
+    # Arrange: the SuperExec, ServerApps and flwr dial 127.0.0.1 with TLS
+    create_dev_pki(tmp_path, hosts=["fl.example.org"])
+    cfg = ServerConfig(certs=tmp_path)
+    # Act / Assert
+    with pytest.raises(server.ConfigError, match="does not name 127.0.0.1.*--host 127.0.0.1"):
+        superlink_command(cfg, secret_file=tmp_path / "s")
 
 
 def test_connection_update_keeps_other_tables_and_replaces_ours(tmp_path: Path) -> None:
