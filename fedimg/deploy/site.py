@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -323,7 +324,7 @@ def typed(value: Any, kind: str, *, where: str, key: str, base: Path | None = No
     checks = {"str": lambda v: isinstance(v, str), "path": lambda v: isinstance(v, str) and v,
               "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
               "bool": lambda v: isinstance(v, bool),
-              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "number": lambda v: _number(v) is not None,
               "str_list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
               "mapping": lambda v: isinstance(v, dict) or v is None}
     if not checks[kind](value):
@@ -333,4 +334,16 @@ def typed(value: Any, kind: str, *, where: str, key: str, base: Path | None = No
     if kind == "path":
         path = Path(value).expanduser()
         return path if path.is_absolute() or base is None else (base / path).resolve()
-    return float(value) if kind == "number" else value
+    return _number(value) if kind == "number" else value
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, or None. PyYAML (YAML 1.1) reads ``1e-5`` without a dot as a
+    string, so a string that spells a finite float is a number too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None

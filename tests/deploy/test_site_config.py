@@ -179,6 +179,8 @@ def test_policy_reaches_the_clientapp_through_the_node_config(tmp_path: Path) ->
     ("{never_accept: [seeded_noise, telemetry]}", "unknown settings ['telemetry']"),
     ("{require_dp: yes-please}", "policy.require_dp: 'yes-please' is not true or false"),
     ("{max_epsilon: 3}", "policy.max_epsilon: unknown key"),
+    ("{require_dp: true, lifetime_delta: .nan}", "policy.lifetime_delta: nan is not a number"),
+    ("{require_dp: true, lifetime_delta: 1e-5x}", "policy.lifetime_delta: '1e-5x' is not a"),
 ])
 def test_a_bad_policy_is_one_line_naming_the_key(tmp_path: Path, policy: str,
                                                  named: str) -> None:
@@ -190,6 +192,16 @@ def test_a_bad_policy_is_one_line_naming_the_key(tmp_path: Path, policy: str,
     # Assert
     assert named in str(err.value) and "Fix:" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_number_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    # Arrange: YAML 1.1 (PyYAML) reads 1e-6 as the string '1e-6'
+    path = _write(_site_folder(tmp_path), VALID + "policy: {require_dp: true, "
+                  "lifetime_epsilon: 10, lifetime_delta: 1e-6, max_run_epsilon: 2E+0}\n")
+    # Act
+    site = load_site_config(path)
+    # Assert
+    assert site.policy.lifetime_delta == 1e-6 and site.policy.max_run_epsilon == 2.0
 
 
 def test_node_config_adds_max_samples_only_when_set(tmp_path: Path) -> None:
