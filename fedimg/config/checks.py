@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from fedimg.config.choices import Choice
-from fedimg.config.schema import DataConfig, FedimgConfig, decode, field_types
+from fedimg.config.schema import PATH_DATASETS, DataConfig, FedimgConfig, decode, field_types
 from fedimg.errors import ConfigError
 
 
@@ -50,6 +50,29 @@ def _validate_data(d: DataConfig) -> None:
     _check(s.num_classes >= 2 and s.train_size >= 1 and s.test_size >= 1,
            "data.synthetic needs num_classes >= 2 and positive sizes")
     _check(s.channels in (1, 3), f"data.synthetic.channels={s.channels} must be 1 or 3")
+    _validate_data_path(d)
+
+
+_PATH_HINTS = {"folder": "DIR (split/class/image or class/image)",
+               "manifest": "FILE.csv (columns path,label[,split,site,...])",
+               "npz": "FILE.npz (train_images, train_labels[, val_*, test_*])"}
+
+
+def _validate_data_path(d: DataConfig) -> None:
+    """``data.path`` goes with exactly the path datasets; carving fractions in range."""
+    kinds = ", ".join(PATH_DATASETS)
+    if d.dataset in PATH_DATASETS:
+        _check(bool(d.path), f"data.dataset={d.dataset} reads its images from data.path, "
+               f"which is not set. Fix: add data.path={_PATH_HINTS[d.dataset]}")
+    else:
+        _check(d.path is None, f"data.path={d.path} is read only by data.dataset={kinds}; "
+               f"data.dataset={d.dataset} is a built-in set (found under data.root). Fix: "
+               f"drop data.path, or set data.dataset to one of {kinds}")
+    _check(0 < d.test_fraction < 1, f"data.test_fraction={d.test_fraction} must be in (0, 1)"
+           ": the share of a path dataset without a test split carved off as one (e.g. 0.2)")
+    for key, value in (("group_column", d.group_column), ("site_column", d.site_column)):
+        _check(value is None or bool(value.strip()),
+               f"data.{key}='{value}' must be a metadata column name or null")
 
 
 def _validate_training(cfg: FedimgConfig) -> None:
@@ -240,6 +263,10 @@ def _validate_deploy(cfg: FedimgConfig) -> None:
     _check(cfg.data.source != "synthetic" and cfg.data.dataset != "synthetic",
            "synthetic data with deploy.enabled=true: the sites read their own images. "
            "Fix: name the federation's dataset (data.dataset), whose classes the sites hold")
+    _check(cfg.data.dataset not in PATH_DATASETS, f"data.dataset={cfg.data.dataset} with "
+           "deploy.enabled=true: its class list is read from data.path, which the sites do "
+           "not have, so a site cannot label its images. Fix: simulate it (deploy.enabled="
+           "false), or deploy a built-in data.dataset whose classes the sites hold")
 
 
 def _validate_choices(section: Any, prefix: str = "") -> None:

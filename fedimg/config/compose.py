@@ -330,4 +330,8 @@ def compose_config(
     if run_dir is not None:
         output = dataclasses.replace(cfg.output, run_dir=str(Path(run_dir).resolve()))
         cfg = dataclasses.replace(cfg, output=output)
+    if cfg.data.path:  # workers and resumes read it from wherever they run
+        data = dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).expanduser()
+                                                      .resolve()))
+        cfg = dataclasses.replace(cfg, data=data)
     return validate(cfg)

@@ -53,13 +53,26 @@ class SyntheticConfig:
     channels: int = 3
 
 
+PATH_DATASETS = ("folder", "manifest", "npz")  # data.dataset values read from data.path
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the images come from and how they are split across clients."""
+    """Where the images come from and how they are split across clients.
+
+    ``dataset`` is a built-in name (its files under ``root``) or one of
+    :data:`PATH_DATASETS`, read from ``path``: an image folder, a CSV manifest or a
+    MedMNIST-style ``.npz`` (see :mod:`fedimg.data.path_sets`). Without a test
+    split, ``test_fraction`` of it is carved off (stratified, seeded; whole groups
+    of ``group_column`` when set).
+    """
 
     dataset: str = "pneumoniamnist"
     source: DataSource = DataSource.auto  # auto: real, else synthetic with a warning
     root: Optional[str] = None  # else $FEDIMG_DATA, else ~/.cache/fedimg
+    path: Optional[str] = None  # folder / manifest / npz datasets only
+    test_fraction: float = 0.2  # carved test split of a path dataset without one
+    group_column: Optional[str] = None  # carve whole groups (e.g. patient) into test
     download: bool = True
     partitioner: Partitioner = Partitioner.dirichlet
     alpha: float = 0.5  # Dirichlet concentration of the label skew
@@ -67,6 +80,7 @@ class DataConfig:
     classes_per_client: int = 2  # shards (pathological) partitioner
     natural_column: str = "site"  # metadata column for natural partitions
     natural_split: bool = False  # natural, more clients than groups: cut groups into runs
+    site_column: Optional[str] = "site"  # test metrics per value: test/site/<value>/...
     val_fraction: float = 0.1  # each client's local validation split
     min_partition_size: int = 16
     image_size: int = 64  # input resolution of the model

@@ -7,7 +7,10 @@ the (path, size, mtime) of every file, so an edited file invalidates it. When al
 images share one small size (CIFAR-10, GTSRB subset: 32 px) the cache holds them
 at native size and serves every ``image_size``; otherwise it holds them resized
 (the key includes the size). Resizing is bilinear with antialiasing (PIL for single
-images, :func:`torch.nn.functional.interpolate` for batches).
+images, :func:`torch.nn.functional.interpolate` for batches). Greyscale files
+stay one channel unless any file of the set is colour (then all are RGB);
+16-bit and 32-bit greyscale files (X-rays, microscopy) are stretched from their
+own min..max onto 0..255 rather than clipped.
 
 A file that cannot be decoded (empty, truncated, not an image) does not stop the
 decoding: :class:`Decoded` holds the pixels of the readable files and the reason
@@ -39,8 +42,9 @@ from fedimg.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+CACHE_VERSION = 2  # 2: 16-/32-bit greyscale stretched to 8 bit, no longer clipped
+GREY_MODES = ("1", "L", "LA", "La")
+WIDE_MODES = ("I", "F")  # and every "I;16*": stretched min..max onto 0..255
 NATIVE_MAX = 64  # uniform images up to this size are cached once for every image_size
 SHOWN_FILES = 10  # corrupt files listed in an error or warning (the rest are counted)
 ON_CORRUPT = ("refuse", "skip")
@@ -157,7 +161,21 @@ def _open(path: Path) -> Image.Image:
     if os.path.getsize(path) == 0:
         raise OSError("empty file (0 bytes)")
     with Image.open(path) as im:
+        if im.mode in WIDE_MODES or im.mode.startswith("I;16"):
+            return _stretch_to_8bit(np.asarray(im, dtype=np.float64))
         return im.convert("L" if im.mode in GREY_MODES else "RGB")
+
+
+def _stretch_to_8bit(array: np.ndarray) -> Image.Image:
+    """A 16-bit / 32-bit greyscale image mapped min..max onto 0..255.
+
+    PIL's own conversion to ``L`` clips at 255, which turns a 16-bit X-ray (or
+    12-bit data stored in 16 bits) white; stretching keeps its contrast.
+    """
+    low, high = float(np.nanmin(array)), float(np.nanmax(array))
+    scale = 255.0 / (high - low) if high > low else 0.0
+    out = np.nan_to_num((array - low) * scale).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
 
 
 def _reason(path: Path, exc: BaseException) -> str:

@@ -32,13 +32,22 @@ SPLITS = ("train", "val", "test")
 MetadataHook = Callable[[dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 
 
-def list_split(split_dir: Path) -> list[tuple[Path, str]]:
-    """(image path, class folder name) for every image of one split, sorted."""
+Items = list[tuple[Path, str]]  # (image path, class folder name)
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """The class folders of one split, sorted; hidden ones (``.ipynb_checkpoints``) skipped."""
+    return sorted(e.name for e in os.scandir(split_dir)
+                  if e.is_dir() and not e.name.startswith("."))
+
+
+def list_split(split_dir: Path) -> Items:
+    """(image path, class folder name) for every image of one split, sorted (hidden skipped)."""
     items = []
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    for name in classes:
+    for name in class_folders(split_dir):
         files = sorted(e.name for e in os.scandir(split_dir / name)
-                       if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+                       if e.is_file() and not e.name.startswith(".")
+                       and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
         items.extend((split_dir / name / f, name) for f in files)
     return items
 
@@ -81,7 +90,7 @@ def read_metadata(directory: Path, relpaths: list[str]) -> tuple[dict[str, np.nd
     return meta, missing
 
 
-def _split_sets(directory: Path) -> dict[str, list[tuple[Path, str]]]:
+def _split_sets(directory: Path) -> dict[str, Items]:
     splits = {s: list_split(directory / s) for s in SPLITS if (directory / s).is_dir()}
     if "train" not in splits or "test" not in splits:
         raise DataError(f"image folder {directory} needs train/ and test/ sub-folders "
@@ -94,9 +103,9 @@ def _split_sets(directory: Path) -> dict[str, list[tuple[Path, str]]]:
     return splits
 
 
-def _drop_corrupt(directory: Path, splits: dict[str, list[tuple[Path, str]]],
+def _drop_corrupt(directory: Path, splits: dict[str, Items],
                   decoded: Decoded, on_corrupt: str
-                  ) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
+                  ) -> tuple[dict[str, Items], list[str]]:
     """Refuse corrupt files, or drop them from ``splits`` (returns the provenance warning)."""
     items = [item for split_items in splits.values() for item in split_items]
     rel = [p.relative_to(directory).as_posix() for p, _ in items]
@@ -116,6 +125,42 @@ def _drop_corrupt(directory: Path, splits: dict[str, list[tuple[Path, str]]],
     return kept, [warning]
 
 
+MetadataReader = Callable[[Path, list[str]], tuple[dict[str, np.ndarray], int]]
+
+
+def decode_splits(directory: Path, splits: dict[str, Items], *, image_size: int,
+                  metadata_hook: MetadataHook | None = None, on_corrupt: str = "refuse",
+                  read_meta: MetadataReader = read_metadata, classes: list[str] | None = None
+                  ) -> tuple[tuple[str, ...], dict[str, ImageSet], list[str]]:
+    """Decode the images of ``splits`` (any split names) under ``directory``, cached.
+
+    Returns the class names (``classes`` in label order, else the sorted union of
+    class folders, renamed by ``classes.csv``), one :class:`ImageSet` per split with
+    the columns ``read_meta`` gives for its paths (default: ``metadata.csv``), and
+    the warnings (skipped corrupt files, images without a row).
+    """
+    folders = classes or sorted({name for items in splits.values() for _, name in items})
+    index = {name: i for i, name in enumerate(folders)}
+    all_paths = [p for items in splits.values() for p, _ in items]
+    decoded = decode_files(all_paths, directory=directory, image_size=image_size)
+    splits, warnings = _drop_corrupt(directory, splits, decoded, on_corrupt)
+    sets: dict[str, ImageSet] = {}
+    start = 0
+    for split, items in splits.items():
+        rel = [p.relative_to(directory).as_posix() for p, _ in items]
+        meta, missing = read_meta(directory, rel)
+        if missing and meta:
+            warnings.append(f"{missing} {split} images have no row in {directory}/metadata.csv")
+        if metadata_hook is not None:
+            meta = metadata_hook(meta, rel)
+        labels = torch.tensor([index[name] for _, name in items], dtype=torch.int64)
+        sets[split] = ImageSet(images=decoded.images[start:start + len(items)], labels=labels,
+                               metadata=meta)
+        start += len(items)
+    names = tuple(folders) if classes else read_class_names(directory, folders)
+    return names, sets, warnings
+
+
 def load_image_folder(directory: Path, *, image_size: int,
                       metadata_hook: MetadataHook | None = None,
                       on_corrupt: str = "refuse") -> RawSplits:
@@ -125,29 +170,12 @@ def load_image_folder(directory: Path, *, image_size: int,
     be decoded: ``refuse`` raises a :class:`DataError` naming them all; ``skip``
     drops them (with their metadata rows) and names them in ``RawSplits.warnings``.
     """
-    splits = _split_sets(directory)
-    folders = sorted({name for items in splits.values() for _, name in items})
-    index = {name: i for i, name in enumerate(folders)}
-    all_paths = [p for items in splits.values() for p, _ in items]
-    decoded = decode_files(all_paths, directory=directory, image_size=image_size)
-    splits, warnings = _drop_corrupt(directory, splits, decoded, on_corrupt)
-    sets: dict[str, ImageSet] = {}
-    start = 0
-    for split, items in splits.items():
-        rel = [p.relative_to(directory).as_posix() for p, _ in items]
-        meta, missing = read_metadata(directory, rel)
-        if missing and meta:
-            warnings.append(f"{missing} {split} images have no row in {directory}/metadata.csv")
-        if metadata_hook is not None:
-            meta = metadata_hook(meta, rel)
-        labels = torch.tensor([index[name] for _, name in items], dtype=torch.int64)
-        sets[split] = ImageSet(images=decoded.images[start:start + len(items)], labels=labels,
-                               metadata=meta)
-        start += len(items)
-    return RawSplits(classes=read_class_names(directory, folders),
-                     channels=int(decoded.images.shape[1]), train=sets["train"],
-                     test=sets["test"], val=sets.get("val"), location=str(directory),
-                     warnings=tuple(warnings))
+    classes, sets, warnings = decode_splits(directory, _split_sets(directory),
+                                            image_size=image_size, metadata_hook=metadata_hook,
+                                            on_corrupt=on_corrupt)
+    return RawSplits(classes=classes, channels=int(sets["train"].images.shape[1]),
+                     train=sets["train"], test=sets["test"], val=sets.get("val"),
+                     location=str(directory), warnings=tuple(warnings))
 
 
 def gtsrb_track_ids(meta: dict[str, np.ndarray], relpaths: list[str]) -> dict[str, np.ndarray]:

@@ -88,38 +88,52 @@ def download(root: Path, name: str) -> Path:
     return dest
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    keys = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
-    fix = f"Fix: delete it and download it again ({URL.format(name=path.stem)})."
+SPLIT_KEYS = tuple(f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels"))
+
+
+def read_npz(path: Path, *, required: tuple[str, ...] = SPLIT_KEYS,
+             optional: tuple[str, ...] = (), fix: str | None = None) -> dict[str, np.ndarray]:
+    """The ``required`` arrays of an npz (and those of ``optional`` present), or a DataError.
+
+    ``fix`` ends the message about a missing key or a corrupt file (default: fetch
+    the official MedMNIST file again).
+    """
+    fix = fix or f"Fix: delete it and download it again ({URL.format(name=path.stem)})."
     if path.stat().st_size == 0:
         raise DataError(f"{path} is truncated or corrupt: it is empty (0 bytes), e.g. from "
                         f"an interrupted download. {fix}")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in keys if k not in npz.files]
+            missing = [k for k in required if k not in npz.files]
             if missing:
-                raise DataError(f"{path} is not a MedMNIST npz: missing {missing} "
-                                f"(found {npz.files}). Fix: replace it with the official "
-                                "file or delete it so it can be downloaded.")
-            return {k: npz[k] for k in keys}
+                raise DataError(f"{path} is not a MedMNIST-style npz: missing {missing} "
+                                f"(found {npz.files}). {fix}")
+            return {k: npz[k] for k in (*required, *optional) if k in npz.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
         raise DataError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}). "
                         f"{fix}") from exc
 
 
-def _split(arrays: dict[str, np.ndarray], split: str, *, image_size: int,
-           num_classes: int, path: Path) -> ImageSet:
+def flat_labels(arrays: dict[str, np.ndarray], split: str, *, path: Path) -> np.ndarray:
+    """``<split>_labels`` as int64 (N,); (N, 1) is flattened, multi-label is refused."""
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     labels = labels.reshape(len(labels), -1)
     if labels.shape[1] != 1 or len(labels) != len(images):
         raise DataError(f"{path}: {split}_labels has shape {arrays[f'{split}_labels'].shape}"
                         f" for {len(images)} images; expected ({len(images)}, 1) "
                         "(multi-label sets such as chestmnist are not supported)")
-    flat = labels[:, 0].astype(np.int64)
+    return labels[:, 0].astype(np.int64)
+
+
+def image_set(arrays: dict[str, np.ndarray], split: str, *, image_size: int,
+              num_classes: int, path: Path) -> ImageSet:
+    """One split of an npz as an :class:`ImageSet` resized to ``image_size``."""
+    flat = flat_labels(arrays, split, path=path)
     if flat.size and (flat.min() < 0 or flat.max() >= num_classes):
         raise DataError(f"{path}: {split} labels span [{flat.min()}, {flat.max()}] but the "
                         f"dataset has {num_classes} classes")
-    tensor = resize_batch(to_nchw(images.astype(np.uint8, copy=False)), image_size)
+    images = arrays[f"{split}_images"].astype(np.uint8, copy=False)
+    tensor = resize_batch(to_nchw(images), image_size)
     return ImageSet(images=tensor, labels=torch.from_numpy(flat))
 
 
@@ -127,14 +141,14 @@ def load(path: Path, name: str, *, image_size: int) -> RawSplits:
     """Decode a MedMNIST npz (resized to ``image_size``), warning on an md5 mismatch."""
     info = INFO[name]
     warnings = []
-    arrays = _read_npz(path)  # first: a corrupt file is an error, not an md5 warning
+    arrays = read_npz(path)  # first: a corrupt file is an error, not an md5 warning
     digest = md5sum(path)
     if digest != info.md5:
         message = (f"{path} has md5 {digest}, not the official {info.md5}: it differs from "
                    "the MedMNIST release, so results are not comparable to published ones")
         logger.warning(message)
         warnings.append(message)
-    sets = {s: _split(arrays, s, image_size=image_size, num_classes=len(info.classes),
+    sets = {s: image_set(arrays, s, image_size=image_size, num_classes=len(info.classes),
                       path=path) for s in ("train", "val", "test")}
     channels = int(sets["train"].images.shape[1])
     if channels != info.channels:

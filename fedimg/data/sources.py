@@ -10,6 +10,9 @@ download it. ``data.source`` decides what happens when nothing is found:
 * ``strict``: a :class:`DataError` listing the paths checked and the fix;
 * ``synthetic``: always synthetic, even when the real data exists.
 
+Your own data (``data.dataset=folder|manifest|npz`` with ``data.path``) is read by
+:mod:`fedimg.data.path_sets` and never falls back: a missing path is an error.
+
 A file that exists but is corrupt is never a fallback: a corrupt ``.npz`` is a
 :class:`DataError`; corrupt image files follow ``data.on_corrupt`` (``refuse``: a
 :class:`DataError` naming them all; ``skip``: dropped and named in
@@ -29,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from fedimg.config import DataConfig
+from fedimg.config.schema import PATH_DATASETS
 from fedimg.data import medmnist, torchvision_sets
 from fedimg.data.folders import MetadataHook, gtsrb_track_ids, load_image_folder
+from fedimg.data.path_sets import load_path_dataset
 from fedimg.data.roots import resolve_data_root
 from fedimg.data.synthetic import make_synthetic
 from fedimg.data.types import Dataset, ImageSet, Provenance, RawSplits
@@ -53,6 +58,7 @@ class DatasetSource:
     candidates: Callable[[Path], list[Path]]
     load: Loader | None = None  # None: generated, never read (``synthetic``)
     download: Downloader | None = None
+    reads_path: bool = False  # read from data.path (your own data), never a fallback
 
 
 DATASETS: Registry[DatasetSource] = Registry("dataset", config_key="data.dataset")
@@ -118,6 +124,8 @@ DATASETS.add("cifar10", DatasetSource(
     lambda root: [root / "cifar10_subset", *torchvision_sets.cifar10_candidates(root)],
     _folder_or_tv("cifar10_subset", _cifar10_tv), partial(_cifar10_tv, download=True)))
 DATASETS.add("synthetic", DatasetSource("synthetic", (), 3, lambda root: []))
+for _name in PATH_DATASETS:  # classes and channels come from the data itself
+    DATASETS.add(_name, DatasetSource(_name, (), 3, lambda root: [], reads_path=True))
 
 
 def stratified_subsample(split: ImageSet, max_samples: int | None, *, seed: int) -> ImageSet:
@@ -138,7 +146,7 @@ def stratified_subsample(split: ImageSet, max_samples: int | None, *, seed: int)
 
 def _synthetic(cfg: DataConfig, source: DatasetSource, seed: int) -> RawSplits:
     s = cfg.synthetic
-    if source.name == "synthetic":
+    if not source.classes:  # synthetic, or your own data asked to be synthetic
         classes, channels = tuple(f"class_{i}" for i in range(s.num_classes)), s.channels
     else:
         classes, channels = source.classes, source.channels
@@ -175,9 +183,12 @@ def _find_or_download(source: DatasetSource, cfg: DataConfig, root: Path
 
 
 def _resolve(cfg: DataConfig, source: DatasetSource, seed: int) -> tuple[RawSplits, Provenance]:
-    if cfg.source == "synthetic" or source.load is None:
+    if cfg.source == "synthetic" or (source.load is None and not source.reads_path):
         raw = _synthetic(cfg, source, seed)
         return raw, Provenance(source="synthetic", location=raw.location)
+    if source.reads_path:
+        raw = load_path_dataset(cfg)
+        return raw, Provenance(source="real", location=raw.location, warnings=raw.warnings)
     root = resolve_data_root(cfg.root)
     raw, checked, note = _find_or_download(source, cfg, root)
     if raw is not None:

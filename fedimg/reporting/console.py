@@ -119,6 +119,7 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
                   f"{_fmt(final.get('val/personal_accuracy'))} worst "
                   f"{_fmt(final.get('fair/worst_personal_accuracy'))}"
                   if (final_k := results.get("personalize_steps")) else ""))
+    out.extend(_site_line(final))
     part, sent = results.get("participation", {}), results.get("bytes", {})
     out.append("clients " + "  ".join(f"{k} {v}"
                                       for k, v in part.items() if v)
@@ -127,3 +128,18 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
                f"{results.get('data', {}).get('location', '')}")
     out.append(f"run    {results.get('run_dir')}")
     return "\n".join(out)
+
+
+def _site_line(final: dict[str, Any], metric: str = "balanced_accuracy") -> list[str]:
+    """``sites  test bal acc worst ... (name)  mean ...  spread ...`` if per-site metrics."""
+    suffix = f"/{metric}"
+    per_site = {k[len("test/site/"):-len(suffix)]: v for k, v in final.items()
+                if k.startswith("test/site/") and k.endswith(suffix)
+                and isinstance(v, float) and not math.isnan(v)}
+    if not per_site:
+        return []
+    worst = min(per_site, key=per_site.__getitem__)
+    values = list(per_site.values())
+    return [f"sites  test bal acc worst {_fmt(per_site[worst])} ({worst})  "
+            f"mean {_fmt(sum(values) / len(values))}  "
+            f"spread {_fmt(max(values) - min(values))}  over {len(values)} sites"]

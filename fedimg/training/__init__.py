@@ -10,7 +10,14 @@
 
 from fedimg.training.device import resolve_device
 from fedimg.training.losses import balanced_class_weights, restricted_logit_scale
-from fedimg.training.loop import TrainingDiverged, TrainResult, evaluate, train_local
+from fedimg.training.loop import (
+    TrainingDiverged,
+    TrainResult,
+    evaluate,
+    predict,
+    scores,
+    train_local,
+)
 from fedimg.training.metrics import classification_metrics
 from fedimg.training.optim import OPTIMIZERS, SCHEDULES, build_optimizer, scheduled_lr
 
@@ -23,6 +30,8 @@ __all__ = [
     "build_optimizer",
     "classification_metrics",
     "evaluate",
+    "predict",
+    "scores",
     "resolve_device",
     "restricted_logit_scale",
     "scheduled_lr",

@@ -18,8 +18,9 @@ gradients) and the optimizer (clipping and noise) for the round and splits each
 Poisson batch of ``loader`` into micro-batches, with one optimizer update per batch.
 Every number in :class:`TrainResult` means the same with and without it.
 
-:func:`evaluate` gathers the logits of a whole loader and returns
-:func:`~fedimg.training.metrics.classification_metrics` plus the mean loss.
+:func:`evaluate` gathers the logits of a whole loader (:func:`predict`) and returns
+:func:`~fedimg.training.metrics.classification_metrics` plus the mean loss
+(:func:`scores`, which also scores any subset of the rows).
 """
 
 from __future__ import annotations
@@ -162,18 +163,11 @@ def train_local(
                     lr=lr, window=_window(loader, cfg, total_steps))
 
 
-def evaluate(
-    model: nn.Module,
-    loader: Loader,
-    *,
-    device: torch.device,
-    num_classes: int,
-    amp: bool = False,
-) -> dict[str, float]:
-    """Metrics of ``model`` on ``loader``: classification metrics, "loss", "num_examples".
+def predict(model: nn.Module, loader: Loader, *, device: torch.device,
+            amp: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Float logits (N, K) and labels (N,) of ``model`` over ``loader``, in its order.
 
-    An empty loader gives ``{"num_examples": 0}`` only. The model's train/eval
-    mode is restored afterwards.
+    None for an empty loader. The model's train/eval mode is restored afterwards.
     """
     was_training = model.training
     model.to(device)
@@ -187,13 +181,37 @@ def evaluate(
             all_labels.append(y.to(device, non_blocking=True))  # (B,)
     model.train(was_training)
     if not all_labels:
-        return {"num_examples": 0}
+        return None
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor, *,
+           num_classes: int) -> dict[str, float]:
+    """Classification metrics of ``logits`` (N, K), the mean loss and ``num_examples``."""
     with torch.inference_mode():
-        logits, labels = torch.cat(all_logits), torch.cat(all_labels)  # (N, K), (N,)
         metrics = classification_metrics(logits, labels, num_classes=num_classes)
         metrics["loss"] = float(F.cross_entropy(logits, labels))
     metrics["num_examples"] = len(labels)
     return metrics
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Loader,
+    *,
+    device: torch.device,
+    num_classes: int,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``loader``: classification metrics, "loss", "num_examples".
+
+    An empty loader gives ``{"num_examples": 0}`` only. The model's train/eval
+    mode is restored afterwards.
+    """
+    predicted = predict(model, loader, device=device, amp=amp)
+    if predicted is None:
+        return {"num_examples": 0}
+    return scores(*predicted, num_classes=num_classes)
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -53,6 +53,18 @@ def test_summary_table_has_one_row_per_round(tmp_path) -> None:
     assert "final  test acc 0.7500  auc -  (round 1)" in table
 
 
+def test_the_summary_names_the_worst_site_with_mean_and_spread(tmp_path) -> None:
+    # Arrange: three sites' balanced accuracies, one of them NaN (a one-class site)
+    final = {"test/accuracy": 0.7, "test/site/north/balanced_accuracy": 0.8,
+             "test/site/south/balanced_accuracy": 0.6, "test/site/east/balanced_accuracy":
+             math.nan, "test/site/south/accuracy": 0.1}
+    # Act
+    table = summary_table(ROUNDS, {"final": final, "best": {}, "run_dir": str(tmp_path)})
+    # Assert: worst 0.6 (south), mean (0.8 + 0.6) / 2, spread 0.2
+    assert ("sites  test bal acc worst 0.6000 (south)  mean 0.7000  spread 0.2000  "
+            "over 2 sites") in table
+
+
 def test_plots_are_drawn_from_files_and_flag_fallback_data(tmp_path) -> None:
     recorder = RunRecorder(tmp_path)
     for record in ROUNDS:

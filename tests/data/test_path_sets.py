@@ -1,0 +1,221 @@
+"""Your own data by path: folder, manifest and npz readers, carving, and bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedimg.config.compose import compose_config
+from fedimg.data import load_dataset
+from fedimg.data.carve import carve_test, share
+from fedimg.errors import ConfigError, DataError
+
+
+def _image(path: Path, value: int, *, mode: str = "RGB", size: int = 12) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":  # a 16-bit greyscale scan: value..value*200 spans the range
+        ramp = np.linspace(value, value * 200, size * size, dtype=np.uint16)
+        Image.fromarray(ramp.reshape(size, size)).save(path)  # uint16: mode I;16
+        return
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    Image.fromarray(np.full(shape, value, dtype=np.uint8), mode=mode).save(path)
+
+
+def _folder(root: Path, *, per_class: dict[str, int], split: str | None = None) -> Path:
+    for k, (name, count) in enumerate(per_class.items()):
+        for i in range(count):
+            parts = [split] if split else []
+            _image(root.joinpath(*parts, name, f"{name}_{i}.png"), 40 + 80 * k)
+    return root
+
+
+def _load(dataset: str, path: Path, *extra: str):
+    cfg = compose_config("medical", [f"data.dataset={dataset}", f"data.path={path}",
+                                     "data.image_size=16", *extra])
+    return load_dataset(cfg.data, seed=0)
+
+
+def test_a_folder_of_class_folders_gets_a_stratified_carved_test_split(tmp_path: Path) -> None:
+    # Arrange: 10 cats and 5 dogs, no split folders
+    root = _folder(tmp_path / "pets", per_class={"cat": 10, "dog": 5})
+    # Act
+    ds = _load("folder", root)
+    # Assert: round(0.2 * 10) = 2 cats and round(0.2 * 5) = 1 dog carved off
+    assert ds.classes == ("cat", "dog") and ds.channels == 3
+    assert np.bincount(ds.test.labels.numpy()).tolist() == [2, 1]
+    assert np.bincount(ds.train.labels.numpy()).tolist() == [8, 4]
+
+
+def test_a_folder_with_train_and_test_keeps_them(tmp_path: Path) -> None:
+    # Arrange
+    _folder(tmp_path / "d", per_class={"a": 4, "b": 3}, split="train")
+    _folder(tmp_path / "d", per_class={"a": 2, "b": 2}, split="test")
+    # Act
+    ds = _load("folder", tmp_path / "d")
+    # Assert
+    assert (len(ds.train), len(ds.test)) == (7, 4)
+    assert ds.provenance.source == "real"
+
+
+def test_greyscale_colour_and_16_bit_files_mix_into_rgb(tmp_path: Path) -> None:
+    # Arrange: one class greyscale (one of them 16-bit), the other RGB
+    _image(tmp_path / "m" / "grey" / "a.png", 50, mode="L", size=20)
+    _image(tmp_path / "m" / "grey" / "b.png", 100, mode="I;16", size=8)
+    _image(tmp_path / "m" / "grey" / "c.jpg", 70, mode="L", size=30)
+    for i in range(3):
+        _image(tmp_path / "m" / "colour" / f"{i}.png", 200)
+    # Act
+    ds = _load("folder", tmp_path / "m")
+    # Assert: all RGB at 16 px; the 16-bit ramp is stretched to 0..255, not clipped white
+    images = np.concatenate([ds.train.images.numpy(), ds.test.images.numpy()])
+    assert images.shape[1:] == (3, 16, 16)
+    stretched = [im for im in images if im.min() < 30 and im.max() > 225]
+    assert len(stretched) == 1
+
+
+def _manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_a_manifest_gives_labels_splits_and_metadata_columns(tmp_path: Path) -> None:
+    # Arrange: 2 sites, labels as numbers, one test row per class
+    rows = []
+    for i in range(8):
+        label = str(i % 2 * 10)  # "0" and "10": numeric order, not "10" < "2"
+        _image(tmp_path / "img" / f"{i}.png", 30 * i)
+        rows.append({"path": f"img/{i}.png", "label": label, "split": "test" if i >= 6
+                     else "train", "site": "north" if i < 4 else "south"})
+    # Act
+    ds = _load("manifest", _manifest(tmp_path / "m.csv", rows))
+    # Assert
+    assert ds.classes == ("0", "10")
+    assert ds.train.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    assert ds.train.metadata["site"].tolist() == ["north"] * 4 + ["south"] * 2
+    assert ds.test.metadata["site"].tolist() == ["south", "south"]
+
+
+def test_a_grouped_carve_never_splits_a_patient(tmp_path: Path) -> None:
+    # Arrange: 10 patients with 3 images each, 5 per class
+    rows = []
+    for patient in range(10):
+        for j in range(3):
+            name = f"p{patient}_{j}.png"
+            _image(tmp_path / name, 10 * patient + j)
+            rows.append({"path": name, "label": "sick" if patient < 5 else "well",
+                         "patient": f"P{patient}"})
+    # Act
+    ds = _load("manifest", _manifest(tmp_path / "m.csv", rows), "data.group_column=patient")
+    # Assert: round(0.2 * 5) = 1 patient per class, all 3 of its images, in test
+    test_patients = set(ds.test.metadata["patient"].tolist())
+    assert len(test_patients) == 2 and len(ds.test) == 6
+    assert not test_patients & set(ds.train.metadata["patient"].tolist())
+
+
+def test_an_npz_without_a_test_split_is_carved_and_named_classes_kept(tmp_path: Path) -> None:
+    # Arrange
+    images = np.arange(20 * 8 * 8, dtype=np.uint8).reshape(20, 8, 8)
+    labels = np.repeat([0, 1], 10)[:, None]
+    np.savez(tmp_path / "x.npz", train_images=images, train_labels=labels,
+             classes=np.array(["benign", "malignant"]))
+    # Act
+    ds = _load("npz", tmp_path / "x.npz")
+    # Assert
+    assert ds.classes == ("benign", "malignant") and ds.channels == 1
+    assert (len(ds.train), len(ds.test)) == (16, 4)
+
+
+@pytest.mark.parametrize("rows, named", [
+    ([{"path": "gone.png", "label": "a"}], "1 row(s) names a file that does not exist: line(s) 2"),
+    ([{"path": "ok.png", "label": ""}], "1 row(s) has an empty label: line(s) 2"),
+    ([{"path": "ok.png", "label": "a", "split": "holdout"}], "a split other than train"),
+])
+def test_bad_manifest_rows_are_named_by_line(tmp_path: Path, rows: list, named: str) -> None:
+    # Arrange
+    _image(tmp_path / "ok.png", 9)
+    path = _manifest(tmp_path / "m.csv", rows)
+    # Act
+    with pytest.raises(DataError) as err:
+        _load("manifest", path)
+    # Assert
+    assert named in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_a_manifest_without_a_label_column_names_its_columns(tmp_path: Path) -> None:
+    path = _manifest(tmp_path / "m.csv", [{"path": "a.png", "class": "x"}])
+    with pytest.raises(DataError, match=r"no label column \(columns: \['path', 'class'\]\)"):
+        _load("manifest", path)
+
+
+def test_one_class_only_is_refused(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "one", per_class={"only": 6})
+    with pytest.raises(DataError, match="one class only \\('only'\\)"):
+        _load("folder", root)
+
+
+def test_a_class_the_test_split_lacks_is_refused(tmp_path: Path) -> None:
+    _folder(tmp_path / "d", per_class={"a": 3, "b": 3}, split="train")
+    _folder(tmp_path / "d", per_class={"a": 2}, split="test")
+    with pytest.raises(DataError, match="the test split of .* has no image of class 'b'"):
+        _load("folder", tmp_path / "d")
+
+
+def test_a_group_column_with_empty_values_is_refused(tmp_path: Path) -> None:
+    rows = [{"path": f"{i}.png", "label": str(i % 2), "site": "" if i == 3 else "x"}
+            for i in range(6)]
+    for i in range(6):
+        _image(tmp_path / f"{i}.png", i)
+    with pytest.raises(DataError, match="group_column='site' is empty for 1 of 6"):
+        _load("manifest", _manifest(tmp_path / "m.csv", rows), "data.group_column=site")
+
+
+def test_a_missing_path_and_a_path_without_a_path_dataset_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        _load("folder", tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="data.path=.* is read only by data.dataset"):
+        compose_config("medical", [f"data.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="reads its images from data.path, which is not set"):
+        compose_config("medical", ["data.dataset=manifest"])
+
+
+def test_shares_round_half_up_and_keep_one_on_each_side() -> None:
+    assert [share(n, 0.2) for n in (1, 2, 5, 10, 12, 13)] == [0, 1, 1, 2, 2, 3]
+    assert share(3, 0.9) == 2  # never the whole class
+
+
+def test_the_carve_does_not_depend_on_the_run_seed() -> None:
+    labels = np.repeat([0, 1, 2], 10)
+    assert carve_test(labels, test_fraction=0.3).sum() == 9
+    assert (carve_test(labels, test_fraction=0.3) == carve_test(labels, test_fraction=0.3)).all()
+
+
+def test_a_manifest_of_ham_sites_gives_the_folder_route_exactly(shared_data: Path,
+                                                                 tmp_path: Path) -> None:
+    # Arrange: the folder's metadata.csv rows, with the split taken from the path, in
+    # the folder reader's order (split, class, file name)
+    folder = shared_data / "ham_sites"
+    if not folder.is_dir():
+        pytest.skip("ham_sites is not in the shared data")
+    with open(folder / "metadata.csv", newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda r: ({"train": 0, "test": 2}[
+            r["path"].split("/")[0]], r["path"]))
+    manifest = _manifest(tmp_path / "ham.csv", [
+        {"path": str(folder / r["path"]), "label": r["label"], "split": r["path"].split("/")[0],
+         "site": r["site"], "lesion_id": r["lesion_id"]} for r in rows])
+    # Act
+    by_folder, by_manifest = _load("folder", folder), _load("manifest", manifest)
+    # Assert: the same images, labels and site columns, in the same order
+    assert by_folder.classes == by_manifest.classes == ("melanoma", "nevus")
+    for split in ("train", "test"):
+        a, b = getattr(by_folder, split), getattr(by_manifest, split)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert (a.metadata["site"] == b.metadata["site"]).all()
+    assert (len(by_folder.train), len(by_folder.test)) == (1420, 579)
