@@ -17,17 +17,20 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedimg.cli import run_cli
 from fedimg.errors import RunStopped
 from fedimg.reporting import plot_run, setup_logging, summary_table
+
+if TYPE_CHECKING:
+    from fedimg.build import PreparedRun
 
 log = logging.getLogger("fedimg.simulate")
 
 
 def run(argv: Sequence[str]) -> dict:
     """Run a simulation from command-line style arguments; return results.json's content."""
-    from fedimg.simulation.engine import simulate
     from fedimg.build import prepare_run
 
     from fedimg.serverapp.checkpoint import config_from_argv
@@ -40,7 +43,7 @@ def run(argv: Sequence[str]) -> dict:
     log.info("scenario '%s' -> %s", cfg.name, cfg.output.run_dir)
     prepared = prepare_run(cfg, resume=resume)
     try:
-        results = simulate(prepared)
+        results = _run(prepared, resume=resume)
     except RunStopped:
         if cfg.output.plots:  # the rounds that did run are worth a look
             plot_run(prepared.recorder.run_dir)
@@ -49,6 +52,20 @@ def run(argv: Sequence[str]) -> dict:
         plot_run(prepared.recorder.run_dir)
     log.info("summary\n%s", summary_table(prepared.recorder.read_rounds(), results))
     return results
+
+
+def _run(prepared: PreparedRun, *, resume: bool) -> dict:
+    """A federation on the Ray engine, or a baseline (``strategy=pooled|local``) here."""
+    from fedimg.serverapp.strategies import STRATEGIES
+
+    if not STRATEGIES.get(prepared.cfg.strategy).baseline:
+        from fedimg.simulation.engine import simulate
+
+        return simulate(prepared)
+    from fedimg.baselines import check_baseline, run_baseline
+
+    check_baseline(prepared, resume=resume)
+    return run_baseline(prepared)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,16 +82,18 @@ class TaskEnvironment:
 
     def __init__(self, cfg: FedimgConfig, *, num_threads: int | None = None,
                  site: SiteData | None = None,
-                 partitions: Sequence[ClientPartition] | None = None) -> None:
+                 partitions: Sequence[ClientPartition] | None = None,
+                 dataset: Dataset | None = None) -> None:
         """``partitions``: the server's, as its messages carry them; ``()`` = install them
         later (:meth:`install_partitions`); None = partition here, for standalone use
-        (benchmarks, audits, tests), with the seeded function the server uses."""
+        (benchmarks, audits, tests), with the seeded function the server uses.
+        ``dataset``: already loaded in this process (the baselines), else loaded here."""
         started = time.perf_counter()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg = cfg
         if site is None:
-            self.dataset = load_dataset(cfg.data, seed=cfg.seed)
+            self.dataset = dataset or load_dataset(cfg.data, seed=cfg.seed)
             self.partitions = list(partitions) if partitions is not None else \
                 partition_dataset(self.dataset.train, cfg=cfg.data, num_clients=cfg.clients,
                                   seed=cfg.seed)

@@ -69,7 +69,8 @@ class StrategySpec:
     unset (server optimisers); ``averages``: the output is the weighted average of
     the updates (what client-level DP's noise is calibrated for); ``loss_term``: the
     client adds a term to its loss (FedProx's proximal term, which DP-SGD's noisy
-    per-sample gradient would drop).
+    per-sample gradient would drop). ``baseline``: not a federation but a reference run
+    on the same data and budget (``pooled``, ``local``; run by :mod:`fedimg.baselines`).
     """
 
     build: StrategyBuilder
@@ -77,6 +78,7 @@ class StrategySpec:
     server_lr: float = 1.0
     averages: bool = False
     loss_term: bool = False
+    baseline: bool = False
 
 
 STRATEGIES: Registry[StrategySpec] = Registry("strategy", config_key="strategy")
@@ -159,6 +161,18 @@ def _trimmed_min(cfg: FedimgConfig) -> int:
 def fedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAvg: example-weighted mean of the client models."""
     return FedAvg(**common_kwargs(cfg))
+
+
+@register("pooled", baseline=True)
+def pooled(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """Pooled training: one client holding every site's data (the upper reference)."""
+    return FedAvg(**common_kwargs(cfg))  # FedAvg of one client is that client's model
+
+
+@register("local", baseline=True)
+def local(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """Local-only training: each site alone, never exchanging weights (the lower one)."""
+    return FedAvg(**common_kwargs(cfg))  # never asked to aggregate: sites train alone
 
 
 @register("fedprox", averages=True, loss_term=True)
