@@ -16,7 +16,6 @@ and plots (:mod:`fedimg.audit.plots`).
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 import logging
@@ -29,6 +28,7 @@ from typing import Any
 
 from fedimg.errors import ConfigError
 from fedimg.reporting.paths import RunPaths
+from fedimg.reporting.tables import markdown, parse_value, sample_std, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,6 @@ class SweepConfig:
     nonprivate: list[str] = field(default_factory=list)  # extra overrides for epsilon=inf
 
 
-def _value(text: str) -> Any:
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        return [_value(x) for x in text[1:-1].split(",") if x.strip()]
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_args(argv: Sequence[str]) -> tuple[SweepConfig, list[str]]:
     """Split ``sweep.key=value`` arguments from the scenario's own arguments."""
     sweep, rest, names = SweepConfig(), [], {f.name for f in fields(SweepConfig)}
@@ -76,7 +64,7 @@ def parse_args(argv: Sequence[str]) -> tuple[SweepConfig, list[str]]:
         key, _, value = arg[len(PREFIX):].partition("=")
         if key not in names:
             raise ConfigError(f"unknown sweep option '{key}'; valid: {', '.join(sorted(names))}")
-        setattr(sweep, key, _value(value))
+        setattr(sweep, key, parse_value(value))
     _check(sweep)
     return sweep, rest
 
@@ -124,13 +112,6 @@ def _row(eps: float, seed: int, run_dir: Path, audit: dict[str, Any]) -> dict[st
             "run_dir": str(run_dir)}
 
 
-def _std(values: list[float]) -> float:
-    """Sample standard deviation; 0 for one value or equal values (inf included)."""
-    if len(values) < 2 or len(set(values)) == 1:
-        return 0.0
-    return statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan
-
-
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds, per target epsilon."""
     out = []
@@ -140,34 +121,16 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for col in COLUMNS[2:]:
             values = [float(r[col]) for r in group if r.get(col) is not None]
             entry[col] = statistics.fmean(values) if values else None
-            entry[f"{col}_std"] = _std(values)
+            entry[f"{col}_std"] = sample_std(values)
         out.append(entry)
     return out
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:.4g}"
-    return str(value)
-
-
-def markdown(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A GitHub-flavoured markdown table of ``rows``."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def write_tables(root: Path, rows: list[dict[str, Any]]) -> None:
     """sweep.csv (every run), sweep_summary.csv and sweep.md (both tables)."""
     summary = summarise(rows)
-    for name, table in (("sweep.csv", rows), ("sweep_summary.csv", summary)):
-        with open(root / name, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+    write_csv(root / "sweep.csv", rows)
+    write_csv(root / "sweep_summary.csv", summary)
     mean_cols = ["target_epsilon", "seeds", "epsilon", "test/accuracy", "test/accuracy_std",
                  "test/auc", "mia_loss_auc", "mia_loss_tpr@1%", "lira_auc", "lira_tpr@1%",
                  "bound_tpr@1%"]

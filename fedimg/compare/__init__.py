@@ -1,0 +1,1 @@
+"""Comparison grids: pooled, local-only and federated strategies over seeds (:mod:`.grid`)."""

@@ -1,0 +1,27 @@
+"""``python -m fedimg.compare scenario=S [compare.KEY=[a,b] ...] [key=value ...]``.
+
+Runs a grid of ordinary runs, by default ``compare.strategy=[pooled,local,fedavg]``
+times ``compare.seed=[0,1,2]``; any config key can be another axis
+(``compare.fl.proximal_mu=[0.01,0.1]``). ``compare.dir=PATH`` names its folder; a
+finished cell there is reused, so a grid resumes. It writes compare.csv,
+compare_summary.csv, compare.md (mean ± std over seeds, worst site and spread) and
+compare.png, sites.png and curves.png (see :mod:`fedimg.compare.grid`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from fedimg.cli import run_cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the process exit code."""
+    from fedimg.compare.grid import run_grid
+
+    return run_cli(run_grid, argv, doc=__doc__ or "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The comparison grid: every cell an ordinary run, then tables of mean +- std over seeds.
+
+``python -m fedimg.compare scenario=S compare.strategy=[pooled,local,fedavg]
+compare.seed=[0,1,2] [compare.KEY=[a,b] ...] [key=value ...]`` runs ``S`` once per
+cell of the product of the ``compare.*`` lists (any config key may be an axis, e.g.
+``compare.fl.proximal_mu=[0.01,0.1]``). Each cell is a run directory under the grid's
+folder (``compare.dir``); a cell whose ``results.json`` exists is reused, so an
+interrupted grid resumes where it stopped. Every cell's config is checked before the
+first one starts.
+
+Per cell (``compare.csv``): the final pooled test metrics, the worst site and the
+spread across sites of ``test/site/<name>/<metric>``, and the wall time. Per group of
+cells that differ only in their seed (``compare.md``, ``compare_summary.csv``): mean
++- sample std and the number of seeds, the way cross-silo papers report (FLamby, Ogier
+du Terrail et al. 2022).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedimg.errors import ConfigError
+from fedimg.reporting.paths import RunPaths
+from fedimg.reporting.tables import markdown, parse_value, sample_std, write_csv
+
+log = logging.getLogger(__name__)
+
+PREFIX = "compare."
+OPTIONS = ("dir",)
+METRICS = ("balanced_accuracy", "auc", "accuracy")
+DEFAULT_AXES = {"strategy": ["pooled", "local", "fedavg"], "seed": [0, 1, 2]}
+
+
+@dataclass
+class GridConfig:
+    """The axes of a grid (``compare.KEY=[...]``) and where it is written."""
+
+    axes: dict[str, list[Any]] = field(default_factory=lambda: dict(DEFAULT_AXES))
+    dir: str = ""  # default runs/compare/<scenario>-<time>
+
+    def cells(self) -> list[dict[str, Any]]:
+        """Every combination of the axes' values, the first axis slowest."""
+        keys = list(self.axes)
+        return [dict(zip(keys, values)) for values in itertools.product(*self.axes.values())]
+
+
+def parse_args(argv: Sequence[str]) -> tuple[GridConfig, list[str]]:
+    """Split ``compare.*`` arguments from the scenario's own ``key=value`` arguments."""
+    grid, rest = GridConfig(), []
+    for arg in argv:
+        if not arg.startswith(PREFIX):
+            rest.append(arg)
+            continue
+        key, sep, text = arg[len(PREFIX):].partition("=")
+        if not sep or not key:
+            raise ConfigError(f"'{arg}' is not compare.KEY=VALUE. Fix: e.g. "
+                              "compare.strategy=[pooled,local,fedavg] compare.seed=[0,1,2]")
+        if key in OPTIONS:
+            setattr(grid, key, text)
+            continue
+        value = parse_value(text)
+        grid.axes[key] = value if isinstance(value, list) else [value]
+        if not grid.axes[key]:
+            raise ConfigError(f"compare.{key}=[] is empty. Fix: give it at least one value")
+    return grid, rest
+
+
+def cell_name(cell: dict[str, Any]) -> str:
+    """``strategy-fedavg_seed-0``: the cell's folder name (``/`` and ``=`` made safe)."""
+    parts = [f"{k}-{v}" for k, v in cell.items()]
+    return "_".join(parts).replace("/", "-").replace("=", "-").replace(" ", "")
+
+
+def cell_args(cell: dict[str, Any], run_dir: Path) -> list[str]:
+    """The simulation arguments of one cell."""
+    return [*(f"{k}={v}" for k, v in cell.items()), f"hydra.run.dir={run_dir}"]
+
+
+def site_stats(final: dict[str, Any], metric: str) -> tuple[float | None, float | None]:
+    """Worst value and spread (max - min) of ``test/site/<name>/<metric>``, or Nones."""
+    values = [v for k, v in final.items() if k.startswith("test/site/")
+              and k.endswith(f"/{metric}") and isinstance(v, float) and not math.isnan(v)]
+    return (min(values), max(values) - min(values)) if values else (None, None)
+
+
+def cell_row(cell: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One line of compare.csv, read from the cell's results.json."""
+    results = json.loads(RunPaths(run_dir).results.read_text())
+    final = results.get("final", {})
+    row: dict[str, Any] = dict(cell)
+    for metric in METRICS:
+        row[metric] = final.get(f"test/{metric}")
+    for metric in METRICS[:2]:
+        row[f"worst_site_{metric}"], row[f"site_spread_{metric}"] = site_stats(final, metric)
+    row["wall_s"] = results.get("timing", {}).get("total_s")
+    row["run_dir"] = str(run_dir)
+    return row
+
+
+VALUES = (*METRICS, *(f"{p}_{m}" for m in METRICS[:2] for p in ("worst_site", "site_spread")),
+          "wall_s")
+
+
+def summarise(rows: list[dict[str, Any]], axes: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds for each group of the other axes, in grid order."""
+    keys = [a for a in axes if a != "seed"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for values, group in groups.items():
+        entry: dict[str, Any] = {**dict(zip(keys, values)), "seeds": len(group)}
+        for col in VALUES:
+            found = [float(r[col]) for r in group if r.get(col) is not None]
+            entry[col] = statistics.fmean(found) if found else None
+            entry[f"{col}_std"] = sample_std(found) if found else None
+        out.append(entry)
+    return out
+
+
+def _pm(entry: dict[str, Any], col: str) -> str:
+    if entry.get(col) is None:
+        return "-"
+    return f"{entry[col]:.3f} ± {entry[f'{col}_std']:.3f}"
+
+
+def write_tables(root: Path, rows: list[dict[str, Any]], axes: Sequence[str]) -> None:
+    """compare.csv (every cell), compare_summary.csv and compare.md (mean ± std)."""
+    summary = summarise(rows, axes)
+    write_csv(root / "compare.csv", rows)
+    write_csv(root / "compare_summary.csv", summary)
+    keys = [a for a in axes if a != "seed"]
+    shown = [{**{k: e[k] for k in keys}, "seeds": e["seeds"],
+              **{c: _pm(e, c) for c in VALUES}} for e in summary]
+    (root / "compare.md").write_text(
+        "# Comparison\n\nFinal round, test split: pooled metrics, then the worst site and "
+        "the spread across sites (`test/site/*`). Mean ± sample std over seeds.\n\n"
+        + markdown(shown, [*keys, "seeds", *VALUES]) + "\n\n## Every run\n\n"
+        + markdown(rows, [*axes, *VALUES]) + "\n")
+
+
+def run_grid(argv: Sequence[str]) -> Path:
+    """Run (or resume) the grid described by ``argv``; return its folder."""
+    from fedimg.compare.plots import plot_grid
+    from fedimg.config.compose import split_argv
+    from fedimg.reporting import setup_logging
+    from fedimg.resolve import compose_and_check
+    from fedimg.simulate import run
+
+    setup_logging()
+    grid, rest = parse_args(argv)
+    scenario, overrides = split_argv(rest)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(grid.dir or f"runs/compare/{Path(scenario).stem}-{stamp}").resolve()
+    cells = grid.cells()
+    for cell in cells:  # every cell's config is valid before the first run starts
+        compose_and_check(scenario, [*overrides, *cell_args(cell, root / "check")])
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, cell in enumerate(cells, 1):
+        run_dir = root / cell_name(cell)
+        done = RunPaths(run_dir).results.is_file()
+        log.info("cell %d/%d %s -> %s%s", i, len(cells), cell, run_dir,
+                 " (finished: reused)" if done else "")
+        if not done:
+            run([f"scenario={scenario}", *overrides, *cell_args(cell, run_dir)])
+        rows.append(cell_row(cell, run_dir))
+        write_tables(root, rows, list(grid.axes))
+    plot_grid(root, rows, list(grid.axes))
+    log.info("comparison\n%s", (root / "compare.md").read_text())
+    return root
