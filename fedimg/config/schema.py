@@ -243,6 +243,9 @@ class OutputConfig:
     select_metric: str = "val/balanced_accuracy"  # picks best.pt; never a test/ metric
     plots: bool = True
     progress: bool = True
+    tensorboard: bool = True  # the run directory is also a TensorBoard log directory
+    mlflow: bool = False  # also log to MLflow (pip install -e ".[mlflow]")
+    mlflow_uri: Optional[str] = None  # tracking URI; None: sqlite beside the run folders
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import yaml
 
 from fedimg.config import FedimgConfig, to_dict
 from fedimg.reporting.paths import RunPaths
+from fedimg.reporting.trackers import Trackers
 
 _LIBRARIES = ("fedimg", "flwr", "ray", "torch", "torchvision", "opacus", "numpy",
               "flwr-datasets", "hydra-core")
@@ -83,6 +84,7 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.paths = RunPaths(self.run_dir)
         self.metrics_path = self.paths.metrics
+        self.trackers: Trackers | None = None  # TensorBoard, MLflow: from write_config on
 
     def write_config(self, cfg: FedimgConfig, *, keep_metrics: bool = False) -> None:
         """Write the resolved config; start an empty metrics.jsonl unless ``keep_metrics``."""
@@ -93,10 +95,13 @@ class RunRecorder:
         write_json(self.paths.config_json, {"config": resolved, **meta})
         if not keep_metrics:
             self.metrics_path.write_text("")
+        self.trackers = Trackers(cfg, self.run_dir)
 
     def append_round(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(_finite(record), sort_keys=True) + "\n")
+        if self.trackers is not None:
+            self.trackers.add_round(record)
 
     def rewrite_rounds(self, records: list[dict[str, Any]]) -> None:
         """Replace metrics.jsonl by ``records`` (a resumed run drops rounds after its checkpoint)."""
@@ -127,4 +132,7 @@ class RunRecorder:
     def write_results(self, results: dict[str, Any]) -> Path:
         path = self.paths.results
         write_json(path, results)
+        if self.trackers is not None:
+            self.trackers.finish(results)
+            self.trackers = None
         return path

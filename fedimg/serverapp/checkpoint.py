@@ -42,7 +42,8 @@ RESUME_NAME = "last"
 LEDGERS_FILE = "checkpoints/ledgers.json"  # clients' DP-SGD ledgers, written as they arrive
 FORMAT = 2  # 2: JSON and tensors, loaded with weights_only=True (1 pickled its state)
 # What a resumed run may change: its length, its console, and where it runs.
-RESUMABLE_OVERRIDES = ("rounds", "output.progress", "output.plots", "fl.timeout_s",
+RESUMABLE_OVERRIDES = ("rounds", "output.progress", "output.plots", "output.tensorboard",
+                       "output.mlflow", "output.mlflow_uri", "fl.timeout_s",
                        "fl.connect_timeout_s", "sim.")
 # Strategy attributes that are sampling configuration, rebuilt from the config (the round
 # loop samples): never saved, never restored.
