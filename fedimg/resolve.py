@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from fedimg.config import FedimgConfig
 from fedimg.config.compose import DEFAULT_SCENARIO, compose_config
-from fedimg.data import AUGMENTATIONS, DATASETS, PARTITIONERS
+from fedimg.data import AUGMENTATIONS, PARTITIONERS
+from fedimg.data.sources import dataset_source
 from fedimg.errors import ConfigError
 from fedimg.models import MODELS
 from fedimg.privacy import PRIVACY_MODES
@@ -30,10 +31,10 @@ def _check(ok: bool, message: str) -> None:
 
 def _resolve_names(cfg: FedimgConfig) -> None:
     """Every name-valued field must be a key of its registry (the enums' too: no drift)."""
+    dataset_source(cfg.data.dataset)  # an hf:<name> resolves to the hf entry
     for registry, value in (
         (MODELS, cfg.model),
         (STRATEGIES, cfg.strategy),
-        (DATASETS, cfg.data.dataset),
         (PARTITIONERS, cfg.data.partitioner),
         (AUGMENTATIONS, cfg.data.augment),
         (OPTIMIZERS, cfg.train.optimizer),

@@ -64,6 +64,10 @@ def _validate_data_path(d: DataConfig) -> None:
     if d.dataset in PATH_DATASETS:
         _check(bool(d.path), f"data.dataset={d.dataset} reads its images from data.path, "
                f"which is not set. Fix: add data.path={_PATH_HINTS[d.dataset]}")
+    elif d.dataset.startswith("hf:") or d.dataset == "hf":
+        _check(len(d.dataset) > 3 and d.path is None, f"data.dataset={d.dataset} names a "
+               "Hugging Face dataset after 'hf:' and reads no data.path. Fix: e.g. "
+               "data.dataset=hf:uoft-cs/cifar10 or hf:/path/saved_with_save_to_disk")
     else:
         _check(d.path is None, f"data.path={d.path} is read only by data.dataset={kinds}; "
                f"data.dataset={d.dataset} is a built-in set (found under data.root). Fix: "
@@ -263,8 +267,9 @@ def _validate_deploy(cfg: FedimgConfig) -> None:
     _check(cfg.data.source != "synthetic" and cfg.data.dataset != "synthetic",
            "synthetic data with deploy.enabled=true: the sites read their own images. "
            "Fix: name the federation's dataset (data.dataset), whose classes the sites hold")
-    _check(cfg.data.dataset not in PATH_DATASETS, f"data.dataset={cfg.data.dataset} with "
-           "deploy.enabled=true: its class list is read from data.path, which the sites do "
+    _check(cfg.data.dataset not in PATH_DATASETS and not cfg.data.dataset.startswith("hf:"),
+           f"data.dataset={cfg.data.dataset} with "
+           "deploy.enabled=true: its class list is read from your data, which the sites do "
            "not have, so a site cannot label its images. Fix: simulate it (deploy.enabled="
            "false), or deploy a built-in data.dataset whose classes the sites hold")
 

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -161,9 +161,26 @@ def _open(path: Path) -> Image.Image:
     if os.path.getsize(path) == 0:
         raise OSError("empty file (0 bytes)")
     with Image.open(path) as im:
-        if im.mode in WIDE_MODES or im.mode.startswith("I;16"):
-            return _stretch_to_8bit(np.asarray(im, dtype=np.float64))
-        return im.convert("L" if im.mode in GREY_MODES else "RGB")
+        return to_8bit(im)
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """``L`` for greyscale (16/32-bit stretched min..max), ``RGB`` for everything else."""
+    if im.mode in WIDE_MODES or im.mode.startswith("I;16"):
+        return _stretch_to_8bit(np.asarray(im, dtype=np.float64))
+    return im.convert("L" if im.mode in GREY_MODES else "RGB")
+
+
+def decode_images(images: Sequence[Image.Image], *, image_size: int) -> torch.Tensor:
+    """In-memory PIL images (any modes and sizes) as uint8 (N, C, S, S), S = image_size.
+
+    The rules of :func:`decode_files`: greyscale stays one channel unless any image is
+    colour; each image is resized as it is converted, bilinear with antialiasing.
+    """
+    if not images:
+        raise DataError("no images to decode")
+    arrays = [_pil_resize(np.asarray(to_8bit(im)), image_size) for im in images]
+    return to_nchw(_stack(arrays))
 
 
 def _stretch_to_8bit(array: np.ndarray) -> Image.Image:

@@ -12,6 +12,8 @@
   a natural partition or a grouped split can use.
 * ``npz``: MedMNIST-style arrays ``train_images``, ``train_labels`` and optionally
   ``val_*``, ``test_*`` and ``classes`` (the class names, in label order).
+* ``hf:<name>`` (no ``data.path``): a Hugging Face dataset through flwr-datasets
+  (:mod:`fedimg.data.hf_sets`).
 
 Class names come from the data (folder names, the manifest's labels sorted, numbers
 numerically, or the npz's ``classes``). Images go through the decode cache
@@ -34,6 +36,8 @@ from fedimg.config import DataConfig
 from fedimg.data import medmnist
 from fedimg.data.carve import carve_test, check_classes, group_values, leaked_groups
 from fedimg.data.folders import SPLITS, Items, decode_splits, list_split
+from fedimg.data.hf_sets import PREFIX as HF_PREFIX
+from fedimg.data.hf_sets import read_hf
 from fedimg.data.types import ImageSet, RawSplits
 from fedimg.errors import DataError
 
@@ -44,19 +48,25 @@ Sets = dict[str, ImageSet]
 
 
 def load_path_dataset(cfg: DataConfig) -> RawSplits:
-    """Read ``cfg.path`` with the reader ``cfg.dataset`` names (see the module doc)."""
-    path = Path(str(cfg.path)).expanduser().resolve()
-    if not path.exists():
-        raise DataError(f"data.path={cfg.path} does not exist ({path}). Fix: point data.path "
-                        f"at your {cfg.dataset} ({_WHAT[cfg.dataset]}).")
-    classes, sets, warnings = _READERS[cfg.dataset](path, cfg)
-    sets, carved = _with_test_split(sets, cfg, where=str(path))
+    """Read your own dataset: ``cfg.path`` with the reader ``cfg.dataset`` names, or a
+    Hugging Face dataset ``hf:<name>`` (:mod:`fedimg.data.hf_sets`); see the module doc."""
+    if cfg.dataset.startswith(HF_PREFIX):
+        where = cfg.dataset
+        classes, sets, warnings = read_hf(cfg.dataset, image_size=cfg.image_size)
+    else:
+        path = Path(str(cfg.path)).expanduser().resolve()
+        if not path.exists():
+            raise DataError(f"data.path={cfg.path} does not exist ({path}). Fix: point "
+                            f"data.path at your {cfg.dataset} ({_WHAT[cfg.dataset]}).")
+        where = str(path)
+        classes, sets, warnings = _READERS[cfg.dataset](path, cfg)
+    sets, carved = _with_test_split(sets, cfg, where=where)
     check_classes(classes, sets["train"].labels.numpy(), sets["test"].labels.numpy(),
-                  where=str(path), carved=carved)
+                  where=where, carved=carved)
     _warn_on_leaks(sets, cfg.group_column, warnings)
     return RawSplits(classes=classes, channels=int(sets["train"].images.shape[1]),
                      train=sets["train"], test=sets["test"], val=sets.get("val"),
-                     location=str(path), warnings=tuple(warnings))
+                     location=where, warnings=tuple(warnings))
 
 
 def _with_test_split(sets: Sets, cfg: DataConfig, *, where: str) -> tuple[Sets, bool]:

@@ -35,6 +35,7 @@ from fedimg.config import DataConfig
 from fedimg.config.schema import PATH_DATASETS
 from fedimg.data import medmnist, torchvision_sets
 from fedimg.data.folders import MetadataHook, gtsrb_track_ids, load_image_folder
+from fedimg.data.hf_sets import PREFIX as HF_PREFIX
 from fedimg.data.path_sets import load_path_dataset
 from fedimg.data.roots import resolve_data_root
 from fedimg.data.synthetic import make_synthetic
@@ -124,8 +125,13 @@ DATASETS.add("cifar10", DatasetSource(
     lambda root: [root / "cifar10_subset", *torchvision_sets.cifar10_candidates(root)],
     _folder_or_tv("cifar10_subset", _cifar10_tv), partial(_cifar10_tv, download=True)))
 DATASETS.add("synthetic", DatasetSource("synthetic", (), 3, lambda root: []))
-for _name in PATH_DATASETS:  # classes and channels come from the data itself
+for _name in (*PATH_DATASETS, "hf"):  # classes and channels come from the data itself
     DATASETS.add(_name, DatasetSource(_name, (), 3, lambda root: [], reads_path=True))
+
+
+def dataset_source(name: str) -> DatasetSource:
+    """The registry entry of ``data.dataset`` (every ``hf:<name>`` is the ``hf`` entry)."""
+    return DATASETS.get("hf" if name.startswith(HF_PREFIX) else name)
 
 
 def stratified_subsample(split: ImageSet, max_samples: int | None, *, seed: int) -> ImageSet:
@@ -211,7 +217,7 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> Dataset:
     ``max_train_samples`` / ``max_test_samples`` subsample train / test (seeded,
     class shares kept); the validation split, where one exists, is left whole.
     """
-    source = DATASETS.get(cfg.dataset)
+    source = dataset_source(cfg.dataset)
     start = time.perf_counter()
     raw, provenance = _resolve(cfg, source, seed)
     train = stratified_subsample(raw.train, cfg.max_train_samples, seed=seed)

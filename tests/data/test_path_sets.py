@@ -219,3 +219,53 @@ def test_a_manifest_of_ham_sites_gives_the_folder_route_exactly(shared_data: Pat
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
         assert (a.metadata["site"] == b.metadata["site"]).all()
     assert (len(by_folder.train), len(by_folder.test)) == (1420, 579)
+
+
+def _hf_dict(tmp_path: Path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"img": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["cat", "dog"]),
+                                  "site": datasets.Value("string")})
+    rows = {"img": [Image.fromarray(np.full((10 + i, 12, 3), 20 * i, dtype=np.uint8))
+                    for i in range(8)],
+            "label": [i % 2 for i in range(8)], "site": ["a"] * 4 + ["b"] * 4}
+    train = datasets.Dataset.from_dict(rows, features=features)
+    test = datasets.Dataset.from_dict({k: v[:4] for k, v in rows.items()}, features=features)
+    return datasets.DatasetDict({"train": train, "test": test})
+
+
+def test_a_hugging_face_dataset_saved_to_disk(tmp_path: Path) -> None:
+    # Arrange
+    _hf_dict(tmp_path).save_to_disk(str(tmp_path / "saved"))
+    # Act
+    cfg = compose_config("medical", [f"data.dataset=hf:{tmp_path / 'saved'}",
+                                     "data.image_size=16"])
+    ds = load_dataset(cfg.data, seed=0)
+    # Assert: ClassLabel names, both splits, the site column as metadata
+    assert ds.classes == ("cat", "dog") and (len(ds.train), len(ds.test)) == (8, 4)
+    assert ds.train.images.shape == (8, 3, 16, 16)
+    assert ds.train.metadata["site"].tolist() == ["a"] * 4 + ["b"] * 4
+    assert ds.train.labels.tolist() == [0, 1] * 4
+
+
+def test_a_hugging_face_folder_goes_through_flwr_datasets(tmp_path: Path) -> None:
+    # Arrange: parquet files named by split, as on the Hub
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for split, data in _hf_dict(tmp_path).items():
+        data.to_parquet(str(folder / f"{split}.parquet"))
+    # Act
+    cfg = compose_config("medical", [f"data.dataset=hf:{folder}", "data.image_size=16"])
+    ds = load_dataset(cfg.data, seed=0)
+    # Assert
+    assert ds.classes == ("cat", "dog") and (len(ds.train), len(ds.test)) == (8, 4)
+
+
+def test_a_hub_dataset_missing_offline_names_the_cache(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = compose_config("medical", ["data.dataset=hf:fedimg-test/no-such-set"])
+    with pytest.raises(DataError, match="reads the datasets cache at .*Fix:"):
+        load_dataset(cfg.data, seed=0)
+    with pytest.raises(ConfigError, match="names a Hugging Face dataset after 'hf:'"):
+        compose_config("medical", ["data.dataset=hf:"])
