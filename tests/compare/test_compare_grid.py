@@ -77,3 +77,41 @@ def test_a_bad_cell_is_refused_before_any_cell_runs(tmp_path: Path, monkeypatch)
     with pytest.raises(ConfigError, match="nosuch"):
         run_grid([*SMALL, "compare.strategy=[pooled,nosuch]", f"compare.dir={tmp_path}"])
     assert calls == []
+
+
+@pytest.mark.slow
+def test_a_manifest_and_the_folder_give_the_same_comparison(shared_data: Path,
+                                                            tmp_path: Path) -> None:
+    # Arrange: ham_sites as a folder, and as a CSV manifest with a site column written
+    # in the folder reader's order
+    folder = shared_data / "ham_sites"
+    if not folder.is_dir():
+        pytest.skip("ham_sites is not in the shared data")
+    with open(folder / "metadata.csv", newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda r: (r["path"].split("/")[0] != "train",
+                                                             r["path"]))
+    manifest = tmp_path / "ham.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split", "site"])
+        writer.writeheader()
+        writer.writerows({"path": str(folder / r["path"]), "label": r["label"],
+                          "split": r["path"].split("/")[0], "site": r["site"]} for r in rows)
+    common = ["scenario=medical", "model=mobilenet_v3_small", "weights=none",
+              "data.image_size=16", "data.partitioner=natural", "data.natural_column=site",
+              "clients=4", "rounds=1", "train.local_steps=2", "data.max_train_samples=400",
+              "data.min_partition_size=8",
+              "output.progress=false", "output.plots=false", "output.tensorboard=false",
+              "compare.strategy=[pooled,local]", "compare.seed=[0]"]
+    # Act
+    by_folder = run_grid([*common, "data.dataset=folder", f"data.path={folder}",
+                          f"compare.dir={tmp_path / 'folder'}"])
+    by_manifest = run_grid([*common, "data.dataset=manifest", f"data.path={manifest}",
+                            f"compare.dir={tmp_path / 'manifest'}"])
+    # Assert: the same numbers in every metric column
+    tables = []
+    for root in (by_folder, by_manifest):
+        with open(root / "compare.csv", newline="") as handle:
+            tables.append([{k: v for k, v in r.items() if k not in ("run_dir", "wall_s")}
+                           for r in csv.DictReader(handle)])
+    assert tables[0] == tables[1] and len(tables[0]) == 2
+    assert tables[0][1]["worst_site_balanced_accuracy"] != ""

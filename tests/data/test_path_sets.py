@@ -269,3 +269,32 @@ def test_a_hub_dataset_missing_offline_names_the_cache(monkeypatch) -> None:
         load_dataset(cfg.data, seed=0)
     with pytest.raises(ConfigError, match="names a Hugging Face dataset after 'hf:'"):
         compose_config("medical", ["data.dataset=hf:"])
+
+
+def test_any_manifest_column_drives_a_natural_partition(tmp_path: Path) -> None:
+    # Arrange: 3 scanners with 10, 6 and 4 images (a small site is a client too)
+    from fedimg.data import partition_dataset
+
+    rows = []
+    for i, scanner in enumerate(["s1"] * 10 + ["s2"] * 6 + ["s3"] * 4):
+        _image(tmp_path / f"{i}.png", i)
+        rows.append({"path": f"{i}.png", "label": str(i % 2), "split": "train",
+                     "scanner": scanner})
+    rows += [{"path": f"{i}.png", "label": str(i % 2), "split": "test", "scanner": "s1"}
+             for i in range(2)]
+    manifest = _manifest(tmp_path / "m.csv", rows)
+    cfg = compose_config("medical", ["data.dataset=manifest", f"data.path={manifest}",
+                                     "data.image_size=16", "data.partitioner=natural",
+                                     "data.natural_column=scanner", "clients=3",
+                                     "data.min_partition_size=2"])
+    ds = load_dataset(cfg.data, seed=0)
+    # Act
+    parts = partition_dataset(ds.train, cfg=cfg.data, num_clients=3, seed=0)
+    # Assert: one client per scanner, every image of it (train + val), largest first
+    scanners = ds.train.metadata["scanner"]
+    sizes = []
+    for part in parts:
+        members = np.concatenate([part.train_indices, part.val_indices])
+        assert len(set(scanners[members])) == 1
+        sizes.append(len(members))
+    assert sizes == [10, 6, 4]
