@@ -16,7 +16,6 @@ and plots (:mod:`fedimg.audit.plots`).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import math
@@ -154,28 +153,25 @@ def _audit(run_dir: Path, sweep: SweepConfig, shadows: int, seed: int) -> dict[s
 
 def run_sweep(argv: Sequence[str]) -> Path:
     """Run (or resume) the sweep described by ``argv``; return its directory."""
-    from fedimg.config.compose import split_argv
-    from fedimg.resolve import compose_and_check
     from fedimg.audit.plots import plot_sweep
+    from fedimg.config.compose import split_argv
+    from fedimg.grids import check_cells, grid_root, run_cell
     from fedimg.reporting import setup_logging
-    from fedimg.simulate import run
 
     setup_logging()
     sweep, rest = parse_args(argv)
     scenario, overrides = split_argv(rest)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = Path(sweep.dir or f"runs/privacy-sweep/{Path(scenario).stem}-{stamp}").resolve()
+    root = grid_root(sweep.dir, kind="privacy-sweep", scenario=scenario)
     points = [(e, s) for e in sweep.epsilons for s in sweep.seeds]
-    for eps, seed in points:  # every point's config is valid before the first run starts
-        compose_and_check(scenario, [*overrides, *point_args(sweep, eps, seed, root / "check")])
+    check_cells(scenario, overrides, [point_args(sweep, e, s, root / "check")
+                                      for e, s in points])
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (eps, seed) in enumerate(points, 1):
         run_dir = _point_dir(root, eps, seed)
         log.info("sweep point %d/%d: epsilon=%g seed=%d -> %s", i, len(points), eps, seed,
                  run_dir)
-        if not RunPaths(run_dir).results.is_file():
-            run([f"scenario={scenario}", *overrides, *point_args(sweep, eps, seed, run_dir)])
+        run_cell(scenario, overrides, point_args(sweep, eps, seed, run_dir), run_dir)
         lira = sweep.lira_shadows if (eps in sweep.lira_epsilons and seed == sweep.seeds[0]) else 0
         rows.append(_row(eps, seed, run_dir, _audit(run_dir, sweep, lira, seed)))
         write_tables(root, rows)

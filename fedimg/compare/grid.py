@@ -17,7 +17,6 @@ du Terrail et al. 2022).
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
 import json
 import logging
@@ -152,27 +151,21 @@ def run_grid(argv: Sequence[str]) -> Path:
     """Run (or resume) the grid described by ``argv``; return its folder."""
     from fedimg.compare.plots import plot_grid
     from fedimg.config.compose import split_argv
+    from fedimg.grids import check_cells, grid_root, run_cell
     from fedimg.reporting import setup_logging
-    from fedimg.resolve import compose_and_check
-    from fedimg.simulate import run
 
     setup_logging()
     grid, rest = parse_args(argv)
     scenario, overrides = split_argv(rest)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = Path(grid.dir or f"runs/compare/{Path(scenario).stem}-{stamp}").resolve()
-    cells = grid.cells()
-    for cell in cells:  # every cell's config is valid before the first run starts
-        compose_and_check(scenario, [*overrides, *cell_args(cell, root / "check")])
+    root, cells = grid_root(grid.dir, kind="compare", scenario=scenario), grid.cells()
+    check_cells(scenario, overrides, [cell_args(c, root / "check") for c in cells])
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, cell in enumerate(cells, 1):
         run_dir = root / cell_name(cell)
-        done = RunPaths(run_dir).results.is_file()
-        log.info("cell %d/%d %s -> %s%s", i, len(cells), cell, run_dir,
-                 " (finished: reused)" if done else "")
-        if not done:
-            run([f"scenario={scenario}", *overrides, *cell_args(cell, run_dir)])
+        log.info("cell %d/%d %s -> %s", i, len(cells), cell, run_dir)
+        if run_cell(scenario, overrides, cell_args(cell, run_dir), run_dir):
+            log.info("cell %d/%d had finished: reused", i, len(cells))
         rows.append(cell_row(cell, run_dir))
         write_tables(root, rows, list(grid.axes))
     plot_grid(root, rows, list(grid.axes))
