@@ -12,6 +12,7 @@ import pytest
 import fedimg.simulate
 from fedimg.compare.grid import cell_name, parse_args, run_grid, site_stats, summarise
 from fedimg.errors import ConfigError
+from manifests import ham_manifest
 
 SMALL = ["scenario=medical", "data.dataset=synthetic", "data.source=synthetic",
          "model=mobilenet_v3_small", "weights=none", "data.image_size=16",
@@ -82,20 +83,8 @@ def test_a_bad_cell_is_refused_before_any_cell_runs(tmp_path: Path, monkeypatch)
 @pytest.mark.slow
 def test_a_manifest_and_the_folder_give_the_same_comparison(shared_data: Path,
                                                             tmp_path: Path) -> None:
-    # Arrange: ham_sites as a folder, and as a CSV manifest with a site column written
-    # in the folder reader's order
-    folder = shared_data / "ham_sites"
-    if not folder.is_dir():
-        pytest.skip("ham_sites is not in the shared data")
-    with open(folder / "metadata.csv", newline="") as handle:
-        rows = sorted(csv.DictReader(handle), key=lambda r: (r["path"].split("/")[0] != "train",
-                                                             r["path"]))
-    manifest = tmp_path / "ham.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split", "site"])
-        writer.writeheader()
-        writer.writerows({"path": str(folder / r["path"]), "label": r["label"],
-                          "split": r["path"].split("/")[0], "site": r["site"]} for r in rows)
+    # Arrange: ham_sites as a folder, and as a CSV manifest with a site column
+    folder, manifest = ham_manifest(shared_data, tmp_path / "ham.csv")
     common = ["scenario=medical", "model=mobilenet_v3_small", "weights=none",
               "data.image_size=16", "data.partitioner=natural", "data.natural_column=site",
               "clients=4", "rounds=1", "train.local_steps=2", "data.max_train_samples=400",

@@ -14,6 +14,7 @@ from fedimg.config.compose import compose_config
 from fedimg.data import load_dataset
 from fedimg.data.carve import carve_test, share
 from fedimg.errors import ConfigError, DataError
+from manifests import ham_manifest
 
 
 def _image(path: Path, value: int, *, mode: str = "RGB", size: int = 12) -> None:
@@ -199,17 +200,8 @@ def test_the_carve_does_not_depend_on_the_run_seed() -> None:
 
 def test_a_manifest_of_ham_sites_gives_the_folder_route_exactly(shared_data: Path,
                                                                  tmp_path: Path) -> None:
-    # Arrange: the folder's metadata.csv rows, with the split taken from the path, in
-    # the folder reader's order (split, class, file name)
-    folder = shared_data / "ham_sites"
-    if not folder.is_dir():
-        pytest.skip("ham_sites is not in the shared data")
-    with open(folder / "metadata.csv", newline="") as handle:
-        rows = sorted(csv.DictReader(handle), key=lambda r: ({"train": 0, "test": 2}[
-            r["path"].split("/")[0]], r["path"]))
-    manifest = _manifest(tmp_path / "ham.csv", [
-        {"path": str(folder / r["path"]), "label": r["label"], "split": r["path"].split("/")[0],
-         "site": r["site"], "lesion_id": r["lesion_id"]} for r in rows])
+    # Arrange
+    folder, manifest = ham_manifest(shared_data, tmp_path / "ham.csv")
     # Act
     by_folder, by_manifest = _load("folder", folder), _load("manifest", manifest)
     # Assert: the same images, labels and site columns, in the same order
