@@ -24,9 +24,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fedimg.config import FedimgConfig, to_dict
 from fedimg.data import (
-    DATASETS,
     ClientPartition,
     Dataset,
+    federation_classes,
     label_distribution,
     load_dataset,
     partition_dataset,
@@ -132,8 +132,7 @@ def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:
     if not resume:
         recorder.write_config(cfg)
     if cfg.deploy.enabled:
-        dataset, partitions, classes = _deployment_data(cfg), [], DATASETS.get(
-            cfg.data.dataset).classes
+        dataset, partitions, classes = _deployment_data(cfg), [], federation_classes(cfg.data)
     else:
         dataset = load_dataset(cfg.data, seed=cfg.seed)
         partitions, classes = _partition(cfg, dataset, recorder), dataset.classes
@@ -180,10 +179,16 @@ def _deployment_data(cfg: FedimgConfig) -> Dataset | None:
         return None
     strict = dataclasses.replace(cfg.data, source="strict")
     try:
-        return load_dataset(strict, seed=cfg.seed)
+        dataset = load_dataset(strict, seed=cfg.seed)
     except DataError as exc:
         raise DataError(f"{exc}. In a deployment the server only needs the test split "
                         "for central evaluation; or set fl.central_eval=false") from exc
+    if dataset.classes != federation_classes(cfg.data):
+        raise DataError(f"the coordinator's data ({dataset.provenance.location}) has classes "
+                        f"{list(dataset.classes)}, but the sites label with "
+                        f"{list(federation_classes(cfg.data))} (data.classes). Fix: give "
+                        "data.classes in the coordinator's label order")
+    return dataset
 
 
 def update_checks(prepared: PreparedRun) -> UpdateChecks:

@@ -24,7 +24,6 @@ import torch
 from fedimg.simulation.attacks import poisoned_labels
 from fedimg.config import FedimgConfig, from_json
 from fedimg.data import (
-    DATASETS,
     ClientPartition,
     Dataset,
     ImageSet,
@@ -32,6 +31,7 @@ from fedimg.data import (
     Provenance,
     SiteData,
     build_transform,
+    federation_classes,
     load_dataset,
     partition_dataset,
     read_site_data,
@@ -256,7 +256,7 @@ def site_environment(config_json: str, site: SiteOptions) -> TaskEnvironment:
     # the run's budget for this site, by its name (every deployed site is client 0)
     cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
         cfg.privacy, target_epsilon=site_epsilon(cfg, site.name)))
-    data = read_site_data(site.data_path, classes=DATASETS.get(cfg.data.dataset).classes,
+    data = read_site_data(site.data_path, classes=federation_classes(cfg.data),
                           image_size=cfg.data.image_size, min_samples=site.min_samples,
                           val_fraction=cfg.data.val_fraction, seed=cfg.seed,
                           on_corrupt=cfg.data.on_corrupt, max_samples=site.max_samples)

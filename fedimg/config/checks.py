@@ -252,6 +252,9 @@ def _validate_values(cfg: FedimgConfig) -> None:
 def _validate_deploy(cfg: FedimgConfig) -> None:
     """Simulation-only knobs make no sense at real sites: refuse them in a deployment."""
     if not cfg.deploy.enabled:
+        _check(cfg.data.classes is None, f"data.classes={cfg.data.classes} is read only by a "
+               "deployed run (deploy.enabled=true): a simulation takes the class names from "
+               "its data. Fix: drop data.classes")
         return
     _check(cfg.attack.byzantine_fraction == 0 and not cfg.faults.raise_at
            and not cfg.faults.kill_at,
@@ -267,11 +270,14 @@ def _validate_deploy(cfg: FedimgConfig) -> None:
     _check(cfg.data.source != "synthetic" and cfg.data.dataset != "synthetic",
            "synthetic data with deploy.enabled=true: the sites read their own images. "
            "Fix: name the federation's dataset (data.dataset), whose classes the sites hold")
-    _check(cfg.data.dataset not in PATH_DATASETS and not cfg.data.dataset.startswith("hf:"),
-           f"data.dataset={cfg.data.dataset} with "
-           "deploy.enabled=true: its class list is read from your data, which the sites do "
-           "not have, so a site cannot label its images. Fix: simulate it (deploy.enabled="
-           "false), or deploy a built-in data.dataset whose classes the sites hold")
+    own = cfg.data.dataset in PATH_DATASETS or cfg.data.dataset.startswith("hf:")
+    _check(not own or bool(cfg.data.classes), f"data.dataset={cfg.data.dataset} with "
+           "deploy.enabled=true: the class list comes from your data, which only the "
+           "coordinator has, so the sites cannot label their images. Fix: name the classes "
+           "in label order, e.g. data.classes=[benign,malignant] (the sites' class folders)")
+    classes = cfg.data.classes or []
+    _check(len(set(classes)) == len(classes) and all(c.strip() for c in classes),
+           f"data.classes={classes} has duplicate or empty names. Fix: list each class once")
 
 
 def _validate_choices(section: Any, prefix: str = "") -> None:

@@ -81,6 +81,7 @@ class DataConfig:
     natural_column: str = "site"  # metadata column for natural partitions
     natural_split: bool = False  # natural, more clients than groups: cut groups into runs
     site_column: Optional[str] = "site"  # test metrics per value: test/site/<value>/...
+    classes: Optional[list[str]] = None  # deployed folder/manifest/npz/hf: the class names
     val_fraction: float = 0.1  # each client's local validation split
     min_partition_size: int = 16
     image_size: int = 64  # input resolution of the model

@@ -32,7 +32,7 @@ from fedimg.data.partition import (
 from fedimg.data.partitioners import PARTITIONERS
 from fedimg.data.roots import resolve_data_root
 from fedimg.data.site import SiteData, read_site_data, site_fingerprint
-from fedimg.data.sources import DATASETS, load_dataset
+from fedimg.data.sources import DATASETS, federation_classes, load_dataset
 from fedimg.data.transforms import AUGMENTATIONS, build_transform
 from fedimg.data.types import Dataset, ImageSet, Provenance
 
@@ -47,6 +47,7 @@ __all__ = [
     "Provenance",
     "SiteData",
     "build_transform",
+    "federation_classes",
     "label_distribution",
     "load_dataset",
     "load_partitions",

@@ -134,6 +134,12 @@ def dataset_source(name: str) -> DatasetSource:
     return DATASETS.get("hf" if name.startswith(HF_PREFIX) else name)
 
 
+def federation_classes(cfg: DataConfig) -> tuple[str, ...]:
+    """The class names a deployed federation labels with, without reading any data:
+    ``data.classes`` if given (your own data), else the built-in dataset's."""
+    return tuple(cfg.classes) if cfg.classes else dataset_source(cfg.dataset).classes
+
+
 def stratified_subsample(split: ImageSet, max_samples: int | None, *, seed: int) -> ImageSet:
     """At most ``max_samples`` samples, each class keeping its share (largest remainder)."""
     n = len(split)

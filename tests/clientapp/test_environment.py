@@ -10,7 +10,7 @@ from fedimg.config.compose import compose_config
 from fedimg.config import to_json
 from fedimg.clientapp.environment import TaskEnvironment, environment
 from fedimg.data import ClientPartition, partition_dataset
-from fedimg.errors import DataError
+from fedimg.errors import ConfigError, DataError
 from fedimg.transport.records import partitions_from_record, partitions_record
 from fedimg.training import balanced_class_weights
 
@@ -121,3 +121,37 @@ def test_a_site_data_error_reaches_the_server_without_file_names(tmp_path, caplo
     # Assert: the server's line names the site, not the file; the site's log has it
     assert "hospital_a" in str(info.value) and "patient-4711" not in str(info.value)
     assert "patient-4711" in caplog.text
+
+
+def test_a_deployed_site_labels_its_images_with_the_runs_own_classes(tmp_path) -> None:
+    # Arrange: a run on your own data (a folder at the coordinator), deployed with its
+    # class list; the site holds images of both classes under its own path
+    from PIL import Image
+
+    from fedimg.clientapp.environment import site_environment
+    from fedimg.clientapp.site import SiteOptions
+    from fedimg.config.compose import compose_config
+
+    for k, name in enumerate(("benign", "malignant")):
+        (tmp_path / "site" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (12, 12), (40 + 100 * k, i, 0)).save(
+                tmp_path / "site" / name / f"{i}.png")
+    cfg = compose_config("medical", ["deploy.enabled=true", "data.dataset=folder",
+                                     f"data.path={tmp_path / 'coordinator'}",
+                                     "data.classes=[benign,malignant]", "data.image_size=16"])
+    # Act
+    env = site_environment(to_json(cfg), SiteOptions(data_path=str(tmp_path / "site"),
+                                                     name="hospital_a", min_samples=4))
+    # Assert
+    assert env.dataset.classes == ("benign", "malignant")
+    data = env.client(0)
+    assert data.num_train + data.num_val == 20 and env.num_classes == 2
+
+
+def test_deploying_your_own_data_without_its_classes_is_one_line() -> None:
+    from fedimg.config.compose import compose_config
+
+    with pytest.raises(ConfigError, match="Fix: name the classes in label order"):
+        compose_config("medical", ["deploy.enabled=true", "data.dataset=npz",
+                                   "data.path=/x.npz"])
