@@ -34,6 +34,10 @@ def site_key(name: str) -> str:
 def site_rows(test: ImageSet, column: str | None) -> dict[str, np.ndarray]:
     """Row indices of each site of ``test`` (sorted by key); {} if no such column."""
     if not column or column not in test.metadata:
+        if column:
+            logger.info("no per-site test metrics: the test split has no column '%s' "
+                        "(data.site_column; its columns: %s)", column,
+                        sorted(test.metadata) or "none")
         return {}
     values = np.asarray(test.metadata[column]).astype(str)
     names = sorted(set(values.tolist()))
