@@ -9,7 +9,9 @@ interrupted grid resumes where it stopped. Every cell's config is checked before
 first one starts.
 
 Per cell (``compare.csv``): the final pooled test metrics, the worst site and the
-spread across sites of ``test/site/<name>/<metric>``, and the wall time. Per group of
+spread across sites of ``test/site/<name>/<metric>`` (where the test split names its
+sites), the worst client's validation accuracy (``fair/worst_accuracy``: for a local
+run, the worst site's own model) and the wall time. Per group of
 cells that differ only in their seed (``compare.md``, ``compare_summary.csv``): mean
 +- sample std and the number of seeds, the way cross-silo papers report (FLamby, Ogier
 du Terrail et al. 2022).
@@ -100,13 +102,14 @@ def cell_row(cell: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         row[metric] = final.get(f"test/{metric}")
     for metric in METRICS[:2]:
         row[f"worst_site_{metric}"], row[f"site_spread_{metric}"] = site_stats(final, metric)
+    row["worst_client_val_accuracy"] = final.get("fair/worst_accuracy")
     row["wall_s"] = results.get("timing", {}).get("total_s")
     row["run_dir"] = str(run_dir)
     return row
 
 
 VALUES = (*METRICS, *(f"{p}_{m}" for m in METRICS[:2] for p in ("worst_site", "site_spread")),
-          "wall_s")
+          "worst_client_val_accuracy", "wall_s")
 
 
 def summarise(rows: list[dict[str, Any]], axes: Sequence[str]) -> list[dict[str, Any]]:
