@@ -37,14 +37,12 @@ from fedimg.deploy.client import (
 from fedimg.deploy.client import (
     main as client_main,
 )
+from fedimg.deploy.flwr_cli import app_dir, register_key, run_config, write_connection
 from fedimg.deploy.server import (
     ServerConfig,
     load_server_config,
-    register_key,
-    run_config,
     superexec_command,
     superlink_command,
-    write_connection,
 )
 from fedimg.deploy.server import (
     main as server_main,
@@ -490,7 +488,7 @@ def test_run_submits_the_validated_config_to_flwr(monkeypatch: pytest.MonkeyPatc
     # Assert
     (command,) = calls
     assert code == 7 and capsys.readouterr().out.endswith(f"run directory: {run_dir}\n")
-    assert command[1:] == ["run", str(server.app_dir()), "fedimg", "--stream", "--run-config",
+    assert command[1:] == ["run", str(app_dir()), "fedimg", "--stream", "--run-config",
                            (f'scenario="medical" overrides="deploy.enabled=true rounds=2 '
                             f'output.run_dir={run_dir}"')]
 

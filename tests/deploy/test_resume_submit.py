@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fedimg.config import to_dict
-from fedimg.deploy import server
+from fedimg.deploy import flwr_cli
 from fedimg.deploy.server import main as server_main
 from fedimg.reporting.run_dir import write_json
 from fedimg.reporting.paths import RunPaths
@@ -73,7 +73,7 @@ def test_a_resume_that_cannot_work_exits_2_before_flwr(monkeypatch: pytest.Monke
 def test_the_serverapp_reads_a_resume_from_its_run_config(tmp_path: Path) -> None:
     # Arrange: what flwr run hands the ServerApp
     run_dir = _saved_run(tmp_path / "run", deployed=True)
-    scenario, overrides = server._run_arguments([f"resume={run_dir}", "rounds=4"],
+    scenario, overrides = flwr_cli._run_arguments([f"resume={run_dir}", "rounds=4"],
                                                 runs_dir=tmp_path)
     # Act
     from fedimg.serverapp.checkpoint import config_from_argv

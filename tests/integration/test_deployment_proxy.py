@@ -25,7 +25,7 @@ from site_images import write_site_images
 
 from fedimg.deploy.certs import create_dev_pki
 from fedimg.deploy.localhost import LocalFederation, free_port, site_yaml
-from fedimg.deploy.server import app_dir, run_config, write_connection
+from fedimg.deploy.flwr_cli import app_dir, run_config, write_connection
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("flower-superlink") is None,
