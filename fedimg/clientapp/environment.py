@@ -5,8 +5,12 @@ of one run: the decoded dataset, the partitions, one model object and the
 loaders. It is built once per process and per run config (:func:`environment`),
 so a simulated worker that serves many clients in many rounds decodes the data
 and builds the network once; each call then only loads the incoming global
-weights into the existing model. Nothing here imports flwr, ray or opacus: the
-benchmark in ``bench/`` runs the very same steps without Flower.
+weights into the existing model. With ``transfer.mode=head|last_k`` it also keeps
+each client's frozen-trunk features (:attr:`TaskEnvironment.trunk_cache`,
+``train.feature_cache``), so that a round can run only the trainable tail; a deployed
+site's environment lives on in its warm executor, and its cache with it. Nothing here
+imports flwr, ray or opacus: the benchmark in ``bench/`` runs the very same steps
+without Flower.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from fedimg.models import batchnorm_state_keys, build_model, frozen_state_keys
 from fedimg.clientapp.policy import site_epsilon
 from fedimg.clientapp.site import SiteOptions
 from fedimg.training import (
+    TrunkCache,
     balanced_class_weights,
     evaluate,
     resolve_device,
@@ -180,6 +185,24 @@ class TaskEnvironment:
         return frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
 
     @functools.cached_property
+    def trunk_cache(self) -> TrunkCache:
+        """Cached features of the frozen trunk (``train.feature_cache``), split once.
+
+        Under DP-SGD the in-place-free model is split, so that the tail Opacus wraps
+        has no in-place op; both share every weight with :attr:`model`.
+        """
+        source = self.private_model() if self.cfg.privacy.mode == "dp_sgd" else self.model
+        return TrunkCache.build(source, cfg=self.cfg, device=self.device)
+
+    def private_inputs(self, partition_id: int
+                       ) -> tuple[torch.nn.Module, InMemoryLoader]:
+        """What DP-SGD wraps and samples: the tail and cached features, when the cache
+        serves training, else the in-place-free model and the client's images."""
+        data = self.client(partition_id)
+        cached = self.trunk_cache.train_inputs(partition_id, data.train, amp=False)
+        return cached or (self.private_model(), data.train)
+
+    @functools.cached_property
     def batchnorm_keys(self) -> frozenset[str]:
         """State-dict names of the trainable BatchNorm layers (kept local under FedBN)."""
         return batchnorm_state_keys(self.model)
@@ -213,6 +236,7 @@ class TaskEnvironment:
         data = self.client(partition_id)
         tcfg = self.cfg.train if steps is None else dataclasses.replace(
             self.cfg.train, local_steps=steps)
+        cache = self.trunk_cache  # split before seeding: the split's probe draws nothing
         # Seed by (run, round, client), not by call order: which worker serves a client
         # varies between runs, and a resumed run must replay the same batches.
         torch.manual_seed(derive_seed(self.cfg.seed, server_round, partition_id))
@@ -220,7 +244,11 @@ class TaskEnvironment:
         if lr is None:
             lr = scheduled_lr(self.cfg.train, server_round=server_round,
                               total_rounds=self.cfg.rounds)
-        result = train_local(self.model, data.train, cfg=tcfg, lr=lr,
+        model, loader = self.model, data.train
+        cached = cache.train_inputs(partition_id, data.train, amp=tcfg.amp)
+        if cached is not None:  # the tail on cached trunk features, batched alike
+            (model, loader), tcfg = cached, dataclasses.replace(tcfg, channels_last=False)
+        result = train_local(model, loader, cfg=tcfg, lr=lr,
                              device=self.device, proximal_mu=proximal_mu,
                              class_weights=data.class_weights, logit_scale=data.logit_scale)
         return {**result.as_metrics(), "train/lr": lr}, data.num_train
@@ -228,7 +256,11 @@ class TaskEnvironment:
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
         """Metrics of the loaded weights on client ``partition_id``'s validation split."""
         data = self.client(partition_id)
-        metrics = evaluate(self.model, data.val, device=self.device,
+        model, loader = self.model, data.val
+        cached = self.trunk_cache.eval_inputs(partition_id, data.val, amp=self.cfg.train.amp)
+        if cached is not None:
+            model, loader = cached
+        metrics = evaluate(model, loader, device=self.device,
                            num_classes=self.num_classes, amp=self.cfg.train.amp)
         return {f"val/{k}": v for k, v in metrics.items() if k != "num_examples"}, data.num_val
 

@@ -24,6 +24,7 @@ from fedimg.config.choices import (
     Clock,
     Compression,
     DataSource,
+    FeatureCache,
     GradSampleMode,
     OnCorrupt,
     OnTooFew,
@@ -55,8 +56,10 @@ from fedimg.config.schema import (
 
 __all__ = [
     "CHOICES", "Accountant", "AttackKind", "Augment", "BatchNorm", "Choice", "ClassWeighting",
-    "Clipping", "Clock", "Compression", "DataSource", "GradSampleMode", "OnCorrupt",
-    "OnTooFew", "Optimizer", "Partitioner", "PrivacyKind", "Schedule", "TransferMode",
+    "Clipping", "Clock", "Compression", "DataSource", "FeatureCache", "GradSampleMode",
+    "OnCorrupt",
+    "OnTooFew", "Optimizer", "Partitioner", "PrivacyKind", "Schedule",
+    "TransferMode",
     "AttackConfig", "CompressionConfig", "DataConfig", "DeployConfig", "FaultsConfig",
     "FederationConfig", "FedimgConfig", "HeterogeneityConfig",
     "OutputConfig", "PrivacyConfig", "SimConfig", "SyntheticConfig", "TrainConfig",

@@ -96,8 +96,29 @@ def _validate_training(cfg: FedimgConfig) -> None:
         value = getattr(t, name)
         _check(value >= 1, f"train.{name}={value} must be >= 1")
     _check(t.num_threads >= 0, "train.num_threads must be >= 0")
+    _validate_feature_cache(cfg)
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"train.device='{t.device}' is unknown; valid: auto, cpu, cuda, cuda:N")
+
+
+def _validate_feature_cache(cfg: FedimgConfig) -> None:
+    """``train.feature_cache*`` (fedimg.training.feature_cache): ranges and combinations."""
+    t = cfg.train
+    _check(math.isfinite(t.feature_cache_gb) and t.feature_cache_gb >= 0,
+           f"train.feature_cache_gb={t.feature_cache_gb} is impossible: it is the RAM (GiB) a "
+           "worker may fill with cached trunk features before spilling to disk; valid: >= 0 "
+           "(0 = no cache). Fix: e.g. train.feature_cache_gb=1")
+    _check(1 <= t.feature_cache_views <= 64, f"train.feature_cache_views="
+           f"{t.feature_cache_views} is out of range: the augmented views cached per image; "
+           "valid: 1..64. Fix: e.g. train.feature_cache_views=4")
+    if t.feature_cache != "on":
+        return
+    _check(cfg.transfer.mode != "full", "train.feature_cache=on with transfer.mode=full: "
+           "every layer trains, so there is no frozen trunk to cache; valid: transfer.mode="
+           "head|last_k. Fix: set one of them, or train.feature_cache=auto|off")
+    _check(t.feature_cache_gb > 0, "train.feature_cache=on with train.feature_cache_gb=0, "
+           "which turns the cache off; valid: a size > 0. Fix: e.g. train.feature_cache_gb=1, "
+           "or train.feature_cache=off")
 
 
 def _validate_federation(cfg: FedimgConfig) -> None:
@@ -247,6 +268,7 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_attack_and_faults(cfg)
     _validate_hetero(cfg)
     _validate_deploy(cfg)
+
 
 
 def _validate_deploy(cfg: FedimgConfig) -> None:

@@ -182,6 +182,16 @@ class GradSampleMode(Choice):
     auto = "auto"
     hooks = "hooks"
     functorch = "functorch"
+    ghost_mixed = "ghost_mixed"  # norms only (Bu et al. 2022), fedimg.privacy.norm_samplers
+
+
+class FeatureCache(Choice):
+    """``train.feature_cache``: :data:`fedimg.training.feature_cache.MODES`."""
+
+    label = nonmember("feature-cache mode")
+    auto = "auto"
+    on = "on"
+    off = "off"
 
 
 class Clipping(Choice):
@@ -204,5 +214,5 @@ class AttackKind(Choice):
 CHOICES: tuple[type[Choice], ...] = (
     DataSource, Partitioner, Augment, OnCorrupt, TransferMode, BatchNorm, Optimizer,
     Schedule, ClassWeighting, OnTooFew, Clock, Compression, PrivacyKind, Accountant,
-    GradSampleMode, Clipping, AttackKind,
+    GradSampleMode, Clipping, AttackKind, FeatureCache,
 )

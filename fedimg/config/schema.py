@@ -30,6 +30,7 @@ from fedimg.config.choices import (
     Clock,
     Compression,
     DataSource,
+    FeatureCache,
     GradSampleMode,
     OnCorrupt,
     OnTooFew,
@@ -120,6 +121,12 @@ class TrainConfig:
     amp: bool = True  # mixed precision, CUDA only
     channels_last: bool = True  # CUDA only
     num_threads: int = 0  # torch intra-op threads per client; 0 = cpus per client
+    # Frozen-trunk feature cache (transfer.mode=head|last_k; fedimg.training.feature_cache):
+    # auto = evaluation, and training where exact (augment=none, trunk the same in train
+    # mode); on = also training from a bank of views / the trunk's eval-mode output
+    feature_cache: FeatureCache = FeatureCache.auto
+    feature_cache_gb: float = 1.0  # RAM per worker for cached features (more spills); 0 = off
+    feature_cache_views: int = 4  # augmented views kept per image (feature_cache=on)
 
 
 @dataclass(frozen=True)
@@ -267,7 +274,7 @@ class PrivacyConfig:
     accountant: Accountant = Accountant.prv  # the other one is reported as a cross-check
     poisson: bool = True  # dp_sgd: Poisson batches (false: shuffled, epsilon approximate)
     physical_batch_size: Optional[int] = None  # dp_sgd: None = train.batch_size
-    grad_sample_mode: GradSampleMode = GradSampleMode.auto  # auto: per model
+    grad_sample_mode: GradSampleMode = GradSampleMode.auto  # auto: per model; or ghost_mixed
     count_noise: float = 10.0  # dp_sgd: Gaussian noise on the label counts behind class weights
     seeded_noise: bool = False  # true: noise/sampling from the run seed (tests only: insecure)
     secure_noise: bool = False  # dp_sgd: noise and batches from ChaCha20 (a CSPRNG), not torch

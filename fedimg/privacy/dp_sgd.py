@@ -7,7 +7,9 @@ is added to their sum. That is a sampler, an optimizer and a model wrapper, not 
 second training loop: the steps run in :func:`fedimg.training.train_local`, with
 :class:`DPSGDHook` supplying Opacus' ``GradSampleModule`` (per-sample gradients; hooks
 mode with fedimg's grouped Conv2d rule, see :mod:`fedimg.privacy.grad_samplers`, or
-functorch), ``DPOptimizer`` (clip, noise, step) and physical micro-batches, over
+functorch) and ``DPOptimizer`` (clip, noise, step), or with ``grad_sample_mode=ghost_mixed``
+Opacus' fast-gradient-clipping pair, which needs only per-sample gradient *norms*
+(mixed ghost clipping, :mod:`fedimg.privacy.norm_samplers`), and physical micro-batches, over
 ``UniformWithReplacementSampler``'s Poisson batches; the PRV/RDP accountants count the
 steps. The model is the client's pretrained network with frozen BatchNorm and its
 in-place operations rewritten (Opacus' hooks cannot see through them).
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
@@ -45,6 +47,7 @@ from fedimg.config import FedimgConfig, TrainConfig
 from fedimg.data import InMemoryLoader
 from fedimg.models import MODELS
 from fedimg.privacy import grad_samplers  # noqa: F401 - registers Conv2d rule
+from fedimg.privacy.norm_samplers import GhostClippingModule  # and the Conv2d norm rule
 from fedimg.privacy.accounting import PrivacyLedger
 from fedimg.privacy.batches import ShuffledBatches, private_batches  # noqa: F401 - re-export
 from fedimg.privacy.dp_budget import (  # noqa: F401 - re-exported for callers
@@ -64,8 +67,8 @@ warnings.filterwarnings("ignore", message="Optimal order is the", module="opacus
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 
-class WeightedDPOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer with per-sample weights applied after clipping, and clip counts.
+class _ClipNoise:
+    """What fedimg adds to Opacus' DP optimizers: weights after clipping, clip counts, ChaCha noise.
 
     Weighting the loss (e.g. by inverse class frequency) is undone by clipping: every
     clipped gradient ends up with norm C whatever its weight. Here each per-sample
@@ -75,6 +78,10 @@ class WeightedDPOptimizer(DPOptimizer):
     None means weight 1. It also counts the per-sample gradients that were clipped.
     """
 
+    params: list[nn.Parameter]
+    max_grad_norm: float
+    noise_multiplier: float
+
     def __init__(self, *args: Any, noise_stream: ChaChaStream | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -83,29 +90,19 @@ class WeightedDPOptimizer(DPOptimizer):
         self.samples_clipped = 0
         self.sample_weights: torch.Tensor | None = None
 
-    def clip_and_accumulate(self) -> None:
-        """Opacus' clip-and-sum (opacus/optimizers/optimizer.py), with weights and counts."""
-        if len(self.grad_samples[0]) == 0:
-            super().clip_and_accumulate()
-            return
-        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1)
-                             for g in self.grad_samples], dim=1).norm(2, dim=1)  # (B,)
+    def clip_factor(self, norms: torch.Tensor) -> torch.Tensor:
+        """Each sample's factor (B,): min(1, C / norm) times its weight; counts the clipped."""
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         self.samples_seen += len(norms)
         self.samples_clipped += int((norms > self.max_grad_norm).sum())
         if self.sample_weights is not None:
             factor = factor * self.sample_weights.to(factor)
-        for p in self.params:
-            _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            grad = torch.einsum("i,i...", factor.to(grad_sample.device, p.dtype), grad_sample)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
+        return factor
 
     def add_noise(self) -> None:
         """Opacus' ``add_noise``, with N(0, sigma^2 C^2) from :attr:`noise_stream` if set."""
         if self.noise_stream is None:
-            super().add_noise()
+            super().add_noise()  # type: ignore[misc]
             return
         noise = self.noise_stream.normal_like([p.summed_grad for p in self.params],
                                               std=self.noise_multiplier * self.max_grad_norm)
@@ -113,6 +110,44 @@ class WeightedDPOptimizer(DPOptimizer):
             _check_processed_flag(p.summed_grad)
             p.grad = (p.summed_grad + z).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+class WeightedDPOptimizer(_ClipNoise, DPOptimizer):
+    """Opacus' DPOptimizer over materialised per-sample gradients, with :class:`_ClipNoise`."""
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus' clip-and-sum (opacus/optimizers/optimizer.py), with weights and counts."""
+        if len(self.grad_samples[0]) == 0:
+            super().clip_and_accumulate()
+            return
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1)
+                             for g in self.grad_samples], dim=1).norm(2, dim=1)  # (B,)
+        factor = self.clip_factor(norms)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factor.to(grad_sample.device, p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+
+class GhostDPOptimizer(_ClipNoise, DPOptimizerFastGradientClipping):
+    """Opacus' fast-gradient-clipping optimizer, stepping a :class:`GhostClippingModule`.
+
+    Its step first has the module compute the per-sample norms, then the weighted
+    clipped sum into ``p.grad``; Opacus then accumulates micro-batches, adds the same
+    noise and calls the same accountant hook (one step per logical batch).
+    """
+
+    def __init__(self, *args: Any, module: GhostClippingModule, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.module = module
+
+    def pre_step(self, closure: Any = None) -> bool | None:
+        """Norms and clipped sum (the module), then Opacus' accumulate, noise, scale, accountant."""
+        factor = self.clip_factor(self.module.per_sample_norms())
+        self.module.backward_clipped(factor, self.params)
+        return super().pre_step(closure)
 
 
 def grad_sample_mode(cfg: FedimgConfig) -> str:
@@ -164,57 +199,76 @@ def train_round(env: ClientEnvironment, partition_id: int, *, server_round: int,
         [cfg.seed, server_round, partition_id, 7]).generate_state(1)[0]))
     lr = scheduled_lr(cfg.train, server_round=server_round, total_rounds=cfg.rounds)
     weights = torch.tensor(book.class_weights) if book.class_weights else None
-    stats = train_private(env.private_model(), data.train, book, cfg=cfg, device=env.device,
+    model, train = env.private_inputs(partition_id)  # the tail on cached features (issue 16)
+    stats = train_private(model, train, book, cfg=cfg, device=env.device,
                           class_weights=weights, lr=lr, steps=steps,
                           generator=noise_generator(cfg, server_round, partition_id))
     return ClientRound(metrics={**stats, "train/lr": lr, **book.report()}, num_examples=n,
                        ledger=book.to_dict())
 
 
+PrivateModule = GradSampleModule | GhostClippingModule
+PrivateOptimizer = WeightedDPOptimizer | GhostDPOptimizer
+
+
 def make_private(model: nn.Module, *, cfg: FedimgConfig, lr: float, noise_multiplier: float,
                  expected_batch_size: int, device: torch.device,
                  generator: torch.Generator | None = None
-                 ) -> tuple[GradSampleModule, WeightedDPOptimizer]:
-    """``model`` wrapped for per-sample gradients, and ``train.optimizer`` made private.
+                 ) -> tuple[PrivateModule, PrivateOptimizer]:
+    """``model`` wrapped for per-sample gradients (or norms), and ``train.optimizer`` made private.
 
     :class:`DPSGDHook`'s two wrappers, for code that steps them itself (e.g.
-    ``bench/dp_overhead.py``); ``gsm._close()`` removes Opacus' hooks from ``model``.
+    ``bench/dp_overhead.py``): forward, ``loss.backward()``, ``optimizer.step()``;
+    ``module._close()`` removes Opacus' hooks from ``model``.
     """
     model.to(device).train()
-    gsm = _grad_sample_module(model, cfg)
-    optimizer = _dp_optimizer(build_optimizer(gsm.parameters(), cfg=cfg.train, lr=lr),
-                              cfg=cfg, noise_multiplier=noise_multiplier,
+    module = _grad_sample_module(model, cfg)
+    optimizer = _dp_optimizer(build_optimizer(module.parameters(), cfg=cfg.train, lr=lr),
+                              module, cfg=cfg, noise_multiplier=noise_multiplier,
                               expected_batch_size=expected_batch_size, generator=generator)
-    return gsm, optimizer
+    return module, optimizer
 
 
-def _grad_sample_module(model: nn.Module, cfg: FedimgConfig) -> GradSampleModule:
-    """``model`` in Opacus' GradSampleModule, in the mode :func:`grad_sample_mode` picks."""
+def _grad_sample_module(model: nn.Module, cfg: FedimgConfig) -> PrivateModule:
+    """``model`` wrapped for the mode :func:`grad_sample_mode` picks.
+
+    hooks / functorch: Opacus' GradSampleModule (materialised per-sample gradients);
+    ghost_mixed: :class:`~fedimg.privacy.norm_samplers.GhostClippingModule` (norms only).
+    """
+    mode = grad_sample_mode(cfg)
+    if mode == "ghost_mixed":
+        return GhostClippingModule(model, max_grad_norm=cfg.privacy.max_grad_norm)
     return GradSampleModule(model, batch_first=True, loss_reduction="mean",
-                            force_functorch=grad_sample_mode(cfg) == "functorch")
+                            force_functorch=mode == "functorch")
 
 
-def _dp_optimizer(optimizer: torch.optim.Optimizer, *, cfg: FedimgConfig,
-                  noise_multiplier: float, expected_batch_size: int,
-                  generator: torch.Generator | None) -> WeightedDPOptimizer:
-    """``optimizer`` inside :class:`WeightedDPOptimizer`: clip to C, noise sigma * C, step.
+def _dp_optimizer(optimizer: torch.optim.Optimizer, module: PrivateModule, *,
+                  cfg: FedimgConfig, noise_multiplier: float, expected_batch_size: int,
+                  generator: torch.Generator | None) -> PrivateOptimizer:
+    """``optimizer`` made private for ``module``: clip to C, noise sigma * C, step.
 
+    :class:`WeightedDPOptimizer` over a GradSampleModule, :class:`GhostDPOptimizer`
+    over a GhostClippingModule; the same clipping, weights, noise and accounting.
     The loop's loss is a per-micro-batch mean; the noisy sum is divided by the
     *expected* batch size q * N, as the Poisson batch's actual size is private.
     ``privacy.secure_noise`` draws the noise from a fresh :class:`ChaChaStream` instead.
     """
     stream = ChaChaStream() if cfg.privacy.secure_noise else None  # a fresh secret key
-    return WeightedDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                               max_grad_norm=cfg.privacy.max_grad_norm,
-                               expected_batch_size=max(1, expected_batch_size),
-                               loss_reduction="mean", generator=generator, noise_stream=stream)
+    common = dict(noise_multiplier=noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
+                  expected_batch_size=max(1, expected_batch_size), loss_reduction="mean",
+                  generator=generator, noise_stream=stream)
+    if isinstance(module, GhostClippingModule):
+        return GhostDPOptimizer(optimizer, module=module, **common)
+    return WeightedDPOptimizer(optimizer, **common)
 
 
 class DPSGDHook:
     """DP-SGD's part in :func:`~fedimg.training.train_local` (a ``StepHook``).
 
     :meth:`attach` wraps the model in Opacus' GradSampleModule and the round's
-    optimizer in :class:`WeightedDPOptimizer` (Abadi et al. 2016, Algorithm 1), whose
+    optimizer in :class:`WeightedDPOptimizer` (Abadi et al. 2016, Algorithm 1), or in
+    :class:`~fedimg.privacy.norm_samplers.GhostClippingModule` and
+    :class:`GhostDPOptimizer` (``ghost_mixed``: same clipping, noise and steps), whose
     accountant continues ``book``'s history; a round that completes writes it back.
     :meth:`micro_batches` is Opacus' BatchMemoryManager split, done on the tensors: b
     samples become ceil(b / physical) near-equal pieces (``np.array_split`` sizes),
@@ -231,14 +285,15 @@ class DPSGDHook:
         self.physical = cfg.privacy.physical_batch_size or cfg.train.batch_size
         self.weights = ((class_weights / class_weights.max()).to(device)
                         if class_weights is not None else None)  # (K,) in (0, 1]
-        self.optimizer: WeightedDPOptimizer | None = None  # this round's, once attached
+        self.optimizer: PrivateOptimizer | None = None  # this round's, once attached
 
     @contextmanager
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer
                ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
         """Opacus' wrappers around ``model`` and ``optimizer`` for one round."""
         gsm = _grad_sample_module(model, self.cfg)
-        dp = _dp_optimizer(optimizer, cfg=self.cfg, noise_multiplier=self.book.noise_multiplier,
+        dp = _dp_optimizer(optimizer, gsm, cfg=self.cfg,
+                           noise_multiplier=self.book.noise_multiplier,
                            expected_batch_size=self.expected_batch_size,
                            generator=self.generator)
         accountant = create_accountant(mechanism=self.book.accountant)

@@ -86,6 +86,11 @@ class ClientEnvironment(Protocol):
         """The shared model with in-place operations rewritten (for Opacus' hooks)."""
         ...
 
+    def private_inputs(self, partition_id: int) -> tuple[torch.nn.Module, InMemoryLoader]:
+        """The module DP-SGD wraps and the loader it samples: :meth:`private_model` and the
+        client's images, or its trainable tail and cached trunk features (issue 16)."""
+        ...
+
     def train(self, partition_id: int, *, server_round: int,
               proximal_mu: float = 0.0) -> tuple[dict[str, float], int]:
         """A non-private local round from the loaded weights: (metrics, num_examples)."""

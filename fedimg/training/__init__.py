@@ -6,9 +6,12 @@
 * :mod:`~fedimg.training.optim`: the ``OPTIMIZERS`` and ``SCHEDULES`` registries.
 * :mod:`~fedimg.training.losses`: balanced class weights, FedRS logit mask.
 * :mod:`~fedimg.training.device`: ``train.device`` -> :class:`torch.device`, AMP dtype.
+* :mod:`~fedimg.training.feature_cache`: :class:`TrunkCache`, the frozen trunk's
+  features computed once, so that training and evaluation run only the tail.
 """
 
 from fedimg.training.device import resolve_device
+from fedimg.training.feature_cache import TrunkCache
 from fedimg.training.losses import balanced_class_weights, restricted_logit_scale
 from fedimg.training.loop import (
     TrainingDiverged,
@@ -26,6 +29,7 @@ __all__ = [
     "SCHEDULES",
     "TrainResult",
     "TrainingDiverged",
+    "TrunkCache",
     "balanced_class_weights",
     "build_optimizer",
     "classification_metrics",
