@@ -18,6 +18,7 @@ from fedimg.data.sources import dataset_source
 from fedimg.errors import ConfigError
 from fedimg.models import MODELS
 from fedimg.privacy import PRIVACY_MODES
+from fedimg.privacy.client_dp import sampled_clients
 from fedimg.serverapp.strategies import STRATEGIES
 from fedimg.simulation.attacks import ATTACKS
 from fedimg.training import OPTIMIZERS, SCHEDULES
@@ -76,6 +77,33 @@ def _check_strategy_facts(cfg: FedimgConfig) -> None:
            f"clipped updates; valid strategies: {', '.join(averaging)}")
 
 
+def _check_secure_facts(cfg: FedimgConfig) -> None:
+    """What secure aggregation rules out: anything that must see one client's update."""
+    mode, spec = PRIVACY_MODES.get(cfg.privacy.mode), STRATEGIES.get(cfg.strategy)
+    secure = cfg.fl.secure_aggregation != "none"
+    _check(secure or not mode.needs_secure_sum, f"privacy.mode={cfg.privacy.mode} has the "
+           "clients add the noise, which only secure aggregation keeps from the server. Fix: "
+           "fl.secure_aggregation=secaggplus")
+    if not secure:
+        return
+    summing = [n for n in STRATEGIES.names() if STRATEGIES.get(n).secure_sum]
+    _check(spec.secure_sum, f"strategy={cfg.strategy} with fl.secure_aggregation: it needs "
+           "each update, and the server sees only their sum. Valid strategies: "
+           f"{', '.join(summing)}")
+    _check(not mode.inspects_updates, f"privacy.mode={cfg.privacy.mode} with "
+           "fl.secure_aggregation: the server would clip each update, which it cannot see. "
+           "Fix: privacy=distributed_dp (the clients clip and noise)")
+    _check(cfg.compression.kind == "none", f"compression.kind={cfg.compression.kind} with "
+           "fl.secure_aggregation: masks sum only dense vectors of one layout. Fix: "
+           "compression.kind=none")
+    _check(cfg.fl.max_update_norm is None, f"fl.max_update_norm={cfg.fl.max_update_norm} with "
+           "fl.secure_aggregation: the server cannot measure one update's norm. Fix: drop it "
+           "(or clip at the clients: privacy=distributed_dp)")
+    _check(sampled_clients(cfg) >= 3, f"fl.secure_aggregation with {sampled_clients(cfg)} "
+           "sampled clients: with two, each learns the other's update from the sum. Fix: "
+           "sample at least 3 (clients, fl.fraction_train, fl.min_train_clients)")
+
+
 def check_registries(cfg: FedimgConfig) -> FedimgConfig:
     """Resolve every name of ``cfg`` through its registry; raise ConfigError on the first.
 
@@ -88,6 +116,7 @@ def check_registries(cfg: FedimgConfig) -> FedimgConfig:
     _resolve_names(cfg)
     _check_privacy_facts(cfg)
     _check_strategy_facts(cfg)
+    _check_secure_facts(cfg)
     return cfg
 
 

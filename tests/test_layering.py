@@ -246,4 +246,5 @@ def test_only_privacy_imports_opacus_and_only_the_app_of_clientapp_imports_flowe
     opacus = sorted(m for m in modules() if "opacus" in third_party(m))
     assert all(_under(m, ("fedimg.privacy",)) for m in opacus), opacus
     client_flwr = sorted(m for m in _members("fedimg.clientapp") if "flwr" in third_party(m))
-    assert client_flwr == ["fedimg.clientapp.app"]
+    # the ClientApp's handlers and its one Flower mod (secure aggregation's stages)
+    assert client_flwr == ["fedimg.clientapp.app", "fedimg.clientapp.secure"]

@@ -60,6 +60,7 @@ from fedimg.clientapp.policy import check_policy
 from fedimg.clientapp.site import SiteOptions, site_options
 from fedimg.transport.grid import content_bytes
 from fedimg.clientapp.environment import TaskEnvironment, environment, site_environment
+from fedimg.clientapp.secure import secure_aggregation_mod
 
 # The error-feedback residual of update compression lives in the client's Flower
 # context.state between rounds (a DP ledger lives with its keeper: fedimg.clientapp.ledger).
@@ -67,7 +68,7 @@ RESIDUAL_KEY = "fedimg-ef-residual"
 # FedBN: this client's own BatchNorm weights and statistics, between rounds.
 LOCAL_BN_KEY = "fedimg-local-bn"
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def _threads(cfg: FedimgConfig) -> int:

@@ -32,6 +32,7 @@ from fedimg.config.choices import (
     Partitioner,
     PrivacyKind,
     Schedule,
+    SecureAggregation,
     TransferMode,
 )
 from fedimg.config.schema import (
@@ -45,6 +46,7 @@ from fedimg.config.schema import (
     HeterogeneityConfig,
     OutputConfig,
     PrivacyConfig,
+    SecAggConfig,
     SimConfig,
     SyntheticConfig,
     TrainConfig,
@@ -58,10 +60,10 @@ __all__ = [
     "CHOICES", "Accountant", "AttackKind", "Augment", "BatchNorm", "Choice", "ClassWeighting",
     "Clipping", "Clock", "Compression", "DataSource", "FeatureCache", "GradSampleMode",
     "OnCorrupt",
-    "OnTooFew", "Optimizer", "Partitioner", "PrivacyKind", "Schedule",
+    "OnTooFew", "Optimizer", "Partitioner", "PrivacyKind", "Schedule", "SecureAggregation",
     "TransferMode",
     "AttackConfig", "CompressionConfig", "DataConfig", "DeployConfig", "FaultsConfig",
     "FederationConfig", "FedimgConfig", "HeterogeneityConfig",
-    "OutputConfig", "PrivacyConfig", "SimConfig", "SyntheticConfig", "TrainConfig",
+    "OutputConfig", "PrivacyConfig", "SecAggConfig", "SimConfig", "SyntheticConfig", "TrainConfig",
     "TransferConfig", "decode", "from_dict", "from_json", "to_dict", "to_json", "validate",
 ]

@@ -268,7 +268,19 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_attack_and_faults(cfg)
     _validate_hetero(cfg)
     _validate_deploy(cfg)
+    _validate_secagg(cfg)
 
+
+def _validate_secagg(cfg: FedimgConfig) -> None:
+    s, rho = cfg.secagg, cfg.privacy.dropout_tolerance
+    _check(0.5 < s.threshold <= 1, f"secagg.threshold={s.threshold} must be in (0.5, 1]: at "
+           "or below half, a server could collect both secrets of one client")
+    _check(16 <= s.modulus_bits <= 62, f"secagg.modulus_bits={s.modulus_bits} must be in "
+           "16..62 (32: four bytes a coordinate)")
+    _check(s.shares is None or s.shares >= 3, f"secagg.shares={s.shares} must be >= 3 or null")
+    _check(s.clip_range > 0 and s.timeout_s > 0, "secagg.clip_range and secagg.timeout_s "
+           "must be > 0")
+    _check(0 <= rho < 1, f"privacy.dropout_tolerance={rho} must be in [0, 1)")
 
 
 def _validate_deploy(cfg: FedimgConfig) -> None:

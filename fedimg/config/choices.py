@@ -140,6 +140,14 @@ class OnTooFew(Choice):
     stop = "stop"
 
 
+class SecureAggregation(Choice):
+    """``fl.secure_aggregation``: none | secaggplus (Bell et al. 2020; fedimg.privacy.secagg)."""
+
+    label = nonmember("secure aggregation protocol")
+    none = "none"
+    secaggplus = "secaggplus"
+
+
 class Clock(Choice):
     """``hetero.clock``: simulated (scaled compute time) | real (slow clients sleep)."""
 
@@ -165,6 +173,7 @@ class PrivacyKind(Choice):
     none = "none"
     dp_sgd = "dp_sgd"
     client_dp = "client_dp"
+    distributed_dp = "distributed_dp"
 
 
 class Accountant(Choice):
@@ -214,5 +223,5 @@ class AttackKind(Choice):
 CHOICES: tuple[type[Choice], ...] = (
     DataSource, Partitioner, Augment, OnCorrupt, TransferMode, BatchNorm, Optimizer,
     Schedule, ClassWeighting, OnTooFew, Clock, Compression, PrivacyKind, Accountant,
-    GradSampleMode, Clipping, AttackKind, FeatureCache,
+    GradSampleMode, Clipping, AttackKind, SecureAggregation, FeatureCache,
 )

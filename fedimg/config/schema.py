@@ -38,6 +38,7 @@ from fedimg.config.choices import (
     Partitioner,
     PrivacyKind,
     Schedule,
+    SecureAggregation,
     TransferMode,
 )
 from fedimg.errors import ConfigError
@@ -161,6 +162,7 @@ class FederationConfig:
     pack_arrays: bool = True  # model arrays travel as one buffer (fedimg.transport.packing)
     local_bn: bool = False  # FedBN (Li et al. 2021): each client keeps its own BatchNorm
     personalize_steps: int = 0  # >0: clients also report val accuracy after k local steps
+    secure_aggregation: SecureAggregation = SecureAggregation.none  # secaggplus: sum only
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,18 @@ class PrivacyConfig:
     target_clipped_quantile: float = 0.5  # client_dp adaptive
     clip_norm_lr: float = 0.2  # client_dp adaptive
     clipped_count_stddev: Optional[float] = None  # client_dp adaptive; None = clients / 20
+    dropout_tolerance: float = 0.2  # distributed_dp: sampled clients that may drop or collude
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ settings (``fl.secure_aggregation=secaggplus``; fedimg.privacy.secagg)."""
+
+    shares: Optional[int] = None  # neighbourhood size; None: every sampled client up to 21
+    threshold: float = 0.6  # shares that rebuild a secret, fraction of a neighbourhood (> 0.5)
+    modulus_bits: int = 32  # sums mod 2^bits: 4 bytes a coordinate, as float32
+    clip_range: float = 1.0  # |coordinate| of a weighted update kept (counted when clipped)
+    timeout_s: float = 120.0  # wait for a key stage's replies (milliseconds of work each)
 
 
 @dataclass(frozen=True)
@@ -322,6 +336,7 @@ class FedimgConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     hetero: HeterogeneityConfig = field(default_factory=HeterogeneityConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
 

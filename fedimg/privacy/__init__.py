@@ -8,6 +8,9 @@
 * ``client_dp``: client-level central DP at the server, DP-FedAvg (McMahan et al.
   2018, "Learning Differentially Private Recurrent Language Models", ICLR), using
   Flower's server-side clipping wrappers; see :mod:`fedimg.privacy.client_dp`.
+* ``distributed_dp``: the same client-level guarantee without trusting the server with
+  the noise: each client clips and adds its share of discrete Gaussian noise under
+  secure aggregation (Kairouz et al. 2021); see :mod:`fedimg.privacy.distributed_dp`.
 
 An entry says how a client trains one round and how the server wraps its strategy,
 so no code branches on the mode's name. The heavy imports (Opacus, Flower) happen
@@ -45,6 +48,8 @@ class PrivacyMode:
     adopt_ledger: Callable[..., dict[str, Any]] | None = None  # check a handed-back ledger
     private_training: bool = False  # local training is the mechanism: no other use of the data
     needs_every_reply: bool = False  # the aggregate is released only if every sampled client replies
+    needs_secure_sum: bool = False  # only under fl.secure_aggregation (the clients add the noise)
+    inspects_updates: bool = False  # the server must see each update (refused under SecAgg)
 
 
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", config_key="privacy.mode")
@@ -78,6 +83,13 @@ def _client_dp_wrapper(strategy: Any, cfg: FedimgConfig, buffer_keys: frozenset[
     return wrap_client_dp(strategy, cfg, buffer_keys)
 
 
+def _distributed_dp_wrapper(strategy: Any, cfg: FedimgConfig,
+                            buffer_keys: frozenset[str]) -> Any:
+    from fedimg.privacy.distributed_dp import wrap_distributed_dp
+
+    return wrap_distributed_dp(strategy, cfg, buffer_keys)
+
+
 PRIVACY_MODES.add("none", PrivacyMode("no differential privacy", train=plain_train))
 PRIVACY_MODES.add("dp_sgd", PrivacyMode(
     "sample-level DP-SGD at every client (Opacus)", train=_dp_sgd_train,
@@ -85,4 +97,8 @@ PRIVACY_MODES.add("dp_sgd", PrivacyMode(
 PRIVACY_MODES.add("client_dp", PrivacyMode(
     "client-level central DP at the server (DP-FedAvg)", train=plain_train,
     wrap_strategy=_client_dp_wrapper, secret_sampling=True, clips_updates=True,
-    needs_every_reply=True))
+    needs_every_reply=True, inspects_updates=True))
+PRIVACY_MODES.add("distributed_dp", PrivacyMode(
+    "client-level DP, noised by the clients under secure aggregation", train=plain_train,
+    wrap_strategy=_distributed_dp_wrapper, secret_sampling=True, clips_updates=True,
+    needs_secure_sum=True))

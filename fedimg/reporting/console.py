@@ -120,6 +120,7 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
                   f"{_fmt(final.get('fair/worst_personal_accuracy'))}"
                   if (final_k := results.get("personalize_steps")) else ""))
     out.extend(_site_line(final))
+    out.extend(_secure_line(rounds))
     part, sent = results.get("participation", {}), results.get("bytes", {})
     out.append("clients " + "  ".join(f"{k} {v}"
                                       for k, v in part.items() if v)
@@ -143,3 +144,22 @@ def _site_line(final: dict[str, Any], metric: str = "balanced_accuracy") -> list
     return [f"sites  test bal acc worst {_fmt(per_site[worst])} ({worst})  "
             f"mean {_fmt(sum(values) / len(values))}  "
             f"spread {_fmt(max(values) - min(values))}  over {len(values)} sites"]
+
+
+_STAGES = ("setup", "share_keys", "collect", "unmask")
+
+
+def _secure_line(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """``secagg`` seconds and bytes of each SecAgg+ stage, mean over the secure rounds."""
+    done = [r for r in rounds if isinstance(r.get("secagg/setup_s"), float)]
+    if not done:
+        return []
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in done) / len(done)
+
+    stages = "  ".join(f"{stage} {mean(f'secagg/{stage}_s'):.2f} s "
+                       f"{mean(f'secagg/{stage}_bytes') / 1e6:.2f} MB" for stage in _STAGES)
+    return [f"secagg per round: {stages}  (mean of {len(done)} rounds; "
+            f"{mean('secagg/contributors'):.1f} contributors)"]
+

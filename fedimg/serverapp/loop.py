@@ -38,6 +38,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from fedimg.config import FedimgConfig
 from fedimg.errors import PrivacyBudgetExhausted, RunStopped
 from fedimg.serverapp.filters import FilterContext, apply_filters
+from fedimg.serverapp.secure_round import SecureRound
 from fedimg.serverapp.state import RunState, Sampler
 from fedimg.serverapp.validation import UpdateChecks
 from fedimg.simulation import fleet
@@ -83,6 +84,12 @@ class RoundLoop:
         self.setup, self.cfg, self.state = setup, setup.cfg, state
         self.transport, self.callbacks = transport, list(callbacks)
         self._tried: list[Exchange] = []  # this round's training exchanges, every attempt
+        self.secure = SecureRound(
+            transport=transport, filter_context=lambda: self._filter_context(MessageType.TRAIN),
+            max_weight=lambda pids: max([setup.checks.expected_sizes.get(p, 1) for p in pids]
+                                        + [1]),
+            min_replies=setup.min_replies, frozen=setup.checks.immutable_keys,
+        ) if self.cfg.fl.secure_aggregation != "none" else None
 
     def run(self) -> None:
         """Round 0 (the initial model) on a fresh run, then every round to the last."""
@@ -119,14 +126,13 @@ class RoundLoop:
         for attempt in range(1, attempts + 1):
             if not self._enough_nodes(server_round):
                 continue
-            exchanges = self._send(MessageType.TRAIN, server_round, rng, attempt)
+            exchanges, aggregated, costs = self._train_once(server_round, rng, attempt)
             tried += exchanges
-            aggregated = self._aggregate(server_round, exchanges)
             if aggregated is not None:
                 arrays, metrics = aggregated
                 self.state.arrays = arrays
-                return RoundResult(server_round, self._state_dict(), tried, metrics,
-                                   attempts=attempt)
+                return RoundResult(server_round, self._state_dict(), tried,
+                                   {**metrics, **costs}, attempts=attempt)
             _discard(exchanges, attempt)
             _stop_if_budgets_spent(server_round, exchanges)
             log.warning("round %d, attempt %d/%d: %d usable updates (at least %d needed) or "
@@ -139,6 +145,22 @@ class RoundLoop:
         log.warning("round %d skipped: the global model is kept", server_round)
         return RoundResult(server_round, self._state_dict(), tried, attempts=attempts,
                            skipped=True)
+
+    def _train_once(self, server_round: int, rng: random.Random, attempt: int
+                    ) -> tuple[list[Exchange], tuple[ArrayRecord, dict[str, float]] | None,
+                               dict[str, float]]:
+        """One attempt: exchanges, the aggregate (or None), and secure-aggregation costs."""
+        if self.secure is None:
+            exchanges = self._send(MessageType.TRAIN, server_round, rng, attempt)
+            return exchanges, self._aggregate(server_round, exchanges), {}
+        messages = self._configure(MessageType.TRAIN, server_round, rng, attempt)
+        if not messages:
+            return [], None, {}
+        outcome = self.secure.run(server_round, self._outgoing(messages), rng=rng,
+                                  cfg=self.cfg, strategy=self.state.strategy,
+                                  timeouts=(self.cfg.secagg.timeout_s,
+                                            self._wait(MessageType.TRAIN)[0]))
+        return outcome.exchanges, outcome.aggregate, outcome.metrics
 
     def _aggregate(self, server_round: int, exchanges: list[Exchange]
                    ) -> tuple[ArrayRecord, dict[str, float]] | None:
@@ -174,12 +196,14 @@ class RoundLoop:
         messages = self._configure(phase, server_round, rng, attempt)
         if not messages:
             return []
-        timeout, late = self._wait(phase)
+        timeout, _ = self._wait(phase)
         exchanges = self.transport.exchange(self._outgoing(messages), timeout=timeout)
-        apply_filters(exchanges, FilterContext(
-            checks=self.setup.checks, state=self.state, hetero=self.cfg.hetero, late=late,
-            ledger_path=self.setup.ledger_path))
+        apply_filters(exchanges, self._filter_context(phase))
         return exchanges
+
+    def _filter_context(self, phase: str) -> FilterContext:
+        return FilterContext(checks=self.setup.checks, state=self.state, hetero=self.cfg.hetero,
+                             late=self._wait(phase)[1], ledger_path=self.setup.ledger_path)
 
     def _configure(self, phase: str, server_round: int, rng: random.Random,
                    attempt: int) -> list[Message]:

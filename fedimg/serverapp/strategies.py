@@ -69,7 +69,9 @@ class StrategySpec:
     unset (server optimisers); ``averages``: the output is the weighted average of
     the updates (what client-level DP's noise is calibrated for); ``loss_term``: the
     client adds a term to its loss (FedProx's proximal term, which DP-SGD's noisy
-    per-sample gradient would drop). ``baseline``: not a federation but a reference run
+    per-sample gradient would drop). ``secure_sum``: the aggregate depends on the
+    updates only through their weighted mean, so secure aggregation can compute it.
+    ``baseline``: not a federation but a reference run
     on the same data and budget (``pooled``, ``local``; run by :mod:`fedimg.baselines`).
     """
 
@@ -78,6 +80,7 @@ class StrategySpec:
     server_lr: float = 1.0
     averages: bool = False
     loss_term: bool = False
+    secure_sum: bool = False  # needs only the weighted mean of the updates (works under SecAgg)
     baseline: bool = False
 
 
@@ -157,7 +160,7 @@ def _trimmed_min(cfg: FedimgConfig) -> int:
     return math.ceil(1 / cfg.fl.trim_beta) if cfg.fl.trim_beta else 1
 
 
-@register("fedavg", averages=True)
+@register("fedavg", averages=True, secure_sum=True)
 def fedavg(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAvg: example-weighted mean of the client models."""
     return FedAvg(**common_kwargs(cfg))
@@ -175,13 +178,13 @@ def local(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     return FedAvg(**common_kwargs(cfg))  # never asked to aggregate: sites train alone
 
 
-@register("fedprox", averages=True, loss_term=True)
+@register("fedprox", averages=True, loss_term=True, secure_sum=True)
 def fedprox(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedProx: FedAvg plus the proximal term the client adds to its loss."""
     return FedProx(**common_kwargs(cfg), proximal_mu=cfg.fl.proximal_mu)
 
 
-@register("fedavgm", server_lr=1.0)
+@register("fedavgm", server_lr=1.0, secure_sum=True)
 def fedavgm(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAvgM: FedAvg with server momentum."""
     return _with_plain_buffers(FedAvgM, buffer_keys, **common_kwargs(cfg),
@@ -195,14 +198,14 @@ def _fedopt_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
             "beta_2": fl.beta_2, "tau": fl.tau}
 
 
-@register("fedadam", server_lr=0.01)
+@register("fedadam", server_lr=0.01, secure_sum=True)
 def fedadam(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAdam: Adam on the server over the averaged update."""
     return _with_plain_buffers(FedAdam, buffer_keys, **common_kwargs(cfg),
                                **_fedopt_kwargs(cfg))
 
 
-@register("fedyogi", server_lr=0.01)
+@register("fedyogi", server_lr=0.01, secure_sum=True)
 def fedyogi(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedYogi: Yogi on the server over the averaged update."""
     return _with_plain_buffers(FedYogi, buffer_keys, **common_kwargs(cfg),

@@ -32,6 +32,8 @@ METRICS_KEY = "metrics"
 DECLINED_KEY = "declined"  # ConfigRecord {"reason": ...} of a client that refused to train
 COMPRESSION_KEY = "fedimg-compression"  # ConfigRecord {"codec": ...}: arrays are compressed
 LEDGER_KEY = "fedimg-privacy-ledger"  # ConfigRecord {"json": ...}: a client's DP accountant
+SECAGG_KEY = "fedimg-secagg"  # ConfigRecord: a SecAgg+ stage's request or reply (fedimg.privacy.secagg)
+SECAGG_VECTOR_KEY = "fedimg-secagg-vector"  # ArrayRecord {"masked": uint}: a masked contribution
 SITE_KEY = "fedimg-site"  # ConfigRecord {"name", "location"}: a deployed site's describe reply
 # Simulation only: the destination's share of the pooled data, {"id", "train", "val"} index
 # arrays (a describe query carries every client's, one array each, plus their sizes).

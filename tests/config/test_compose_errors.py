@@ -110,7 +110,7 @@ def test_unknown_scenario_name_lists_every_valid_name() -> None:
 
 def test_a_missing_preset_lists_the_available_ones(tmp_path: Path) -> None:
     message = refused(tmp_path, HEADER + "rounds: 2\n", ("privacy=dp_sgdd",))
-    assert "privacy/dp_sgdd" in message and "available: client_dp, dp_sgd, none" in message
+    assert "privacy/dp_sgdd" in message and "available: client_dp, distributed_dp, dp_sgd, none" in message
 
 
 @pytest.mark.parametrize(("body", "expected"), [

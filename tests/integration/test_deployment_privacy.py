@@ -176,6 +176,29 @@ def test_a_killed_dp_site_never_spends_less_and_a_second_run_continues(federatio
     assert reported > epsilon(run_a["history"], LIFETIME_DELTA, "prv")
 
 
+def test_a_secure_round_survives_a_site_killed_after_sharing_keys(federation) -> None:
+    # Arrange: DP-SGD under SecAgg+ at three sites; hospital_b will die mid-protocol
+    fed = federation
+    shared = "secure aggregation: round 1, key shares sent"
+    before = fed.output("hospital_b").count(shared)
+    proc = fed.submit([*DP, "rounds=1", "fl.secure_aggregation=secaggplus", "fl.timeout_s=90"])
+    # Act: SIGKILL its SuperNode once its key shares went to the server
+    deadline = time.monotonic() + 300
+    while fed.output("hospital_b").count(shared) <= before:
+        assert time.monotonic() < deadline, "hospital_b never shared its keys"
+        time.sleep(0.05)
+    os.kill(_supernode_pid(fed, "hospital_b"), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    # Assert: the round released the sum of the two survivors, and never b's update
+    assert proc.returncode == 0, out[-3000:]
+    run_dir = fed.run_dir(out)
+    record = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+    assert record["secagg/contributors"] == 2 and record["fleet/ok"] == 2
+    assert _rounds_sent(run_dir, "hospital_b") == []
+    for stage in ("setup", "share_keys", "collect", "unmask"):
+        assert record[f"secagg/{stage}_bytes"] > 0
+
+
 def test_a_site_past_its_lifetime_budget_declines_and_the_run_goes_on(federation) -> None:
     # Arrange: hospital_c lowers its lifetime budget to what it has spent (+0.01)
     fed = federation
