@@ -57,11 +57,7 @@ class AccountedClientDP:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Flower's configure_train, unless the next release would exceed the budget."""
-        if self.ledger.would_exceed(1):
-            raise PrivacyBudgetExhausted(
-                f"round {server_round}: client-level epsilon would reach "
-                f"{self.ledger.epsilon_after(1):.3f} > budget "
-                f"{self.ledger.target_epsilon:g} (spent {self.ledger.spent():.3f}); stopping")
+        refuse_if_spent(self.ledger, server_round)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -96,14 +92,25 @@ class AccountedClientDP:
 
     def privacy_report(self) -> dict[str, float]:
         """Server-side privacy metrics for the round record (``dp/*``)."""
-        book = self.ledger
-        return {"dp/epsilon": book.spent(),
-                f"dp/epsilon_{book.cross_check()}": book.spent(book.cross_check()),
-                "dp/delta": book.delta, "dp/sigma": book.noise_multiplier,
-                "dp/sample_rate": book.sample_rate,
-                "dp/target_epsilon": book.target_epsilon,
-                "dp/releases": float(book.steps),
-                "dp/clipping_norm": float(self.clipping_norm)}
+        return release_report(self.ledger, self.clipping_norm)
+
+
+def refuse_if_spent(ledger: PrivacyLedger, server_round: int) -> None:
+    """PrivacyBudgetExhausted before a round whose release would exceed the budget."""
+    if ledger.would_exceed(1):
+        raise PrivacyBudgetExhausted(
+            f"round {server_round}: client-level epsilon would reach "
+            f"{ledger.epsilon_after(1):.3f} > budget {ledger.target_epsilon:g} "
+            f"(spent {ledger.spent():.3f}); stopping")
+
+
+def release_report(ledger: PrivacyLedger, clipping_norm: float) -> dict[str, float]:
+    """A client-level ledger's ``dp/*`` metrics for the round record."""
+    return {"dp/epsilon": ledger.spent(),
+            f"dp/epsilon_{ledger.cross_check()}": ledger.spent(ledger.cross_check()),
+            "dp/delta": ledger.delta, "dp/sigma": ledger.noise_multiplier,
+            "dp/sample_rate": ledger.sample_rate, "dp/target_epsilon": ledger.target_epsilon,
+            "dp/releases": float(ledger.steps), "dp/clipping_norm": float(clipping_norm)}
 
 
 def _uniform_weights(replies: Iterable[Message]) -> list[Message]:

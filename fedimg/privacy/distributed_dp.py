@@ -40,8 +40,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedimg.config import FedimgConfig
-from fedimg.errors import PrivacyBudgetExhausted
-from fedimg.privacy.client_dp import client_level_ledger, sampled_clients
+from fedimg.privacy.client_dp import (
+    client_level_ledger,
+    refuse_if_spent,
+    release_report,
+    sampled_clients,
+)
 from fedimg.privacy.secagg import SecAggPlan, make_plan, stochastic_round
 from fedimg.privacy.secure_noise import ChaChaStream
 
@@ -112,11 +116,7 @@ class AccountedSecureSum(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if self.ledger.would_exceed(1):
-            raise PrivacyBudgetExhausted(
-                f"round {server_round}: client-level epsilon would reach "
-                f"{self.ledger.epsilon_after(1):.3f} > budget {self.ledger.target_epsilon:g} "
-                f"(spent {self.ledger.spent():.3f}); stopping")
+        refuse_if_spent(self.ledger, server_round)
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -139,12 +139,7 @@ class AccountedSecureSum(Strategy):
 
     def privacy_report(self) -> dict[str, float]:
         """Server-side privacy metrics (``dp/*``) for the round record."""
-        book = self.ledger
-        return {"dp/epsilon": book.spent(),
-                f"dp/epsilon_{book.cross_check()}": book.spent(book.cross_check()),
-                "dp/delta": book.delta, "dp/sigma": book.noise_multiplier,
-                "dp/sample_rate": book.sample_rate, "dp/target_epsilon": book.target_epsilon,
-                "dp/releases": float(book.steps), "dp/clipping_norm": self.clipping_norm,
+        return {**release_report(self.ledger, self.clipping_norm),
                 "dp/honest_clients": float(honest_clients(self.sampled, self.tolerance))}
 
 

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from fedimg.config import TransferConfig
 from fedimg.config.compose import compose_config
@@ -27,6 +26,7 @@ from fedimg.privacy import norm_samplers
 from fedimg.privacy.accounting import PrivacyLedger
 from fedimg.privacy.dp_sgd import make_private, train_private
 from fedimg.privacy.norm_samplers import GhostClippingModule, conv2d_norm_sample, use_ghost_norm
+from tests.support.private_models import private_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CPU = torch.device("cpu")
@@ -131,27 +131,6 @@ def test_norm_sampler_is_registered_and_takes_an_empty_batch() -> None:
     assert [v.shape for v in norms.values()] == [(0,), (0,)]
 
 
-def _private_model(name: str) -> nn.Module:
-    """Full fine-tuning with frozen BatchNorm (statistics of one real batch), rewritten, float64.
-
-    As in tests/privacy/test_zoo_grad_sample.py: with the initial statistics most
-    gradients of the random EfficientNets and MobileNets vanish; dropout and stochastic
-    depth are set to eval (no parameters, so both paths see the same network).
-    """
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=3, weights="none").train()
-    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        norm.momentum = None
-    with torch.no_grad():
-        model(torch.randn(16, 3, 32, 32))
-    spec = MODELS.get(name)
-    model = apply_transfer(model, blocks=spec.blocks(model), head=spec.get_head(model),
-                           transfer=TransferConfig(mode="full", bn="frozen"))
-    model = make_inplace_free(model).double().train()
-    for module in model.modules():
-        if isinstance(module, (nn.Dropout, StochasticDepth)):
-            module.eval()
-    return model
 
 
 def _materialised_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -170,7 +149,7 @@ def _materialised_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
 @pytest.mark.parametrize("name", list_models())
 def test_every_zoo_model_ghost_norms_equal_materialised_norms(name: str, monkeypatch) -> None:
     # Arrange: 3 images of 32 px; count the convs whose norms the norm sampler computes
-    model = _private_model(name)
+    model = private_model(name)
     torch.manual_seed(1)
     x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2])
     expected = _materialised_norms(model, x, y)
@@ -267,7 +246,7 @@ def test_ghost_round_takes_the_materialised_rounds_steps_and_epsilon() -> None:
 def test_one_zoo_step_clipped_weighted_noised_equals_materialised(name: str,
                                                                   sigma: float) -> None:
     # Arrange: C = 0.05 clips every sample; weights after clipping; noise seeded
-    base = _private_model(name)
+    base = private_model(name)
     torch.manual_seed(2)
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
     cfg = {m: compose_config("medical", ["privacy=dp_sgd", "weights=none", f"model={name}",

@@ -13,42 +13,20 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 import fedimg.privacy.grad_samplers  # noqa: F401 - the Conv2d rule DP-SGD uses
 from fedimg.config import TransferConfig
-from fedimg.models import MODELS, apply_transfer, build_model, list_models, make_inplace_free
+from fedimg.models import MODELS, build_model, list_models
+from tests.support.private_models import private_model
 
 LABELS = torch.tensor([0, 1, 2])
-CASES = [(name, MODELS.get(name).dp_grad_sample_mode) for name in list_models()] + [
-    ("resnet18", "functorch"), ("efficientnet_lite0", "functorch"),  # the other mode
+# per-sample gradients (hooks, functorch); ghost_mixed forms only their norms, checked
+# against these in tests/privacy/test_norm_samplers.py
+CASES = [(name, "hooks") for name in list_models()] + [
+    ("resnet18", "functorch"), ("efficientnet_lite0", "functorch"),
 ]
 
 
-def _private_model(name: str) -> nn.Module:
-    """Full fine-tuning with frozen BatchNorm, rewritten; dropout layers made deterministic.
-
-    The BatchNorm statistics come from one batch of real activations (as pretrained
-    ones would): with the initial ones (mean 0, variance 1) most gradients of the
-    random EfficientNets and MobileNets are below 1e-10 and any tolerance passes.
-    float64: in float32, a batch of 3 and a single image round differently, which
-    can move an activation across a ReLU kink and change a gradient by up to 1% of
-    its tensor's largest entry; in float64 the two methods agree to ~1e-14.
-    """
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=3, weights="none").train()
-    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        norm.momentum = None  # cumulative average: the statistics of the one batch below
-    with torch.no_grad():
-        model(torch.randn(16, 3, 32, 32))
-    spec = MODELS.get(name)
-    model = apply_transfer(model, blocks=spec.blocks(model), head=spec.get_head(model),
-                           transfer=TransferConfig(mode="full", bn="frozen"))
-    model = make_inplace_free(model).double().train()
-    for module in model.modules():
-        if isinstance(module, (nn.Dropout, StochasticDepth)):
-            module.eval()  # no parameters, so Opacus does not care; same masks for all
-    return model
 
 
 def _one_at_a_time(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -65,7 +43,7 @@ def _one_at_a_time(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
 @pytest.mark.parametrize(("name", "mode"), CASES)
 def test_per_sample_gradients_match_autograd(name: str, mode: str) -> None:
     # Arrange
-    model = _private_model(name)
+    model = private_model(name)
     torch.manual_seed(1)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     expected = _one_at_a_time(model, x)
