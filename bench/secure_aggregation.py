@@ -78,6 +78,7 @@ def overhead(extra: list[str]) -> None:
 
 def dp(extra: list[str]) -> None:
     base = ["scenario=cameras", "hetero.availability=1.0", "hetero.dropout=0.0",
+            "hetero.deadline_s=null",
             "privacy.target_epsilon=8", *extra]
     print("| privacy | epsilon (rdp) | final test acc | best test acc | s/round | run wall s |")
     print("|---|---|---|---|---|---|")

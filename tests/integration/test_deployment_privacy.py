@@ -179,12 +179,12 @@ def test_a_killed_dp_site_never_spends_less_and_a_second_run_continues(federatio
 def test_a_secure_round_survives_a_site_killed_after_sharing_keys(federation) -> None:
     # Arrange: DP-SGD under SecAgg+ at three sites; hospital_b will die mid-protocol
     fed = federation
-    shared = "secure aggregation: round 1, key shares sent"
-    before = fed.output("hospital_b").count(shared)
+    sent = "Sending: train message"  # the SuperNode's line for each reply it sends
+    before = fed.output("hospital_b").count(sent)
     proc = fed.submit([*DP, "rounds=1", "fl.secure_aggregation=secaggplus", "fl.timeout_s=90"])
-    # Act: SIGKILL its SuperNode once its key shares went to the server
+    # Act: SIGKILL its SuperNode once its second reply (the encrypted key shares) left
     deadline = time.monotonic() + 300
-    while fed.output("hospital_b").count(shared) <= before:
+    while fed.output("hospital_b").count(sent) < before + 2:
         assert time.monotonic() < deadline, "hospital_b never shared its keys"
         time.sleep(0.05)
     os.kill(_supernode_pid(fed, "hospital_b"), signal.SIGKILL)
