@@ -29,6 +29,7 @@ when fewer than ``threshold`` of its neighbours (>= (1 - rho) of them) survived.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable
@@ -39,7 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedimg.config import FedimgConfig
+from fedimg.config import FedimgConfig, from_json, to_json
 from fedimg.privacy.client_dp import (
     client_level_ledger,
     refuse_if_spent,
@@ -156,6 +157,12 @@ def wrap_distributed_dp(strategy: Strategy, cfg: FedimgConfig,
     return wrapped
 
 
+@functools.lru_cache(maxsize=8)
+def _sigma(config_json: str) -> float:
+    """The client-level ledger's sigma, calibrated once per run config (not every round)."""
+    return client_level_ledger(from_json(config_json)).noise_multiplier
+
+
 def round_plan(cfg: FedimgConfig, *, sampled: int, dim: int, max_weight: int) -> SecAggPlan:
     """The SecAgg+ plan of one round of ``cfg`` (the server's, and each client's check).
 
@@ -166,7 +173,7 @@ def round_plan(cfg: FedimgConfig, *, sampled: int, dim: int, max_weight: int) ->
     """
     s, p = cfg.secagg, cfg.privacy
     dp = p.mode == "distributed_dp"
-    sigma = client_level_ledger(cfg).noise_multiplier if dp else 0.0
+    sigma = _sigma(to_json(cfg)) if dp else 0.0
     return make_plan(sampled=sampled, shares=s.shares, threshold=s.threshold,
                      modulus_bits=s.modulus_bits, clip=p.clipping_norm if dp else s.clip_range,
                      dim=dim, max_weight=1 if dp else max_weight, noise_multiplier=sigma,

@@ -219,7 +219,9 @@ class SecureRound:
 
     def _release(self, state: _Round, messages: list[Message], strategy: Any, cfg: Any
                  ) -> tuple[ArrayRecord, dict[str, float]] | None:
+        started = time.perf_counter()
         total = _unmasked_sum(state)
+        state.costs["secagg/reconstruct_s"] = time.perf_counter() - started
         weight, clipped, body = decode(total, state.plan, contributors=len(state.vectors))
         dp = state.plan.noise_std > 0
         global_arrays = {k: v.numpy() for k, v in messages[0].content[ARRAYS_KEY].items()}
