@@ -2,7 +2,7 @@
 
 Usage::
 
-    FEDIMG_DATA=../shared/data python bench/secure_aggregation.py overhead [rounds=3]
+    FEDIMG_DATA=../shared/data python bench/secure_aggregation.py overhead [only=5_hospitals]
     FEDIMG_DATA=../shared/data python bench/secure_aggregation.py dp [rounds=20]
 
 ``overhead`` runs each workload twice with the same seed, plain FedAvg and
@@ -60,11 +60,15 @@ def _mean(values: list[float]) -> float:
 
 
 def overhead(extra: list[str]) -> None:
+    only = [a.split("=", 1)[1] for a in extra if a.startswith("only=")]  # e.g. only=50_cameras
+    extra = [a for a in extra if not a.startswith("only=")]
     print("| workload | FedAvg s/round | SecAgg+ s/round | ratio | FedAvg MB/round | "
           "SecAgg+ MB/round | ratio | SecAgg+ s per stage (setup, share, collect, unmask) |")
     print("|---|---|---|---|---|---|---|---|")
     for label, argv in WORKLOADS.items():
         slug = label.replace(" ", "_")
+        if only and slug not in only:
+            continue
         plain, _ = simulate(f"{slug}_fedavg", [*argv, "rounds=3", *extra])
         secure, _ = simulate(f"{slug}_secagg", [*argv, "rounds=3", SECURE, *extra])
         rows = [[r for r in records[2:] if "wall_s" in r] for records in (plain, secure)]

@@ -295,7 +295,7 @@ class SecAggConfig:
     shares: Optional[int] = None  # neighbourhood size; None: every sampled client up to 21
     threshold: float = 0.6  # shares that rebuild a secret, fraction of a neighbourhood (> 0.5)
     modulus_bits: int = 32  # sums mod 2^bits: 4 bytes a coordinate, as float32
-    clip_range: float = 1.0  # |coordinate| of a weighted update kept (counted when clipped)
+    clip_range: float = 8.0  # |coordinate| of a weighted update kept (counted when clipped)
     timeout_s: float = 120.0  # wait for a key stage's replies (milliseconds of work each)
 
 

@@ -223,6 +223,10 @@ class SecureRound:
         total = _unmasked_sum(state)
         state.costs["secagg/reconstruct_s"] = time.perf_counter() - started
         weight, clipped, body = decode(total, state.plan, contributors=len(state.vectors))
+        if clipped:
+            log.warning("round %d: secure aggregation clipped %d coordinates at "
+                        "secagg.clip_range=%g; the mean is off there. Fix: raise "
+                        "secagg.clip_range", state.number, clipped, state.plan.clip)
         dp = state.plan.noise_std > 0
         global_arrays = {k: v.numpy() for k, v in messages[0].content[ARRAYS_KEY].items()}
         order = state.keys
