@@ -41,7 +41,7 @@ from fedimg.privacy.secure_noise import ChaChaStream, keystream
 HEADER = 3  # weight, contributors, clipped coordinates
 MAX_CLIPPED = 1 << 16  # a client's clipped count saturates here
 _NONCE = b"fedimg-mask\x00"  # one key per (round, client pair): a fixed nonce is safe
-BUFFER_SCALE = 1e4  # BatchNorm statistics move by hundreds a round: their unit is 1e4 x clip
+BUFFER_SCALE = 1e3  # BatchNorm statistics move by hundreds a round: their unit is 1e3 x clip
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 TAIL_SIGMAS = 10.0  # noise margin of the overflow bound: P(|N(0,1)| > 10) < 2e-23
 
