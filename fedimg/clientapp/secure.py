@@ -41,6 +41,7 @@ from fedimg.privacy.distributed_dp import noisy_body, round_plan
 from fedimg.privacy.secagg import (
     SecAggError,
     SecAggPlan,
+    byte_strings,
     coordinate_scale,
     encode,
     flatten,
@@ -133,10 +134,10 @@ def _json(value: Any) -> dict[str, Any]:
 
 def _share(msg: Message, context: Context, request: ConfigRecord) -> dict[str, Any]:
     keys = _load(context, "share_keys", int(request["round"]))
-    nodes, publics = list(request["nodes"]), list(request["public-keys"])
+    nodes, publics = list(request["nodes"]), byte_strings(request["public-keys"], "public keys")
     if len(publics) != 2 * len(nodes):
         raise SecAggError("secure aggregation: public keys do not match the node list")
-    published = {int(n): [bytes(publics[2 * i]), bytes(publics[2 * i + 1])]
+    published = {int(n): [publics[2 * i], publics[2 * i + 1]]
                  for i, n in enumerate(nodes)}
     recipients, ciphertexts = keys_.share_keys(keys, published)
     _save(context, keys)
@@ -161,7 +162,7 @@ def _collect(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     request = msg.content.config_records[SECAGG_KEY]
     keys = _load(context, "collect", int(request["round"]))
     keys_.receive_shares(keys, [int(n) for n in request["senders"]],
-                         [bytes(c) for c in request["ciphertexts"]])
+                         byte_strings(request["ciphertexts"], "ciphertexts"))
     _save(context, keys)
     reply = call_next(msg, context)
     if reply.has_error() or DECLINED_KEY in reply.content.config_records:

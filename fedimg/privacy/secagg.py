@@ -94,6 +94,16 @@ class SecAggPlan:
         return cls(**kwargs)
 
 
+def byte_strings(values: object, what: str) -> list[bytes]:
+    """``values`` from a message, which must be a list of bytes; else a SecAggError.
+
+    ``bytes(n)`` of an int allocates n zero bytes: a hostile 10**12 would exhaust memory.
+    """
+    if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
+        raise SecAggError(f"secure aggregation: {what} must be a list of bytes")
+    return values
+
+
 def neighbourhood(sampled: int, shares: int | None) -> int:
     """Neighbourhood size k: every sampled client up to 21, else 21 (odd, at most m).
 

@@ -29,6 +29,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cryptography.fernet import InvalidToken
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     decrypt,
@@ -162,8 +163,12 @@ def receive_shares(keys: ClientKeys, senders: list[int], ciphertexts: list[bytes
         pair = keys.neighbour_keys.get(str(sender))
         if pair is None or sender == keys.me:
             raise SecAggError(f"secure aggregation: shares from {sender}, not a neighbour")
-        plain = decrypt(generate_shared_key(s_sk, bytes_to_public_key(_unb64(pair[1]))),
-                        ciphertext)
+        try:
+            plain = decrypt(generate_shared_key(s_sk, bytes_to_public_key(_unb64(pair[1]))),
+                            ciphertext)
+        except InvalidToken:
+            raise SecAggError(f"secure aggregation: the shares from {sender} do not "
+                              "decrypt (tampered or misaddressed); refused") from None
         src, dst, b_share, c_share = share_keys_plaintext_separate(plain)
         if src != sender or dst != keys.me:
             raise SecAggError(f"secure aggregation: a share claims {src}->{dst}, "

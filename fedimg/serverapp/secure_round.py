@@ -40,6 +40,7 @@ from fedimg.privacy import secagg_keys
 from fedimg.privacy.distributed_dp import round_plan
 from fedimg.privacy.secagg import (
     HEADER,
+    byte_strings,
     SecAggError,
     SecAggPlan,
     coordinate_scale,
@@ -73,9 +74,11 @@ log = logging.getLogger(__name__)
 STAGES = ("setup", "share_keys", "collect", "unmask")
 
 
-def _wire(content: RecordDict) -> int:
-    """Bytes of a message's content as Flower serialises it."""
-    return int(recorddict_to_proto(content).ByteSize())
+def _config_bytes(content: RecordDict) -> int:
+    """Bytes of a message's config records as Flower serialises them (the transport
+    already counted its arrays; serialising those again would copy the model)."""
+    configs = RecordDict(dict(content.config_records.items()))
+    return int(recorddict_to_proto(configs).ByteSize())
 
 
 @dataclass
@@ -137,8 +140,9 @@ class SecureRound:
                 raise SecAggError(f"{len(state.vectors)} masked updates arrived")
             self._unmask(state, stage_timeout)
             outcome.aggregate = self._release(state, messages, strategy, cfg)
-        except SecAggError as exc:
-            log.warning("round %d: secure aggregation released nothing: %s", server_round, exc)
+        except (SecAggError, ValueError, TypeError, IndexError) as exc:  # e.g. bogus shares
+            log.warning("round %d: secure aggregation released nothing: %s: %s", server_round,
+                        type(exc).__name__, exc)
             for e in state.last.values():
                 if e.usable:
                     e.status, e.reason = "discarded", f"secure aggregation failed: {exc}"
@@ -159,9 +163,9 @@ class SecureRound:
         exchanges = self.transport.exchange(outgoing, timeout=timeout)
         apply_filters(exchanges, self.filter_context(), filters)
         for e in exchanges:
-            e.bytes_down = _wire(e.sent.content)
-            e.bytes_up = _wire(e.reply.content) if e.reply is not None and \
-                not e.reply.has_error() else 0
+            e.bytes_down += _config_bytes(e.sent.content)
+            if e.reply is not None and not e.reply.has_error():
+                e.bytes_up += _config_bytes(e.reply.content)
             if not e.usable:
                 e.reason = f"secure aggregation, {stage}: {e.reason}"
             state.last[e.node_id] = e
@@ -270,7 +274,7 @@ def _answer(e: Exchange) -> ConfigRecord:
 
 
 def _publics(e: Exchange, state: _Round) -> None:
-    keys = [bytes(k) for k in _answer(e)["public-keys"]]
+    keys = byte_strings(_answer(e)["public-keys"], "public keys")
     if len(keys) != 2 or any(not 0 < len(k) <= 512 for k in keys):
         raise SecAggError("two public keys expected")
     state.publics[e.node_id] = keys
@@ -278,7 +282,8 @@ def _publics(e: Exchange, state: _Round) -> None:
 
 def _forward(e: Exchange, state: _Round) -> None:
     answer, sender = _answer(e), e.node_id
-    recipients, ciphertexts = list(answer["recipients"]), list(answer["ciphertexts"])
+    recipients = list(answer["recipients"])
+    ciphertexts = byte_strings(answer["ciphertexts"], "ciphertexts")
     allowed = state.neighbours[sender] & set(state.publics) - {sender}
     targets = [int(r) for r in recipients]
     if len(targets) != len(ciphertexts) or len(set(targets)) != len(targets) or \
@@ -286,7 +291,7 @@ def _forward(e: Exchange, state: _Round) -> None:
         raise SecAggError("shares repeated or addressed outside the client's neighbourhood")
     for r, c in zip(recipients, ciphertexts):
         if int(r) in state.inbox:
-            state.inbox[int(r)].append((sender, bytes(c)))
+            state.inbox[int(r)].append((sender, c))
 
 
 def _vector(e: Exchange, state: _Round) -> None:
@@ -300,7 +305,8 @@ def _vector(e: Exchange, state: _Round) -> None:
 
 def _shares(e: Exchange, requests: dict[int, RecordDict], state: _Round) -> None:
     answer, asked = _answer(e), requests[e.node_id][SECAGG_KEY]
-    owners, shares = [int(n) for n in answer["nodes"]], [bytes(s) for s in answer["shares"]]
+    owners = [int(n) for n in answer["nodes"]]
+    shares = byte_strings(answer["shares"], "shares")
     if owners != list(asked["survived"]) + list(asked["dropped"]) or len(shares) != len(owners):
         raise SecAggError("the shares do not match the request")
     for owner, share in zip(owners, shares):

@@ -263,3 +263,52 @@ def test_hostile_stage_replies_are_rejected_and_the_rest_summed() -> None:
     expected = _fedavg(updates, [1, 3, 5])
     assert np.abs(result.state_dict["w"].numpy() - expected["w"]).max() <= \
         _bound(result, updates, [1, 3, 5])
+
+
+class _Scripted(ModGrid):
+    """Replies rewritten by ``edit(node, content)`` before the server sees them."""
+
+    def __init__(self, updates, edit) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(updates)
+        self.edit = edit
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            answer = None if reply.has_error() else reply.content.config_records.get(SECAGG_KEY)
+            if answer is not None:
+                self.edit(reply.metadata.src_node_id, answer)
+        return replies
+
+
+def _scripted_round(edit):  # type: ignore[no-untyped-def]
+    start, updates = _federation()
+    cfg = compose_and_check("medical", ["clients=5", "rounds=1", "fl.fraction_evaluate=0",
+                                        "fl.timeout_s=0.5", "secagg.timeout_s=0.5",
+                                        "fl.on_too_few=skip", "fl.secure_aggregation=secaggplus"])
+    loop = offline_loop(cfg, _Scripted(updates, edit), train_config=config_record(cfg),
+                        reference={k: torch.from_numpy(v) for k, v in start.items()})
+    loop.setup.checks.expected_sizes = {n - 1: s for n, (_, s) in updates.items()}
+    return loop.train(1, random.Random(0)), start, updates
+
+
+def test_an_int_where_bytes_belong_is_rejected_not_allocated() -> None:
+    def edit(node: int, answer: ConfigRecord) -> None:
+        if node == 5 and "public-keys" in answer:
+            answer["public-keys"] = [10**12, 10**12]  # bytes(10**12) would be 1 TB
+
+    result, start, updates = _scripted_round(edit)
+    statuses = {e.partition_id + 1: e.status for e in result.exchanges}
+    assert statuses[5] == "rejected" and not result.skipped
+    expected = _fedavg(updates, [1, 2, 3, 4])
+    assert np.abs(result.state_dict["w"].numpy() - expected["w"]).max() <= \
+        _bound(result, updates, [1, 2, 3, 4])
+
+
+def test_bogus_shares_release_nothing_and_stop_nothing() -> None:
+    def edit(node: int, answer: ConfigRecord) -> None:
+        if node == 2 and "shares" in answer:
+            answer["shares"] = [b"\x01\x00\x00\x00" + b"\x07" * 48] * len(list(answer["shares"]))
+
+    result, start, _ = _scripted_round(edit)  # no exception reaches the loop
+    assert result.skipped and np.array_equal(result.state_dict["w"].numpy(), start["w"])
