@@ -130,7 +130,8 @@ class RoundLoop:
             tried += exchanges
             if aggregated is not None:
                 arrays, metrics = aggregated
-                self.state.arrays = arrays
+                self.state.arrays = _keep_frozen(arrays, self.state.arrays,
+                                                 self.setup.checks.immutable_keys)
                 return RoundResult(server_round, self._state_dict(), tried,
                                    {**metrics, **costs}, attempts=attempt)
             _discard(exchanges, attempt)
@@ -279,6 +280,23 @@ class RoundLoop:
             raise RunStopped(f"round {server_round}: {skips} rounds in a row were skipped "
                              f"(fl.max_skipped_rounds={limit}); see the client statuses in "
                              "metrics.jsonl")
+
+
+def _keep_frozen(aggregate: ArrayRecord, sent: ArrayRecord, frozen: frozenset[str]
+                 ) -> ArrayRecord:
+    """The aggregate with every frozen array taken from the model sent, to the bit.
+
+    Every usable reply returned the frozen arrays unchanged (the update checks insist),
+    but a weighted mean of equal float32 values is not always that value to the last
+    bit. Keeping them bit-exact is what lets a client's frozen-trunk feature cache,
+    keyed by those bits, stay warm from round to round.
+    """
+    if not frozen:
+        return aggregate
+    kept = ArrayRecord()
+    for key in aggregate.keys():
+        kept[key] = sent[key] if key in frozen and key in sent else aggregate[key]
+    return kept
 
 
 def _discard(exchanges: list[Exchange], attempt: int) -> None:

@@ -14,6 +14,7 @@ from offline_grid import OfflineGrid, Recording, answer, offline_loop, update
 
 from fedimg.config import FedimgConfig, FederationConfig
 from fedimg.errors import PrivacyBudgetExhausted, RunStopped
+from fedimg.serverapp.validation import UpdateChecks
 from fedimg.transport.records import (
     ARRAYS_KEY,
     ATTEMPT_KEY,
@@ -280,3 +281,41 @@ def test_a_stopped_round_keeps_the_client_statuses_that_stopped_it() -> None:
     with pytest.raises(RunStopped):
         loop.run()
     assert [e.status for e in recording.results[2].exchanges] == ["failed"] * 3
+
+
+class _FrozenGrid(OfflineGrid):
+    """Clients that move "w" by their node id and return "frozen" exactly as sent."""
+
+    def __init__(self) -> None:
+        self.node_ids = [1, 2, 3]
+
+    def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
+        replies = []
+        for m in messages:
+            node, arrays = m.metadata.dst_node_id, m.content[ARRAYS_KEY]
+            content = update(arrays["w"].numpy() + node, num_examples=node + 2)
+            content[ARRAYS_KEY]["frozen"] = arrays["frozen"]
+            replies.append(answer(m, content))
+        return replies
+
+
+def test_frozen_arrays_pass_through_the_mean_to_the_bit() -> None:
+    """FedAvg of equal float32 values is not that value to the bit; the loop keeps it.
+
+    Weights 3, 4 and 5 out of 12: float32(3/12 x + 4/12 x + 5/12 x) != x for some x,
+    which would make every client's frozen-trunk feature cache rebuild every round.
+    """
+    values = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    weights = np.array([3, 4, 5], np.float32) / np.float32(12)
+    mean = sum(w * values for w in weights)  # what FedAvg's float32 mean gives
+    assert (mean != values).sum() > 100  # the problem is real
+    reference = {"w": torch.zeros(2), "frozen": torch.from_numpy(values)}
+    cfg = _cfg()
+    loop = offline_loop(cfg, _FrozenGrid(), reference=reference,
+                        checks=UpdateChecks(reference, fl=cfg.fl,
+                                            immutable_keys=frozenset({"frozen"})))
+    loop.run()
+    final = loop.state.arrays
+    assert np.array_equal(final["frozen"].numpy(), values)
+    # the trained array is the weighted mean: 3 rounds of +(3*1 + 4*2 + 5*3) / 12
+    np.testing.assert_allclose(final["w"].numpy(), [3 * 26 / 12] * 2, rtol=1e-6)
