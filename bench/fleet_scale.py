@@ -55,6 +55,8 @@ def main(argv: list[str]) -> None:
              f"participation over all rounds: {results['participation']}",
              f"bytes: down {results['bytes']['down'] / 1e9:.2f} GB, "
              f"up {results['bytes']['up'] / 1e9:.2f} GB",
+             f"engine up -> first message of round 1: "
+             f"{_fmt(results['timing'].get('first_message_s'))} s",
              f"wall: start-up {results['timing']['startup_s']:.1f}s, rounds "
              f"{results['timing']['rounds_s']:.1f}s, total {results['timing']['total_s']:.1f}s",
              f"peak memory (PSS of driver + Ray + workers) = {peak.bytes / 2**30:.2f} GiB"]

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -77,6 +78,7 @@ class PreparedRun:
     resume: SavedRun | None = None
     started: float = field(default_factory=time.perf_counter)
     sites: dict[int, dict[str, Any]] = field(default_factory=dict)  # deployment: id -> report
+    engine_ready: float | None = None  # perf_counter when the simulation engine was up
 
     @property
     def client_cfg(self) -> FedimgConfig:
@@ -90,9 +92,11 @@ class PreparedRun:
         return dataclasses.replace(self.cfg,
                                    data=dataclasses.replace(self.cfg.data, source="strict"))
 
-    def context(self) -> dict[str, ArrayRecord]:
-        """Run data every message carries: in simulation, every client's partition."""
-        return {PARTITION_KEY: partitions_record(self.partitions)} if self.partitions else {}
+    def context(self, nodes: Mapping[int, int] | None = None) -> dict[str, ArrayRecord]:
+        """Run data every message carries: in simulation, every client's partition and
+        the address book ``nodes`` (node id -> client id)."""
+        return ({PARTITION_KEY: partitions_record(self.partitions, nodes)}
+                if self.partitions else {})
 
     def checkpoint_meta(self, record: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint needs to be reused: config, classes, seed, round, metrics."""
@@ -210,7 +214,8 @@ def build_loop(prepared: PreparedRun, transport: Transport, checks: UpdateChecks
                       min_replies=max(cfg.fl.min_replies, min_replies(cfg)),
                       train_config=config_record(prepared.client_cfg),
                       evaluate_config=config_record(prepared.client_cfg),
-                      reference=prepared.initial_state, context=prepared.context(),
+                      reference=prepared.initial_state,
+                      context=prepared.context(transport.node_to_partition),
                       ledger_path=prepared.recorder.paths.ledgers)
     evaluator = (CentralEvaluator(cfg, prepared.dataset)
                  if cfg.fl.central_eval and prepared.dataset is not None else None)

@@ -45,6 +45,7 @@ from fedimg.transport.records import (
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     SITE_KEY,
+    client_of_node,
     config_from_record,
     metric_record,
     partitions_from_record,
@@ -75,7 +76,12 @@ def _threads(cfg: FedimgConfig) -> int:
     return cfg.train.num_threads or max(1, int(cfg.sim.num_cpus_per_client))
 
 
-def _partition_id(context: Context) -> int:
+def _partition_id(msg: Message, content: RecordDict, context: Context) -> int:
+    """Which client a simulated node is: the server's address book, else its node config."""
+    if PARTITION_KEY in content.array_records:
+        pid = client_of_node(content[PARTITION_KEY], msg.metadata.dst_node_id)
+        if pid is not None:
+            return pid
     if "partition-id" not in context.node_config:
         raise DataError("this node has no 'partition-id' in its node config; pass "
                         "--node-config 'partition-id=0 num-partitions=N'")
@@ -87,8 +93,8 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
     """This process's task environment with the global weights loaded, and the client id.
 
     A deployed SuperNode names its own data (``data-path`` in its node config): its
-    environment holds that site's images, as client 0. A simulated node is one
-    partition (``partition-id``) of the dataset every worker loads.
+    environment holds that site's images, as client 0. A simulated node is the
+    partition the server's address book gives it, of the dataset every worker loads.
     """
     content = unpack_content(msg.content)
     config = content["config"]
@@ -97,7 +103,8 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
     if site is not None:  # then holds it to its own floor, before touching its data
         check_policy(cfg, site.policy, site=site.name)
     if site is None:
-        env, pid = environment(str(config[CONFIG_KEY]), _threads(cfg)), _partition_id(context)
+        env = environment(str(config[CONFIG_KEY]), _threads(cfg))
+        pid = _partition_id(msg, content, context)
         if PARTITION_KEY in content.array_records:
             env.install_partitions(partitions_from_record(content[PARTITION_KEY]))
     else:

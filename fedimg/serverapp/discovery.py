@@ -1,14 +1,17 @@
-"""Before round 1: find the clients, learn their ids and sizes, warm them up.
+"""Before round 1: find the clients and learn their ids and sizes.
 
-Every node gets a Flower ``query`` message carrying the run config; answering it
-builds the client's task environment (data and model), so start-up cost is not
-charged to round 1 and a client that cannot read its data stops the run here.
-
-* In simulation each node is a partition of a dataset the server also loaded,
-  and must report exactly the training-set size the server computed for it
-  (:func:`discover_partitions`).
+* In simulation each node is a partition of a dataset the server loaded itself, so
+  the server already knows every size: it only waits for the nodes and numbers them
+  (:func:`assign_partitions`), with no message to any of them. Start-up then costs
+  the same for 5 clients or 1000; each worker builds its task environment on its
+  first message. The address book (node id -> client id) travels with the
+  partitions in every message (``fedimg.transport.records.partitions_record``); a
+  worker that read other data than the server refuses its partitions there
+  (``TaskEnvironment.install_partitions``).
 * In a deployment each node is a site with its own data (:func:`discover_sites`):
-  sites are numbered by their names, their reported sizes become the FedAvg weights
+  every site gets a Flower ``query`` message carrying the run config; answering it
+  builds its task environment, so a site that cannot read its data stops the run
+  before round 1. Sites are numbered by their names, their reported sizes become the FedAvg weights
   the update checks hold them to, and a site whose data does not fit the run
   (unknown class, corrupt file, too few images) is named in the error.
 """
@@ -30,42 +33,21 @@ from fedimg.transport.records import SITE_KEY
 log = logging.getLogger(__name__)
 
 
-def discover_partitions(transport: Transport, checks: UpdateChecks, *, content: RecordDict,
-                        timeout: float, connect_timeout: float,
-                        expected_sizes: list[int]) -> dict[int, dict[str, float]]:
-    """Ask every node for its partition id and sizes (a Flower ``query`` message).
+def assign_partitions(transport: Transport, checks: UpdateChecks, *, connect_timeout: float,
+                      sizes: list[tuple[int, int]]) -> None:
+    """Number the simulated nodes 0..N-1 in node-id order; hold each to its known sizes.
 
-    Also warms the workers up: each builds its task environment (data, model) here,
-    so start-up cost is not charged to round 1. Raises FedimgError unless every
-    partition answered with the training-set size the server computed for it, so
-    a worker that cannot read the data stops the run before round 1.
+    ``sizes``: each client's (training, validation) set size, as the server
+    partitioned them. No node is asked anything, so this takes as long for 1000
+    clients as for 5.
     """
     started = time.perf_counter()
-    nodes = _wait_for_nodes(transport.grid, len(expected_sizes), timeout=connect_timeout)
-    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
-                for n in nodes]
-    info: dict[int, dict[str, float]] = {}
-    failures = []
-    for reply in transport.grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            failures.append(str(reply.error.reason).strip().splitlines()[-1:])
-            continue
-        try:
-            metrics, _ = metrics_of(reply.content)
-            pid = int(metrics["partition-id"])
-            metrics["num-train"], metrics["num-val"] = (int(metrics["num-train"]),
-                                                        int(metrics["num-val"]))
-        except (KeyError, ValueError, TypeError, OverflowError) as exc:
-            failures.append([f"node {reply.metadata.src_node_id}: malformed reply ({exc})"])
-            continue
-        transport.node_to_partition[reply.metadata.src_node_id] = pid
-        info[pid] = metrics
-    log.info("%d of %d clients ready in %.1fs", len(info), len(nodes),
-             time.perf_counter() - started)
-    _check_discovery(info, expected_sizes, failures)
-    checks.expected_sizes = dict(enumerate(expected_sizes))
-    checks.expected_val_sizes = {pid: int(m["num-val"]) for pid, m in info.items()}
-    return info
+    nodes = sorted(_wait_for_nodes(transport.grid, len(sizes), timeout=connect_timeout))
+    transport.node_to_partition = {node: pid for pid, node in enumerate(nodes[:len(sizes)])}
+    checks.expected_sizes = {pid: n_train for pid, (n_train, _) in enumerate(sizes)}
+    checks.expected_val_sizes = {pid: n_val for pid, (_, n_val) in enumerate(sizes)}
+    log.info("%d clients numbered from their partitions in %.2fs (no describe query)",
+             len(sizes), time.perf_counter() - started)
 
 
 def _wait_for_nodes(grid: Grid, count: int, *, timeout: float) -> list[int]:
@@ -79,22 +61,6 @@ def _wait_for_nodes(grid: Grid, count: int, *, timeout: float) -> list[int]:
                               f"`flwr run` pass --federation-config 'num-supernodes={count}'")
         time.sleep(0.1)
     return nodes
-
-
-def _check_discovery(info: dict[int, dict[str, float]], expected_sizes: list[int],
-                     failures: list[list[str]]) -> None:
-    missing = sorted(set(range(len(expected_sizes))) - set(info))
-    if missing:
-        first = f"; first failure: {failures[0]}" if failures else ""
-        raise FedimgError(f"clients {missing[:10]} did not start ({len(failures)} "
-                          f"failed){first}")
-    wrong = [(pid, int(m["num-train"]), expected_sizes[pid]) for pid, m in info.items()
-             if int(m["num-train"]) != expected_sizes[pid]]
-    if wrong:
-        pid, got, want = wrong[0]
-        raise FedimgError(f"client {pid} sees {got} training samples but the server "
-                          f"partitioned {want} for it: the workers read different data "
-                          "(check FEDIMG_DATA / data.root on every machine)")
 
 
 def discover_sites(transport: Transport, checks: UpdateChecks, *, content: RecordDict,

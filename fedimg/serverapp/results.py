@@ -15,8 +15,13 @@ PARTICIPATION = ("fleet/sampled", "fleet/ok", "fleet/offline", "fleet/dropped",
                  "fleet/straggler", "fleet/failed", "fleet/rejected")
 
 
-def run_results(prepared: PreparedRun, state: RunState, startup_s: float) -> dict[str, Any]:
-    """The results dict of a run whose rounds are ``state.rounds``."""
+def run_results(prepared: PreparedRun, state: RunState, startup_s: float, *,
+                first_message_s: float | None = None) -> dict[str, Any]:
+    """The results dict of a run whose rounds are ``state.rounds``.
+
+    ``first_message_s``: in simulation, from the engine (Ray) being up to the first
+    message of round 1 (or of the resumed round).
+    """
     cfg, rounds = prepared.cfg, state.rounds
     trained = [r for r in rounds if r["round"] > 0]
     rounds_s = sum(r["wall_s"] for r in trained)
@@ -28,7 +33,8 @@ def run_results(prepared: PreparedRun, state: RunState, startup_s: float) -> dic
         "final": {k: v for k, v in rounds[-1].items() if k != "clients"} if rounds else {},
         "best": state.best, "initial": rounds[0] if rounds else {},
         "data": data_summary(prepared),
-        "timing": {"startup_s": startup_s, "rounds_s": rounds_s,
+        "timing": {"startup_s": startup_s, "first_message_s": first_message_s,
+                   "rounds_s": rounds_s,
                    "mean_round_s": rounds_s / len(trained) if trained else None,
                    "total_s": time.perf_counter() - prepared.started},
         "bytes": {"down": sum(r["bytes/down"] for r in rounds),

@@ -21,7 +21,7 @@ from fedimg.build import PreparedRun, build_loop, new_transport, update_checks
 from fedimg.errors import FedimgError, PrivacyBudgetExhausted
 from fedimg.reporting.run_dir import write_json
 from fedimg.serverapp.checkpoint import repair_best, restore_run_state
-from fedimg.serverapp.discovery import discover_partitions, discover_sites
+from fedimg.serverapp.discovery import assign_partitions, discover_sites
 from fedimg.serverapp.loop import RoundLoop
 from fedimg.serverapp.results import run_results
 from fedimg.serverapp.validation import UpdateChecks
@@ -57,11 +57,21 @@ def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     finally:
         for callback in loop.callbacks:
             callback.on_run_end(loop.state)
-    results = run_results(prepared, loop.state, startup_s)
+    results = run_results(prepared, loop.state, startup_s,
+                          first_message_s=_first_message_s(prepared, transport))
     prepared.recorder.write_results(results)
     if stop is not None:
         raise stop
     return results
+
+
+def _first_message_s(prepared: PreparedRun, transport: Transport) -> float | None:
+    """Seconds from the simulation engine being up to the run's first message out."""
+    if prepared.engine_ready is None or transport.first_push is None:
+        return None
+    seconds = transport.first_push - prepared.engine_ready
+    log.info("first message %.2fs after the simulation engine started", seconds)
+    return seconds
 
 
 def _resume(prepared: PreparedRun, loop: RoundLoop) -> None:
@@ -101,22 +111,21 @@ def _saved_site_names(prepared: PreparedRun) -> list[str]:
 def _discover(prepared: PreparedRun, transport: Transport, checks: UpdateChecks) -> None:
     """Find every client before round 1 (the sites of a deployment, or the partitions)."""
     cfg = prepared.cfg
-    content = RecordDict({"config": config_record(prepared.client_cfg),
-                          **prepared.context()})
-    if cfg.deploy.enabled:
-        before = _saved_site_names(prepared) if prepared.resume is not None else None
-        prepared.sites = discover_sites(
-            transport, checks, content=content, timeout=cfg.fl.timeout_s,
-            connect_timeout=cfg.fl.connect_timeout_s, num_sites=cfg.clients,
-            num_classes=len(prepared.classes))
-        names = [site["name"] for site in prepared.sites.values()]
-        if before is not None and names != before:
-            raise FedimgError(f"cannot resume {prepared.recorder.run_dir}: it ran with sites "
-                              f"{before}, now {names} answered. Fix: start the same sites' "
-                              "daemons (clients= their number), then resume again")
-        write_json(prepared.recorder.paths.sites,
-                   {str(k): v for k, v in prepared.sites.items()})
-    else:
-        discover_partitions(transport, checks, content=content, timeout=cfg.fl.timeout_s,
-                            connect_timeout=cfg.fl.connect_timeout_s,
-                            expected_sizes=[len(p.train_indices) for p in prepared.partitions])
+    if not cfg.deploy.enabled:
+        assign_partitions(transport, checks, connect_timeout=cfg.fl.connect_timeout_s,
+                          sizes=[(len(p.train_indices), len(p.val_indices))
+                                 for p in prepared.partitions])
+        return
+    content = RecordDict({"config": config_record(prepared.client_cfg)})
+    before = _saved_site_names(prepared) if prepared.resume is not None else None
+    prepared.sites = discover_sites(
+        transport, checks, content=content, timeout=cfg.fl.timeout_s,
+        connect_timeout=cfg.fl.connect_timeout_s, num_sites=cfg.clients,
+        num_classes=len(prepared.classes))
+    names = [site["name"] for site in prepared.sites.values()]
+    if before is not None and names != before:
+        raise FedimgError(f"cannot resume {prepared.recorder.run_dir}: it ran with sites "
+                          f"{before}, now {names} answered. Fix: start the same sites' "
+                          "daemons (clients= their number), then resume again")
+    write_json(prepared.recorder.paths.sites,
+               {str(k): v for k, v in prepared.sites.items()})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ def simulate(prepared: PreparedRun) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     start_ray(prepared.cfg.sim)
+    prepared.engine_ready = time.perf_counter()
     results: dict[str, Any] = {}
     server_app = make_server_app(prepared, results.update)
     config = backend_config(prepared.cfg.sim)

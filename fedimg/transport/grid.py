@@ -80,6 +80,7 @@ class Transport:
         self.grid = grid
         self.pack = pack  # send model arrays as one buffer (fedimg.transport.packing)
         self.node_to_partition: dict[int, int] = {}
+        self.first_push: float | None = None  # perf_counter of the run's first message out
 
     def node_ids(self) -> list[int]:
         """Connected nodes that take part, ordered by client id (so sampling repeats)."""
@@ -116,6 +117,8 @@ class Transport:
         exchange of a deployed round ended on a 3 s boundary; its in-memory Grid
         (simulation) already polls every 0.1 s, as this loop does for both.
         """
+        if self.first_push is None:
+            self.first_push = time.perf_counter()
         pending = set(self.grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

@@ -35,8 +35,8 @@ LEDGER_KEY = "fedimg-privacy-ledger"  # ConfigRecord {"json": ...}: a client's D
 SECAGG_KEY = "fedimg-secagg"  # ConfigRecord: a SecAgg+ stage's request or reply (fedimg.privacy.secagg)
 SECAGG_VECTOR_KEY = "fedimg-secagg-vector"  # ArrayRecord {"masked": uint}: a masked contribution
 SITE_KEY = "fedimg-site"  # ConfigRecord {"name", "location"}: a deployed site's describe reply
-# Simulation only: the destination's share of the pooled data, {"id", "train", "val"} index
-# arrays (a describe query carries every client's, one array each, plus their sizes).
+# Simulation only: every client's share of the pooled data ({"sizes", "indices"}) and the
+# address book ({"nodes"}: the node id of each client), sent with every message.
 PARTITION_KEY = "fedimg-partition"
 
 def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -138,14 +138,37 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
     })
 
 
-def partitions_record(partitions: list[ClientPartition]) -> ArrayRecord:
-    """Every client's partition in one ArrayRecord (index arrays back to back + sizes)."""
+def partitions_record(partitions: list[ClientPartition],
+                      nodes: Mapping[int, int] | None = None) -> ArrayRecord:
+    """Every client's partition in one ArrayRecord (index arrays back to back + sizes).
+
+    ``nodes`` (node id -> client id), when given, travels as the address book: a
+    simulated node learns which client it is from it (:func:`client_of_node`).
+    """
     sizes = np.array([[len(p.train_indices), len(p.val_indices)] for p in partitions],
                      dtype=np.int64).reshape(-1, 2)
     flat = [np.asarray(i, dtype=np.int64) for p in partitions
             for i in (p.train_indices, p.val_indices)]
     indices = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
-    return ArrayRecord({"sizes": Array(sizes), "indices": Array(indices)})
+    record = ArrayRecord({"sizes": Array(sizes), "indices": Array(indices)})
+    if nodes:
+        book = np.zeros(len(partitions), dtype=np.uint64)
+        for node, cid in nodes.items():
+            book[cid] = node
+        record["nodes"] = Array(book)
+    return record
+
+
+def client_of_node(record: ArrayRecord, node_id: int) -> int | None:
+    """The client id the address book in a partitions record gives ``node_id``, if any."""
+    if "nodes" not in record:
+        return None
+    try:
+        book = record["nodes"].numpy().astype(np.uint64).reshape(-1)
+    except (ValueError, TypeError) as exc:
+        raise UpdateError(f"malformed '{PARTITION_KEY}' address book: {exc}") from exc
+    found = np.flatnonzero(book == np.uint64(node_id))
+    return int(found[0]) if len(found) == 1 else None
 
 
 def partitions_from_record(record: ArrayRecord) -> list[ClientPartition]:

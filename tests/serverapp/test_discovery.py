@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterable
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from offline_grid import OfflineGrid
 
+from fedimg.data import ClientPartition
 from fedimg.errors import DataError, FedimgError
-from fedimg.serverapp.discovery import discover_partitions, discover_sites
+from fedimg.serverapp.discovery import assign_partitions, discover_sites
 from fedimg.serverapp.validation import UpdateChecks
 from fedimg.transport.grid import Transport
 from fedimg.clientapp.site import SiteOptions, site_options
-from fedimg.transport.records import SITE_KEY
+from fedimg.transport.records import (
+    SITE_KEY,
+    client_of_node,
+    partitions_from_record,
+    partitions_record,
+)
 
 
 class _Sites(OfflineGrid):
@@ -87,60 +96,55 @@ def test_too_few_sites_connected_names_the_fix() -> None:
         _discover({1: ("a", 10, 3)}, num_sites=2)
 
 
-class _Partitions(OfflineGrid):
-    """Simulated nodes answering the describe query: node pid + 1 is partition pid -> size.
+class _Silent(OfflineGrid):
+    """Simulated nodes that fail the test if they are sent anything before round 1."""
 
-    A str size is the error the node's ClientApp raised; None a reply without its id.
-    """
-
-    def __init__(self, sizes: dict[int, int | str | None]) -> None:
-        self.sizes = sizes
-        self.node_ids = [pid + 1 for pid in sizes]
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
 
     def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
-        replies = []
-        for m in messages:
-            pid = m.metadata.dst_node_id - 1
-            size = self.sizes[pid]
-            if isinstance(size, str):
-                replies.append(Message(Error(code=0, reason=f"Traceback\n{size}"), reply_to=m))
-                continue
-            metrics = ({"partition-id": pid, "num-train": size} if size is not None
-                       else {"num-train": 10})
-            replies.append(Message(RecordDict({"metrics": MetricRecord({**metrics,
-                                                                        "num-val": 2})}),
-                                   reply_to=m))
-        return replies
+        raise AssertionError("simulated clients must not be queried before round 1")
+
+    def push_messages(self, messages) -> Iterable[str]:
+        raise AssertionError("simulated clients must not be queried before round 1")
 
 
-def _discover_partitions(sizes: dict[int, int | str | None], expected: list[int]
-                         ) -> tuple[Transport, UpdateChecks, dict]:
-    transport, checks = Transport(_Partitions(sizes)), UpdateChecks({"w": torch.zeros(1)})
-    info = discover_partitions(transport, checks, content=RecordDict(), timeout=5,
-                               connect_timeout=1, expected_sizes=expected)
-    return transport, checks, info
-
-
-def test_partitions_report_their_ids_and_are_held_to_the_servers_sizes() -> None:
-    # Arrange: nodes 1, 2 are partitions 0, 1 of 10 and 12 training images
+def test_simulated_clients_are_numbered_from_the_partitions_without_a_query() -> None:
+    # Arrange: 1000 nodes with random ids, and the server's partition sizes
+    node_ids = random.Random(0).sample(range(1, 1 << 62), 1000)
+    sizes = [(10 + pid % 7, 2 + pid % 3) for pid in range(1000)]
+    transport, checks = Transport(_Silent(node_ids)), UpdateChecks({"w": torch.zeros(1)})
     # Act
-    transport, checks, info = _discover_partitions({0: 10, 1: 12}, [10, 12])
+    started = time.perf_counter()
+    assign_partitions(transport, checks, connect_timeout=1, sizes=sizes)
+    elapsed = time.perf_counter() - started
+    # Assert: node ids in ascending order are clients 0..999, held to the known sizes
+    assert [transport.node_to_partition[n] for n in sorted(node_ids)] == list(range(1000))
+    assert transport.node_ids() == sorted(node_ids)
+    assert checks.expected_sizes[7] == 10 and checks.expected_sizes[13] == 16
+    assert checks.expected_val_sizes[5] == 4 and checks.expected_val_sizes[999] == 2
+    assert elapsed < 0.5  # no round trip to any node
+
+
+def test_the_address_book_travels_with_the_partitions() -> None:
+    # Arrange: 3 clients on nodes 70, 50, 90 (numbered in node-id order: 50, 70, 90)
+    parts = [ClientPartition(cid, np.arange(cid, cid + 2), np.arange(10, 11))
+             for cid in range(3)]
+    transport, checks = Transport(_Silent([70, 50, 90])), UpdateChecks({"w": torch.zeros(1)})
+    assign_partitions(transport, checks, connect_timeout=1, sizes=[(2, 1)] * 3)
+    # Act
+    record = partitions_record(parts, transport.node_to_partition)
     # Assert
-    assert transport.node_to_partition == {1: 0, 2: 1}
-    assert checks.expected_sizes == {0: 10, 1: 12}
-    assert {pid: m["num-train"] for pid, m in info.items()} == {0: 10.0, 1: 12.0}
+    assert [client_of_node(record, n) for n in (50, 70, 90, 11)] == [0, 1, 2, None]
+    assert client_of_node(partitions_record(parts), 50) is None  # no book: node config
+    assert [p.train_indices.tolist() for p in partitions_from_record(record)] == \
+        [[0, 1], [1, 2], [2, 3]]
 
 
-def test_discovery_refuses_missing_clients_and_mismatched_data() -> None:
-    with pytest.raises(FedimgError, match=r"clients \[2\] did not start.*DataError"):
-        _discover_partitions({0: 10, 1: 12, 2: "DataError: not found"}, [10, 12, 7])
-    with pytest.raises(FedimgError, match="client 1 sees 12 training samples but the server"):
-        _discover_partitions({0: 10, 1: 12}, [10, 11])
+def test_too_few_simulated_nodes_is_a_clear_error() -> None:
+    transport, checks = Transport(_Silent([1, 2])), UpdateChecks({"w": torch.zeros(1)})
     with pytest.raises(FedimgError, match="only 2 of 3 clients connected"):
-        _discover_partitions({0: 10, 1: 12}, [10, 12, 7])
-    # A reply without its partition id is that node's failure, not a KeyError.
-    with pytest.raises(FedimgError, match=r"clients \[1\] did not start.*node 2: malformed"):
-        _discover_partitions({0: 10, 1: None}, [10, 12])
+        assign_partitions(transport, checks, connect_timeout=0.2, sizes=[(1, 1)] * 3)
 
 
 def test_node_config_of_a_site_becomes_its_options() -> None:
