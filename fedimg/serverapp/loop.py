@@ -84,6 +84,7 @@ class RoundLoop:
         self.setup, self.cfg, self.state = setup, setup.cfg, state
         self.transport, self.callbacks = transport, list(callbacks)
         self._tried: list[Exchange] = []  # this round's training exchanges, every attempt
+        self._initial: RoundResult | None = None  # round 0, until recorded (run() sets it)
         self.secure = SecureRound(
             transport=transport, filter_context=lambda: self._filter_context(MessageType.TRAIN),
             max_weight=lambda pids: max([setup.checks.expected_sizes.get(p, 1) for p in pids]
@@ -92,15 +93,21 @@ class RoundLoop:
         ) if self.cfg.fl.secure_aggregation != "none" else None
 
     def run(self) -> None:
-        """Round 0 (the initial model) on a fresh run, then every round to the last."""
+        """Round 0 (the initial model) on a fresh run, then every round to the last.
+
+        Round 0 is recorded while round 1's clients train (its central evaluation
+        overlaps their work), or before round 1's record if nothing was sent.
+        """
         if self.state.round == 0 and not self.state.rounds:
-            self._end_round(RoundResult(0, self._state_dict()))
+            self._initial = RoundResult(0, self._state_dict())
         for server_round in range(self.state.round + 1, self.cfg.rounds + 1):
             rng = self.state.sampler.for_round(server_round)
             self._tried = []
             try:
                 result = self.train(server_round, rng)
+                self._record_initial()
             except (PrivacyBudgetExhausted, RunStopped):  # recorded with what it tried
+                self._record_initial()
                 self._end_round(RoundResult(server_round, self._state_dict(), self._tried,
                                             skipped=True, stopped=True))
                 raise
@@ -108,6 +115,13 @@ class RoundLoop:
             self.state.round = server_round
             self._end_round(result)
             self._stop_after_skips(server_round, result)
+        self._record_initial()  # rounds=0
+
+    def _record_initial(self) -> None:
+        """Record round 0 (the initial model), once, if this run has not yet."""
+        if self._initial is not None:
+            initial, self._initial = self._initial, None
+            self._end_round(initial)
 
     def _end_round(self, result: RoundResult) -> None:
         """Build the round's record from the callbacks' metrics, then let them act on it."""
@@ -157,6 +171,7 @@ class RoundLoop:
         messages = self._configure(MessageType.TRAIN, server_round, rng, attempt)
         if not messages:
             return [], None, {}
+        self._record_initial()
         outcome = self.secure.run(server_round, self._outgoing(messages), rng=rng,
                                   cfg=self.cfg, strategy=self.state.strategy,
                                   timeouts=(self.cfg.secagg.timeout_s,
@@ -198,7 +213,8 @@ class RoundLoop:
         if not messages:
             return []
         timeout, _ = self._wait(phase)
-        exchanges = self.transport.exchange(self._outgoing(messages), timeout=timeout)
+        exchanges = self.transport.exchange(self._outgoing(messages), timeout=timeout,
+                                            while_waiting=self._record_initial)
         apply_filters(exchanges, self._filter_context(phase))
         return exchanges
 

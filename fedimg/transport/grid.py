@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,15 +92,20 @@ class Transport:
     def partition_of(self, node_id: int) -> int:
         return self.node_to_partition.get(node_id, -1)
 
-    def exchange(self, messages: Sequence[Message], *, timeout: float | None) -> list[Exchange]:
-        """Send ``messages``, wait up to ``timeout`` s, and return them in client order."""
+    def exchange(self, messages: Sequence[Message], *, timeout: float | None,
+                 while_waiting: Callable[[], None] | None = None) -> list[Exchange]:
+        """Send ``messages``, wait up to ``timeout`` s, and return them in client order.
+
+        ``while_waiting`` runs once, right after the push: server work that can overlap
+        the clients' (the initial model's evaluation, during round 1).
+        """
         messages = list(messages)
         wire = self._packed(messages)
         pending = {m.metadata.dst_node_id: Exchange(
             phase=m.metadata.message_type, partition_id=self.partition_of(
                 m.metadata.dst_node_id), node_id=m.metadata.dst_node_id, sent=m,
             bytes_down=content_bytes(w.content)) for m, w in zip(messages, wire)}
-        for reply in self._push_and_pull(wire, timeout=timeout):
+        for reply in self._push_and_pull(wire, timeout=timeout, while_waiting=while_waiting):
             exchange = pending.get(reply.metadata.src_node_id)
             if exchange is not None and exchange.reply is None:
                 exchange.reply = reply
@@ -109,8 +114,8 @@ class Transport:
         # float sums, and so the run, identical for the same seed.
         return sorted(pending.values(), key=lambda e: (e.partition_id, e.node_id))
 
-    def _push_and_pull(self, messages: list[Message], *,
-                       timeout: float | None) -> list[Message]:
+    def _push_and_pull(self, messages: list[Message], *, timeout: float | None,
+                       while_waiting: Callable[[], None] | None = None) -> list[Message]:
         """Flower's ``send_and_receive`` loop, polling for replies every ``POLL_S``.
 
         Flower's HTTP Grid (a real SuperLink) sleeps 3 s between pulls, so every
@@ -121,6 +126,8 @@ class Transport:
             self.first_push = time.perf_counter()
         pending = set(self.grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
+        if while_waiting is not None:
+            while_waiting()
         replies: list[Message] = []
         while pending:
             got = list(self.grid.pull_messages(pending))

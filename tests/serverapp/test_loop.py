@@ -319,3 +319,53 @@ def test_frozen_arrays_pass_through_the_mean_to_the_bit() -> None:
     assert np.array_equal(final["frozen"].numpy(), values)
     # the trained array is the weighted mean: 3 rounds of +(3*1 + 4*2 + 5*3) / 12
     np.testing.assert_allclose(final["w"].numpy(), [3 * 26 / 12] * 2, rtol=1e-6)
+
+
+class _Journal(_FlakyGrid):
+    """A _FlakyGrid that writes each push and pull into a shared journal."""
+
+    def __init__(self, journal: list[str]) -> None:
+        super().__init__([])
+        self.journal = journal
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.journal.append(f"push {messages[0].metadata.message_type}")
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        self.journal.append("pull")
+        return super().pull_messages(message_ids)
+
+
+class _JournalCallback(Recording):
+    def __init__(self, journal: list[str]) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def on_record(self, state, result, record) -> None:
+        self.journal.append(f"record {record['round']}")
+        super().on_record(state, result, record)
+
+
+def test_the_initial_model_is_recorded_while_round_one_trains() -> None:
+    # Arrange
+    journal: list[str] = []
+    recording = _JournalCallback(journal)
+    loop = offline_loop(_cfg(), _Journal(journal), reference=REFERENCE, callbacks=[recording])
+    # Act
+    loop.run()
+    # Assert: round 0's record (its central evaluation) comes after round 1's push,
+    # before its replies are read; rounds stay in order, the initial model unchanged
+    assert journal[:3] == ["push train", "record 0", "pull"]
+    assert [r["round"] for r in recording.records] == [0, 1, 2, 3]
+    assert recording.results[0].state_dict["w"].tolist() == [0.0, 0.0, 0.0]
+    assert recording.results[1].state_dict["w"].tolist() != [0.0, 0.0, 0.0]
+
+
+def test_the_initial_model_is_recorded_when_no_round_runs() -> None:
+    recording = Recording()
+    loop = offline_loop(FedimgConfig(rounds=0, clients=3), _FlakyGrid([]),
+                        reference=REFERENCE, callbacks=[recording])
+    loop.run()
+    assert [r["round"] for r in recording.records] == [0]
