@@ -106,6 +106,14 @@ class PreparedRun:
                 "metrics": {k: v for k, v in record.items() if k != "clients"}}
 
 
+def _sizes_line(sizes: list[int]) -> str:
+    """Every size for a small federation; min / median / max for a fleet."""
+    if len(sizes) <= 20:
+        return str(sizes)
+    ordered = sorted(sizes)
+    return f"min {ordered[0]} / median {ordered[len(ordered) // 2]} / max {ordered[-1]}"
+
+
 def initial_model(cfg: FedimgConfig, num_classes: int) -> tuple[dict[str, torch.Tensor],
                                                                 frozenset[str], frozenset[str]]:
     """The starting global weights; the arrays clients do not train; those they never change.
@@ -167,7 +175,7 @@ def _partition(cfg: FedimgConfig, dataset: Dataset,
     log.info("%s: %d train / %d test images, %d classes, %d clients with %s train samples",
              dataset.name, len(dataset.train.labels), len(dataset.test.labels),
              dataset.num_classes, len(partitions),
-             [len(p.train_indices) for p in partitions])
+             _sizes_line([len(p.train_indices) for p in partitions]))
     return partitions
 
 
