@@ -8,6 +8,10 @@
 * :mod:`~fedimg.training.device`: ``train.device`` -> :class:`torch.device`, AMP dtype.
 * :mod:`~fedimg.training.feature_cache`: :class:`TrunkCache`, the frozen trunk's
   features computed once, so that training and evaluation run only the tail.
+* :mod:`~fedimg.training.vectorized`: many small clients' rounds in one
+  ``torch.func.vmap`` step, equal to :func:`train_local` run for each;
+  :mod:`~fedimg.training.vector_rule` times both paths once per shape and picks;
+  :mod:`~fedimg.training.random_lanes` replays each client's random draws.
 """
 
 from fedimg.training.device import resolve_device
