@@ -13,7 +13,11 @@ CVPR 2019):
 
 Frozen parts must stay frozen even in ``model.train()``, so BatchNorm layers whose
 parameters are all frozen become :class:`torchvision.ops.misc.FrozenBatchNorm2d`
-with the same statistics (``bn=train``). With ``bn=frozen`` every BatchNorm is
+with the same statistics (``bn=train``), and the dropout and stochastic-depth layers
+inside frozen blocks are switched off (``p = 0``): a frozen block is a fixed feature
+extractor, run as in inference (the practice of Keras' transfer-learning guide, "run
+the base model in inference mode"). Its output is then a function of the image
+alone, which is what lets :mod:`fedimg.training.feature_cache` compute it once. With ``bn=frozen`` every BatchNorm is
 replaced: train-mode BatchNorm mixes the samples of a batch, which breaks
 per-sample gradients for differential privacy (Opacus), while frozen statistics
 keep the pretrained features.
@@ -26,6 +30,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fedimg.config import TransferConfig
@@ -67,11 +72,14 @@ def apply_transfer(
         return model
     _check_transfer(transfer, num_blocks=len(blocks), model_name=model_name)
     set_trainable(model.parameters(), trainable=transfer.mode != "head")
+    frozen = blocks if transfer.mode == "head" else []
     if transfer.mode == "last_k":
-        for block in blocks[: len(blocks) - transfer.last_k]:
+        frozen = blocks[: len(blocks) - transfer.last_k]
+        for block in frozen:
             set_trainable(block.parameters(), trainable=False)
     set_trainable(head.parameters(), trainable=True)
     replaced = freeze_batchnorm(model, only_frozen=transfer.bn == "train")
+    silence_random_layers(frozen)
     total, trainable = count_parameters(model)
     logger.info(
         "%s transfer mode=%s last_k=%d bn=%s: %d/%d parameters trainable, "
@@ -103,6 +111,17 @@ def batchnorm_state_keys(model: nn.Module) -> frozenset[str]:
                      for name, module in model.named_modules()
                      if isinstance(module, nn.modules.batchnorm._BatchNorm)
                      for key in module.state_dict())
+
+
+def silence_random_layers(blocks: Iterable[nn.Module]) -> int:
+    """Set ``p = 0`` on every dropout and stochastic-depth layer in ``blocks``; how many."""
+    silenced = 0
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth)) \
+                    and module.p > 0:
+                module.p, silenced = 0.0, silenced + 1
+    return silenced
 
 
 def set_trainable(params: Iterable[nn.Parameter], *, trainable: bool) -> None:

@@ -159,3 +159,31 @@ def test_frozen_bn_checkpoint_loads_into_a_plain_model(tmp_path: Path) -> None:
     assert _count(plain, nn.BatchNorm2d) == 49
     assert torch.equal(plain._bn1.running_var, frozen._bn1.running_var)
     assert torch.equal(plain._fc.weight, frozen._fc.weight)
+
+
+def test_frozen_blocks_run_without_stochastic_depth_and_the_rest_keeps_it() -> None:
+    # Arrange: Lite0's block list is [stem, 16 MBConv, head conv]; last_k=2 trains the
+    # last MBConv (drop-connect p = 0.2 * 15 / 16) and the head conv
+    from torchvision.ops import StochasticDepth
+
+    model = build_model("efficientnet_lite0", num_classes=3, weights="none",
+                        transfer=TransferConfig(mode="last_k", last_k=2))
+    blocks = list(model._blocks)
+    p = [float(b._drop_connect.p) for b in blocks]
+    # Assert: MBConv 0..14 silenced; the trained MBConv 15 keeps 0.2 * 15/16
+    assert p[:15] == [0.0] * 15
+    assert p[15] == pytest.approx(0.1875)
+    assert model._dropout.p == 0.2  # the head's dropout is not in a frozen block
+    # the frozen trunk in train mode is a function of the image alone
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    trunk = nn.Sequential(model._stem_pad, model._conv_stem, model._bn0, *blocks[:15])
+    assert torch.equal(trunk(x), trunk(x))
+    assert sum(isinstance(m, StochasticDepth) and m.p > 0 for m in model.modules()) == 1
+
+
+def test_head_mode_silences_every_block() -> None:
+    model = build_model("efficientnet_lite0", num_classes=3, weights="none",
+                        transfer=TransferConfig(mode="head", bn="frozen"))
+    assert all(float(b._drop_connect.p) == 0.0 for b in model._blocks)
+    assert model._dropout.p == 0.2
