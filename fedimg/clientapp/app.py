@@ -62,6 +62,7 @@ from fedimg.clientapp.site import SiteOptions, site_options
 from fedimg.transport.grid import content_bytes
 from fedimg.clientapp.environment import TaskEnvironment, environment, site_environment
 from fedimg.clientapp.secure import secure_aggregation_mod
+from fedimg.clientapp.drift import grad_offset
 
 # The error-feedback residual of update compression lives in the client's Flower
 # context.state between rounds (a DP ledger lives with its keeper: fedimg.clientapp.ledger).
@@ -216,6 +217,9 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     result = mode.train(env, pid, server_round=server_round,
                         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+                        grad_offset=grad_offset(msg.content.array_records,
+                                                trained=env.trained_keys(),
+                                                reference=env.reference),
                         ledger=keeper.load(), admit=keeper.admit)
     compute_s = time.perf_counter() - started
     if result.ledger is not None:  # on the site's disk before anything leaves

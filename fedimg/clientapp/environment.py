@@ -227,11 +227,15 @@ class TaskEnvironment:
         return self.cfg.train.local_steps or self.cfg.train.local_epochs * len(loader)
 
     def train(self, partition_id: int, *, server_round: int, proximal_mu: float = 0.0,
-              steps: int | None = None, lr: float | None = None) -> tuple[dict[str, float], int]:
+              steps: int | None = None, lr: float | None = None,
+              grad_offset: Mapping[str, torch.Tensor] | None = None
+              ) -> tuple[dict[str, float], int]:
         """Local training of client ``partition_id`` from the loaded weights.
 
         ``steps`` overrides the round's step count (a client dropping mid-round, or
-        the k steps of personalization); ``lr`` the round's scheduled learning rate.
+        the k steps of personalization); ``lr`` the round's scheduled learning rate;
+        ``grad_offset`` (trained parameter name -> tensor) is added to those gradients
+        at every step (SCAFFOLD, FedDyn: :mod:`fedimg.serverapp.drift_strategies`).
         """
         data = self.client(partition_id)
         tcfg = self.cfg.train if steps is None else dataclasses.replace(
@@ -248,9 +252,12 @@ class TaskEnvironment:
         cached = cache.train_inputs(partition_id, data.train, amp=tcfg.amp)
         if cached is not None:  # the tail on cached trunk features, batched alike
             (model, loader), tcfg = cached, dataclasses.replace(tcfg, channels_last=False)
+        offsets = [(p, grad_offset[n]) for n, p in self.model.named_parameters()
+                   if grad_offset and n in grad_offset]  # the tail shares these parameters
         result = train_local(model, loader, cfg=tcfg, lr=lr,
                              device=self.device, proximal_mu=proximal_mu,
-                             class_weights=data.class_weights, logit_scale=data.logit_scale)
+                             class_weights=data.class_weights, logit_scale=data.logit_scale,
+                             grad_offset=offsets)
         return {**result.as_metrics(), "train/lr": lr}, data.num_train
 
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:

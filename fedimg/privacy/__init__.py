@@ -20,7 +20,7 @@ only when a mode is used. A mode's ``train`` gets the client's environment typed
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +57,11 @@ PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", config_key="priv
 
 def plain_train(env: ClientEnvironment, partition_id: int, *, server_round: int,
                 proximal_mu: float = 0.0, ledger: dict[str, Any] | None = None,
-                admit: Callable[[dict[str, Any]], str] | None = None) -> ClientRound:
+                admit: Callable[[dict[str, Any]], str] | None = None,
+                grad_offset: Mapping[str, Any] | None = None) -> ClientRound:
     """A non-private local round (also the client's part of client-level DP)."""
     metrics, num_examples = env.train(partition_id, server_round=server_round,
-                                      proximal_mu=proximal_mu)
+                                      proximal_mu=proximal_mu, grad_offset=grad_offset)
     return ClientRound(metrics=metrics, num_examples=num_examples)
 
 

@@ -170,7 +170,7 @@ def _declined(ledger: PrivacyLedger, server_round: int, steps: int, reason: str 
 
 def train_round(env: ClientEnvironment, partition_id: int, *, server_round: int,
                 ledger: dict[str, Any] | None = None, proximal_mu: float = 0.0,
-                admit: Admit | None = None) -> ClientRound:
+                admit: Admit | None = None, grad_offset: Any = None) -> ClientRound:
     """One DP-SGD round of client ``partition_id`` on ``env`` (a TaskEnvironment).
 
     The global weights must already be loaded into ``env.model``. Returns the
@@ -179,8 +179,8 @@ def train_round(env: ClientEnvironment, partition_id: int, *, server_round: int,
     cannot cover this round declines. ``admit`` (the site's ledger keeper) sees the
     ledger as it will be after this round, before the first noisy step: it may name a
     reason to decline (a lifetime budget), or write the round ahead to disk.
-    ``proximal_mu`` is ignored: the config refuses FedProx under DP-SGD (the noisy
-    per-sample sum drops the proximal term).
+    ``proximal_mu`` and ``grad_offset`` are ignored: the config refuses FedProx,
+    SCAFFOLD and FedDyn under DP-SGD (the noisy per-sample sum drops their loss terms).
     """
     cfg, data = env.cfg, env.client(partition_id)
     n = data.num_train

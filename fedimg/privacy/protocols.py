@@ -11,7 +11,7 @@ mechanisms (:mod:`~fedimg.privacy.dp_sgd`) and the mode registry
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -91,7 +91,7 @@ class ClientEnvironment(Protocol):
         client's images, or its trainable tail and cached trunk features (issue 16)."""
         ...
 
-    def train(self, partition_id: int, *, server_round: int,
-              proximal_mu: float = 0.0) -> tuple[dict[str, float], int]:
+    def train(self, partition_id: int, *, server_round: int, proximal_mu: float = 0.0,
+              grad_offset: Mapping[str, Any] | None = None) -> tuple[dict[str, float], int]:
         """A non-private local round from the loaded weights: (metrics, num_examples)."""
         ...

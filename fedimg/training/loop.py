@@ -9,9 +9,13 @@ Networks", MLSys)
     loss = CE(model(x), y) + mu / 2 * ||w - w_global||^2
 
 where ``w_global`` is a detached copy of the trainable weights taken when the
-call starts. On CUDA, batches are copied with ``non_blocking=True``, the model
-and images may use the channels_last layout, and the forward pass may run under
-autocast (bfloat16, or float16 with a GradScaler). On the CPU none of that is used.
+call starts. ``grad_offset`` pairs (parameter, o) add the linear term ``<o, w>`` to the
+objective, i.e. ``o`` to that parameter's gradient at every step: SCAFFOLD's
+correction ``c - c_i`` (Karimireddy et al. 2020) and FedDyn's ``-grad L_k`` (Acar et
+al. 2021, with ``proximal_mu = alpha``). On CUDA, batches are copied with
+``non_blocking=True``, the model and images may use the channels_last layout, and the
+forward pass may run under autocast (bfloat16, or float16 with a GradScaler). On the
+CPU none of that is used.
 
 DP-SGD trains through the same loop: a :class:`StepHook` wraps the model (per-sample
 gradients) and the optimizer (clipping and noise) for the round and splits each
@@ -28,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -123,6 +127,7 @@ def train_local(
     class_weights: torch.Tensor | None = None,
     logit_scale: torch.Tensor | None = None,
     hook: StepHook | None = None,
+    grad_offset: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
 ) -> TrainResult:
     """Train ``model`` in place on ``loader`` for one round and report how it went.
 
@@ -136,6 +141,8 @@ def train_local(
     2021, "FedRS: Federated Learning with Restricted Softmax for Label Distribution
     Non-IID Data") scales the classes a client never sees by alpha < 1, so that its
     few classes do not push the others' scores down as hard.
+    ``grad_offset``: (parameter, offset) pairs added to those gradients at every step
+    (as the loss term ``<offset, w>``, so mixed precision's loss scaling covers it).
     Raises :class:`TrainingDiverged` when the loss stops being finite.
     """
     total_steps = _count_steps(loader, cfg)
@@ -158,7 +165,8 @@ def train_local(
             weigh_objective=hook is None,
             scale=logit_scale.to(device) if logit_scale is not None else None,
             proximal_mu=proximal_mu, params=trainable,
-            anchors=[p.detach().clone() for p in trainable] if proximal_mu > 0 else None)
+            anchors=[p.detach().clone() for p in trainable] if proximal_mu > 0 else None,
+            offsets=tuple((p, o.to(device=p.device, dtype=p.dtype)) for p, o in grad_offset))
         return _run(step, loader, hook, total_steps=total_steps, memory_format=memory_format,
                     lr=lr, window=_window(loader, cfg, total_steps))
 
@@ -232,6 +240,7 @@ class _Step:
     proximal_mu: float
     params: list[torch.nn.Parameter]  # the trainable parameters
     anchors: list[torch.Tensor] | None  # their global values (FedProx), or None
+    offsets: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (param, gradient offset)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step on ``x`` (b, C, S, S), ``y`` (b,); returns the batch's loss sum and its logits."""
@@ -247,6 +256,8 @@ class _Step:
         objective = loss
         if self.anchors is not None:
             objective = loss + self.proximal_mu / 2 * _squared_distance(self.params, self.anchors)
+        if self.offsets:  # d/dw <o, w> = o: the offset joins the gradient
+            objective = objective + sum((p * o).sum() for p, o in self.offsets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(objective).backward()
         self.scaler.step(self.optimizer)

@@ -26,6 +26,9 @@ CONFIG_KEY = "fedimg-config"
 ROUND_KEY = "server-round"
 ATTEMPT_KEY = "attempt"  # which try of a retried training round (fedimg.simulation.fleet draws afresh)
 PROXIMAL_MU_KEY = "proximal-mu"
+# ArrayRecord {param: array}: added to each trained parameter's gradient (SCAFFOLD c - c_i,
+# FedDyn -g_k; fedimg.serverapp.drift_strategies)
+GRAD_OFFSET_KEY = "fedimg-grad-offset"
 NUM_EXAMPLES_KEY = "num-examples"  # Flower's default weighting key
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
