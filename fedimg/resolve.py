@@ -71,6 +71,13 @@ def _check_strategy_facts(cfg: FedimgConfig) -> None:
     _check(not (mode == "dp_sgd" and spec.loss_term), f"strategy={cfg.strategy} with "
            "privacy.mode=dp_sgd is not supported: Opacus replaces the gradient by the noisy "
            "per-sample sum, which drops the term this strategy adds to the loss; use fedavg")
+    _check(not (spec.sgd_steps and cfg.train.optimizer != "sgd"), f"strategy={cfg.strategy} "
+           f"with train.optimizer={cfg.train.optimizer}: it reads how far each client's SGD "
+           "steps went (lr x momentum-weighted steps), which an adaptive optimizer does not "
+           "follow. Fix: train.optimizer=sgd")
+    _check(not (spec.client_deltas and cfg.fl.local_bn), f"strategy={cfg.strategy} with "
+           "fl.local_bn=true: it reads each client's update y_i - x, but FedBN clients start "
+           "their BatchNorm from their own layers, not x. Fix: drop fl.local_bn")
     averaging = [name for name in STRATEGIES.names() if STRATEGIES.get(name).averages]
     _check(not (mode == "client_dp" and not spec.averages), f"privacy.mode=client_dp with "
            f"strategy={cfg.strategy}: the accounted epsilon needs the server to average the "

@@ -133,6 +133,8 @@ def _validate_federation(cfg: FedimgConfig) -> None:
     _check(0 <= fl.min_evaluate_clients <= cfg.clients, f"fl.min_evaluate_clients="
            f"{fl.min_evaluate_clients} must be between 0 and clients={cfg.clients}")
     _check(fl.proximal_mu >= 0, "fl.proximal_mu must be >= 0")
+    _check(fl.feddyn_alpha > 0, f"fl.feddyn_alpha={fl.feddyn_alpha} must be > 0 (FedDyn "
+           "divides by it); the paper uses 0.1, 0.01 or 0.001")
     _check(fl.server_lr is None or fl.server_lr > 0, "fl.server_lr must be > 0 or null")
     _check(fl.tau > 0, f"fl.tau={fl.tau} must be > 0")
     _check(0 <= fl.beta_1 < 1 and 0 <= fl.beta_2 < 1, "fl.beta_1 and fl.beta_2 must be in [0, 1)")

@@ -140,6 +140,7 @@ class FederationConfig:
     min_evaluate_clients: int = 2
     central_eval: bool = True
     proximal_mu: float = 0.01  # FedProx (Li et al. 2020)
+    feddyn_alpha: float = 0.01  # FedDyn (Acar et al. 2021): the dynamic regulariser's weight
     server_lr: Optional[float] = None  # FedAvgM / FedAdam / FedYogi; None = per-strategy default
     server_momentum: float = 0.9  # FedAvgM
     beta_1: float = 0.9  # FedAdam / FedYogi

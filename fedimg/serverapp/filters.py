@@ -205,9 +205,17 @@ def check_update(e: Exchange, ctx: FilterContext) -> None:
                                          partition_id=e.partition_id)
 
 
+def strategy_needs(e: Exchange, ctx: FilterContext) -> None:
+    """What the strategy itself reads of a training reply (FedNova, SCAFFOLD: the local
+    steps), checked by its ``check_reply(metrics)`` if it has one."""
+    check = getattr(ctx.state.strategy, "check_reply", None)
+    if e.phase == MessageType.TRAIN and check is not None:
+        check(e.metrics)
+
+
 REPLY_FILTERS: tuple[ReplyFilter, ...] = (
     missing_reply, error_reply, reply_size, unpack, record_names, read_metrics, keep_ledger, declined,
-    straggler, decompress, check_update)
+    straggler, decompress, check_update, strategy_needs)
 
 
 def norm_outliers(exchanges: list[Exchange], ctx: FilterContext) -> None:

@@ -85,6 +85,9 @@ class RoundLoop:
         self.transport, self.callbacks = transport, list(callbacks)
         self._tried: list[Exchange] = []  # this round's training exchanges, every attempt
         self._initial: RoundResult | None = None  # round 0, until recorded (run() sets it)
+        bind = getattr(state.strategy, "bind_clients", None)  # per-client state (SCAFFOLD)
+        if bind is not None:
+            bind(transport.partition_of)
         self.secure = SecureRound(
             transport=transport, filter_context=lambda: self._filter_context(MessageType.TRAIN),
             max_weight=lambda pids: max([setup.checks.expected_sizes.get(p, 1) for p in pids]

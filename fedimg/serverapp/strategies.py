@@ -17,6 +17,16 @@ arguments and a NaN-aware metric aggregator.
 * ``multikrum``: Krum's m best-scored updates averaged (Blanchard et al. 2017);
   m = ``fl.krum_select``, by default the sampled clients minus ``fl.num_malicious``.
 
+For heterogeneous sites (Flower 1.41 has none of these; fedimg's own, from the papers,
+in :mod:`fedimg.serverapp.drift_strategies`):
+
+* ``fednova``: FedNova, Wang et al. 2020; updates normalised by each client's local
+  steps (momentum-aware), so clients with more data do not pull harder.
+* ``scaffold``: SCAFFOLD, Karimireddy et al. 2020; control variates correct each local
+  gradient for client drift (the server keeps every client's, checkpointed).
+* ``feddyn``: FedDyn, Acar et al. 2021; a dynamic regulariser (``fl.feddyn_alpha``)
+  whose stationary points are those of the global objective.
+
 FedBN (Li et al. 2021) is not a server rule: with ``fl.local_bn=true`` any of these
 runs with every client keeping its own BatchNorm layers (client side, see
 :mod:`fedimg.clientapp.app`); the server still averages them, so its
@@ -54,6 +64,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedimg.config import FedimgConfig
 from fedimg.errors import ConfigError
+from fedimg.serverapp.drift_strategies import FedDyn, FedNova, Scaffold
+from fedimg.training import scheduled_lr
 from fedimg.transport.records import aggregate_metrics
 from fedimg.registry import Registry
 
@@ -73,6 +85,8 @@ class StrategySpec:
     updates only through their weighted mean, so secure aggregation can compute it.
     ``baseline``: not a federation but a reference run
     on the same data and budget (``pooled``, ``local``; run by :mod:`fedimg.baselines`).
+    ``sgd_steps``: the rule reads how far each client's SGD steps went (FedNova,
+    SCAFFOLD); ``client_deltas``: it keeps per-client state from each ``y_i - x``.
     """
 
     build: StrategyBuilder
@@ -82,6 +96,8 @@ class StrategySpec:
     loss_term: bool = False
     secure_sum: bool = False  # needs only the weighted mean of the updates (works under SecAgg)
     baseline: bool = False
+    sgd_steps: bool = False  # reads the clients' SGD steps (train.optimizer=sgd only)
+    client_deltas: bool = False  # reads each y_i - x (not with FedBN's local BatchNorm)
 
 
 STRATEGIES: Registry[StrategySpec] = Registry("strategy", config_key="strategy")
@@ -240,6 +256,29 @@ def multikrum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
                           "clients sampled per round")
     return MultiKrum(**common_kwargs(cfg), num_malicious_nodes=cfg.fl.num_malicious,
                      num_nodes_to_select=select)
+
+
+@register("fednova", sgd_steps=True, client_deltas=True)
+def fednova(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedNova: each update divided by its client's (momentum-weighted) local steps."""
+    return FedNova(**common_kwargs(cfg), fixed_keys=buffer_keys,
+                   momentum=cfg.train.momentum, server_lr=server_lr(cfg))
+
+
+@register("scaffold", loss_term=True, sgd_steps=True, client_deltas=True)
+def scaffold(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """SCAFFOLD: local gradients corrected by the control variates c - c_i."""
+    return Scaffold(**common_kwargs(cfg), fixed_keys=buffer_keys, num_clients=cfg.clients,
+                    client_lr=lambda r: scheduled_lr(cfg.train, server_round=r,
+                                                     total_rounds=cfg.rounds),
+                    momentum=cfg.train.momentum, server_lr=server_lr(cfg))
+
+
+@register("feddyn", loss_term=True, client_deltas=True)
+def feddyn(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
+    """FedDyn: FedAvg of the clients' dynamically regularised models, shifted by h/alpha."""
+    return FedDyn(**common_kwargs(cfg), fixed_keys=buffer_keys, alpha=cfg.fl.feddyn_alpha,
+                  num_clients=cfg.clients)
 
 
 def min_replies(cfg: FedimgConfig) -> int:
