@@ -20,9 +20,12 @@ off/on, the best of ``--repeats`` (the CPU is shared: noise only adds time):
 * **amortised**: (cold + (n - 1) warm) / n over n participations of the client.
 
 The equality check reruns one round with ``data.augment=none`` (exact cache) and seeded
-DP noise, against the uncached path with the trunk's stochastic depth switched off (the
-cache holds the eval-mode trunk), and also reports the difference to the plain uncached
-path, stochastic depth on. Central/federated evaluation: ``evaluate_client`` both ways.
+DP noise, cached against uncached (frozen blocks run without stochastic depth either way:
+``fedimg.models.transfer``). Central/federated evaluation: ``evaluate_client`` both ways.
+
+``--simulate R`` instead runs each scenario's real simulation (Ray, every client) for R
+rounds with ``train.feature_cache=off`` and then ``=auto``, and reports the mean seconds
+of a round (rounds 2..R: every worker is warm) and the final metrics of both.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torchvision.ops import StochasticDepth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,24 +105,55 @@ def equality(scenario: str, *, client: int, threads: int) -> dict[str, float]:
         if scenario == "medical_dp" else ("data.augment=none",)
     on = _env(scenario, "on", *extra, threads=threads)
     plain = _env(scenario, "off", *extra, threads=threads)
-    no_depth = _env(scenario, "off", *extra, threads=threads)
-    for module in no_depth.model.modules():
-        if isinstance(module, StochasticDepth):
-            module.p = 0.0  # the trunk as the cache computes it (eval mode)
     start = _global(on)
     results = {}
-    for name, env in (("on", on), ("no_depth", no_depth), ("plain", plain)):
+    for name, env in (("on", on), ("plain", plain)):
         _, metrics = _round(env, client, start)
         results[name] = (metrics["train/loss"], env.state())
     trained = on.trained_keys()
-    loss_on, state_on = results["on"]
+    (loss_on, state_on), (loss_plain, state_plain) = results["on"], results["plain"]
+    diff = max(float((state_on[k] - state_plain[k]).abs().max()) for k in trained)
+    return {"loss_on": loss_on, "loss_plain": loss_plain, "dw": diff, "trained": len(trained)}
 
-    def max_diff(other: dict[str, torch.Tensor]) -> float:
-        return max(float((state_on[k] - other[k]).abs().max()) for k in trained)
 
-    return {"loss_on": loss_on, "loss_no_depth": results["no_depth"][0],
-            "loss_plain": results["plain"][0], "dw_no_depth": max_diff(results["no_depth"][1]),
-            "dw_plain": max_diff(results["plain"][1]), "trained": len(trained)}
+def simulated(scenario: str, rounds: int) -> dict[str, dict[str, float]]:
+    """The scenario's real simulation, cache off then auto: round seconds, final metrics."""
+    from fedimg.build import prepare_run
+    from fedimg.resolve import compose_and_check
+    from fedimg.simulation.engine import simulate
+
+    out = {}
+    for cache in ("off", "auto"):
+        cfg = compose_and_check(scenario, [*COMMON, f"rounds={rounds}",
+                                           f"train.feature_cache={cache}",
+                                           f"hydra.run.dir=bench_runs/cache_sim/{scenario}_{cache}"])
+        results = simulate(prepare_run(cfg))
+        walls = [r["wall_s"] for r in _records(results["run_dir"])]
+        out[cache] = {"warm_round_s": sum(walls[1:]) / max(1, len(walls) - 1),
+                      "round_s": sum(walls) / len(walls),
+                      "accuracy": results["final"].get("test/accuracy", float("nan")),
+                      "auc": results["final"].get("test/auc", float("nan"))}
+    return out
+
+
+def _records(run_dir: str) -> list[dict[str, float]]:
+    import json
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["round"] > 0]
+
+
+def _print_simulated(scenarios: list[str], rounds: int) -> None:
+    print(f"| scenario ({rounds} rounds, real simulation) | round s, off | round s, auto | "
+          "**off / auto (rounds 2+)** | all rounds | test acc off / auto |")
+    print("|---|---|---|---|---|---|")
+    for scenario in scenarios:
+        s = simulated(scenario, rounds)
+        off, on = s["off"], s["auto"]
+        print(f"| {scenario} | {off['warm_round_s']:.2f} | {on['warm_round_s']:.2f} | "
+              f"**{off['warm_round_s'] / on['warm_round_s']:.1f}x** | "
+              f"{off['round_s'] / on['round_s']:.1f}x | "
+              f"{off['accuracy']:.4f} / {on['accuracy']:.4f} |", flush=True)
 
 
 def main() -> None:
@@ -129,8 +162,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--client", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--simulate", type=int, default=0, metavar="ROUNDS")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.simulate:
+        _print_simulated(args.scenarios.split(","), args.simulate)
+        return
     torch.set_num_threads(args.threads)
     print("| scenario | client images | K views | uncached s | cold s | warm s | "
           "**uncached / warm** | amortised x8 / x4 | eval off / on s |")
@@ -142,13 +179,12 @@ def main() -> None:
               f"| {t['warm']:.3f} | **{t['uncached'] / t['warm']:.1f}x** | "
               f"{t['uncached'] / amort[8]:.2f}x / {t['uncached'] / amort[4]:.2f}x | "
               f"{t['eval_off']:.3f} / {t['eval_on']:.3f} |", flush=True)
-    print("\n| scenario (augment=none) | loss cached | loss uncached, trunk depth off | "
-          "max abs diff trained weights | loss uncached as today | max abs diff |")
-    print("|---|---|---|---|---|---|")
+    print("\n| scenario (augment=none) | loss cached | loss uncached | "
+          "max abs diff of the trained weights |")
+    print("|---|---|---|---|")
     for scenario in args.scenarios.split(","):
         e = equality(scenario, client=args.client, threads=args.threads)
-        print(f"| {scenario} | {e['loss_on']:.6f} | {e['loss_no_depth']:.6f} | "
-              f"{e['dw_no_depth']:.2e} | {e['loss_plain']:.6f} | {e['dw_plain']:.2e} |",
+        print(f"| {scenario} | {e['loss_on']:.6f} | {e['loss_plain']:.6f} | {e['dw']:.2e} |",
               flush=True)
 
 
