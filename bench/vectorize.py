@@ -17,7 +17,8 @@ trains. Three trainable parts of EfficientNet-Lite0 (ImageNet weights, 43 classe
 
 For each part and k: ``train_sequential`` (``train_local`` per client) and
 ``train_vectorized`` (one vmapped step per step), interleaved, the best of
-``--repeats``; ratio = sequential / vectorised (> 1: vectorising is faster). The
+``--repeats`` (by wall time), wall and process CPU time (steadier when the machine is
+shared); ratio = sequential / vectorised (> 1: vectorising is faster). The
 last column is what :class:`~fedimg.training.vector_rule.VectorizeRule` decides from
 its probe (one step of each), which should agree with the measured ratio.
 """
@@ -79,14 +80,15 @@ def _jobs(k: int, prepare: Callable[[torch.Tensor], torch.Tensor],
     return jobs
 
 
-def _time(run: Callable[[], object], device: torch.device) -> float:
+def _time(run: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``run``; CPU time is steadier on a shared machine."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -102,8 +104,8 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"device={device} threads={args.threads} batch={BATCH} px={PIXELS} "
           f"torch={torch.__version__}")
-    print(f"{'part':6} {'k':>3} {'steps':>5} {'sequential_s':>12} {'vectorised_s':>12} "
-          f"{'ratio':>6}  rule (probe seq/vec s)")
+    print(f"{'part':6} {'k':>3} {'steps':>5} {'seq_wall':>8} {'vec_wall':>8} {'ratio':>5} "
+          f"{'seq_cpu':>8} {'vec_cpu':>8} {'ratio':>5}  rule (probe seq/vec s)")
     for name in ("tail", "head", *(["image"] if args.image else [])):
         model, prepare = _part(name, device)
         rule = VectorizeRule()
@@ -119,8 +121,10 @@ def main() -> None:
             d = rule.decide(model, k=k, batch_shape=shape, num_classes=CLASSES, cfg=CFG,
                             device=device)
             steps = sum(len(j.loader) for j in jobs)
-            print(f"{name:6} {k:>3} {steps:>5} {min(seq):>12.3f} {min(vec):>12.3f} "
-                  f"{min(seq) / min(vec):>6.2f}  {'vectorised' if d.vectorize else 'sequential'}"
+            (sw, sc), (vw, vc) = min(seq), min(vec)
+            print(f"{name:6} {k:>3} {steps:>5} {sw:>8.3f} {vw:>8.3f} {sw / vw:>5.2f} "
+                  f"{sc:>8.3f} {vc:>8.3f} {sc / vc:>5.2f}  "
+                  f"{'vectorised' if d.vectorize else 'sequential'}"
                   f" ({d.sequential_s:.4f}/{d.vectorized_s:.4f})", flush=True)
 
 
