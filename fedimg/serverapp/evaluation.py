@@ -19,7 +19,7 @@ import torch
 from fedimg.config import FedimgConfig
 from fedimg.data import Dataset, ImageSet, InMemoryLoader, build_transform
 from fedimg.models import build_model
-from fedimg.training import predict, resolve_device, scores
+from fedimg.training import TrunkCache, predict, resolve_device, scores
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,15 @@ class CentralEvaluator:
             test.images, test.labels, indices=np.arange(len(test.labels)),
             batch_size=cfg.train.eval_batch_size, shuffle=False, seed=cfg.seed,
             transform=build_transform("none", image_size=cfg.data.image_size, train=False))
+        # head / last_k: the test split's frozen-trunk features, computed once per trunk
+        self.cache = TrunkCache.build(self.model, cfg=cfg, device=self.device)
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         self.model.load_state_dict(state, strict=True)
-        predicted = predict(self.model, self.loader, device=self.device, amp=self.cfg.train.amp)
+        amp = self.cfg.train.amp
+        model, loader = self.cache.eval_inputs(0, self.loader, amp=amp, split="test") or \
+            (self.model, self.loader)
+        predicted = predict(model, loader, device=self.device, amp=amp)
         if predicted is None:
             return {}
         logits, labels = predicted  # (N, K), (N,) in test-split order

@@ -294,12 +294,15 @@ class TrunkCache:
             return None
         return self.split.tail, _feature_loader(features, loader, views=self.plan.views)
 
-    def eval_inputs(self, client: int, loader: InMemoryLoader, *, amp: bool
-                    ) -> tuple[nn.Module, InMemoryLoader] | None:
-        """The tail and a loader of cached evaluation features, or None (uncached)."""
+    def eval_inputs(self, client: int, loader: InMemoryLoader, *, amp: bool,
+                    split: str = "val") -> tuple[nn.Module, InMemoryLoader] | None:
+        """The tail and a loader of cached evaluation features, or None (uncached).
+
+        ``split``: ``"val"`` (a client's) or ``"test"`` (the server's central test split).
+        """
         if not self.plan.evaluate or self.split is None or not len(loader.indices):
             return None
-        features = self._features(("val", client, amp), loader, train=False, amp=amp)
+        features = self._features((split, client, amp), loader, train=False, amp=amp)
         if features is None:
             return None
         return self.split.tail, _feature_loader(features, loader, views=1)
@@ -336,7 +339,8 @@ class TrunkCache:
         started, old = time.perf_counter(), self.store.last_key(slot)
         views, n, shape = self.plan.views if train else 1, len(loader.indices), \
             self._feature_shape(loader)
-        label = f"client {slot[1]} {slot[0]} features"
+        label = ("the test split's features" if slot[0] == "test"
+                 else f"client {slot[1]} {slot[0]} features")
         out = self.store.allocate(slot, key, (n, views, *shape) if views > 1 else (n, *shape),
                                   label)
         if out is None:

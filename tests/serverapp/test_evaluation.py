@@ -56,3 +56,23 @@ def test_no_site_column_or_too_many_values_means_pooled_only() -> None:
     assert site_rows(ds.test, "site") == {}  # 70 > 64 values: an id, not a site
     assert site_rows(ds.test, "hospital") == {} and site_rows(ds.test, None) == {}
     assert site_key("Ward 3/B") == "Ward_3_B"
+
+
+def test_central_evaluation_of_a_frozen_trunk_reads_cached_features_with_the_same_numbers(
+        ) -> None:
+    # Arrange: last_k on ResNet-18 (random init), 12 test images; cache auto against off
+    ds = _dataset(["north", "south"] * 6)
+    common = ["model=resnet18", "weights=none", "data.image_size=16", "transfer.mode=last_k",
+              "transfer.last_k=1", "train.eval_batch_size=5", "data.augment=none"]
+    cached = CentralEvaluator(compose_config("medical", [*common, "train.feature_cache=auto"]),
+                              ds)
+    plain = CentralEvaluator(compose_config("medical", [*common, "train.feature_cache=off"]),
+                             ds)
+    state = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    moved = dict(state, **{"fc.bias": state["fc.bias"] + torch.tensor([0.5, 0.0])})
+    # Act: two rounds; only the trained head moves in between
+    first, second = cached(state), cached(moved)
+    # Assert: the same numbers as the full forward pass, one trunk pass for both rounds
+    assert first == plain(state) and second == plain(moved)
+    assert first["test/loss"] != second["test/loss"]
+    assert cached.cache.builds == 1 and plain.cache.builds == 0
