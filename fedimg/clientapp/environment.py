@@ -54,6 +54,7 @@ from fedimg.training import (
     scheduled_lr,
     train_local,
 )
+from fedimg.training.budget import round_steps
 
 log = logging.getLogger(__name__)
 
@@ -217,14 +218,17 @@ class TaskEnvironment:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def epochs_per_round(self, loader: InMemoryLoader) -> int:
-        """Passes over the local data in one round (``local_steps`` may span several)."""
-        steps = self.cfg.train.local_steps
-        return -(-steps // max(1, len(loader))) if steps else self.cfg.train.local_epochs
+        """Passes over the local data in one round (a round's steps may span several)."""
+        steps = round_steps(self.cfg.train, batches=len(loader),
+                            num_samples=loader.num_examples)
+        return -(-steps // max(1, len(loader)))
 
     def local_steps(self, partition_id: int) -> int:
-        """Optimizer steps client ``partition_id`` takes in one full round."""
+        """Optimizer steps client ``partition_id`` takes in one full round
+        (``train.local_budget``, :func:`fedimg.training.budget.round_steps`)."""
         loader = self.client(partition_id).train
-        return self.cfg.train.local_steps or self.cfg.train.local_epochs * len(loader)
+        return round_steps(self.cfg.train, batches=len(loader),
+                           num_samples=loader.num_examples)
 
     def train(self, partition_id: int, *, server_round: int, proximal_mu: float = 0.0,
               steps: int | None = None, lr: float | None = None,

@@ -26,6 +26,7 @@ from fedimg.config.choices import (
     DataSource,
     FeatureCache,
     GradSampleMode,
+    LocalBudget,
     OnCorrupt,
     OnTooFew,
     Optimizer,
@@ -59,7 +60,7 @@ from fedimg.config.schema import (
 __all__ = [
     "CHOICES", "Accountant", "AttackKind", "Augment", "BatchNorm", "Choice", "ClassWeighting",
     "Clipping", "Clock", "Compression", "DataSource", "FeatureCache", "GradSampleMode",
-    "OnCorrupt",
+    "LocalBudget", "OnCorrupt",
     "OnTooFew", "Optimizer", "Partitioner", "PrivacyKind", "Schedule", "SecureAggregation",
     "TransferMode",
     "AttackConfig", "CompressionConfig", "DataConfig", "DeployConfig", "FaultsConfig",

@@ -92,6 +92,7 @@ def _validate_training(cfg: FedimgConfig) -> None:
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     _check(t.local_epochs >= 1, f"train.local_epochs={t.local_epochs} must be >= 1")
     _check(t.local_steps is None or t.local_steps >= 1, "train.local_steps must be >= 1")
+    _validate_budget(cfg)
     for name in ("batch_size", "eval_batch_size"):
         value = getattr(t, name)
         _check(value >= 1, f"train.{name}={value} must be >= 1")
@@ -99,6 +100,37 @@ def _validate_training(cfg: FedimgConfig) -> None:
     _validate_feature_cache(cfg)
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"train.device='{t.device}' is unknown; valid: auto, cpu, cuda, cuda:N")
+
+
+def _validate_budget(cfg: FedimgConfig) -> None:
+    """``train.local_budget`` with the fields it reads (fedimg.training.budget), warm-up."""
+    t, budget = cfg.train, cfg.train.local_budget
+    one_epoch = f"{1 / t.batch_size:g}" if t.batch_size >= 1 else "0.03125"
+    _check(budget != "steps" or t.local_steps is not None, "train.local_budget=steps needs "
+           "train.local_steps (the steps every client takes); it is unset. Fix: add e.g. "
+           "train.local_steps=10, or set train.local_budget=epochs|steps_per_sample")
+    _check(budget != "steps_per_sample" or t.steps_per_sample is not None,
+           "train.local_budget=steps_per_sample needs train.steps_per_sample (a client takes "
+           "ceil(steps_per_sample x its training samples) steps); it is unset. Fix: add e.g. "
+           f"train.steps_per_sample={one_epoch} (one epoch at batch {t.batch_size})")
+    s = t.steps_per_sample
+    _check(s is None or budget == "steps_per_sample", f"train.steps_per_sample={s} is read "
+           f"only with train.local_budget=steps_per_sample (now {budget}). Fix: add "
+           "train.local_budget=steps_per_sample, or drop train.steps_per_sample")
+    _check(s is None or (math.isfinite(s) and s > 0), f"train.steps_per_sample={s} is "
+           f"impossible: it must be > 0 (steps per training sample). Fix: e.g. "
+           f"train.steps_per_sample={one_epoch} (one epoch at batch {t.batch_size})")
+    _check(t.local_steps is None or budget != "steps_per_sample", f"train.local_steps="
+           f"{t.local_steps} with train.local_budget=steps_per_sample, which sets each "
+           "client's steps from its data. Fix: drop train.local_steps, or set "
+           "train.local_budget=steps")
+    _check(t.local_epochs == 1 or budget == "epochs", f"train.local_epochs={t.local_epochs} "
+           f"is read only with train.local_budget=epochs (now {budget}). Fix: drop "
+           "train.local_epochs, or set train.local_budget=epochs")
+    hint = min(3, max(0, cfg.rounds - 1))
+    _check(t.warmup_rounds == 0 or 0 < t.warmup_rounds < cfg.rounds, f"train.warmup_rounds="
+           f"{t.warmup_rounds} is impossible with rounds={cfg.rounds}: valid: 0 (off) to "
+           f"{cfg.rounds - 1} (rounds - 1). Fix: e.g. train.warmup_rounds={hint}")
 
 
 def _validate_feature_cache(cfg: FedimgConfig) -> None:

@@ -123,6 +123,17 @@ class Schedule(Choice):
     step = "step"
 
 
+class LocalBudget(Choice):
+    """``train.local_budget``: :data:`fedimg.training.budget.LOCAL_BUDGETS`, the steps
+    of a client's round: ``local_epochs`` passes (or ``local_steps``), exactly
+    ``local_steps``, or ``ceil(steps_per_sample x n_i)``."""
+
+    label = nonmember("local budget")
+    epochs = "epochs"
+    steps = "steps"
+    steps_per_sample = "steps_per_sample"
+
+
 class ClassWeighting(Choice):
     """``train.class_weighting``: none | balanced (inverse local class frequency)."""
 
@@ -223,5 +234,5 @@ class AttackKind(Choice):
 CHOICES: tuple[type[Choice], ...] = (
     DataSource, Partitioner, Augment, OnCorrupt, TransferMode, BatchNorm, Optimizer,
     Schedule, ClassWeighting, OnTooFew, Clock, Compression, PrivacyKind, Accountant,
-    GradSampleMode, Clipping, AttackKind, SecureAggregation, FeatureCache,
+    GradSampleMode, Clipping, AttackKind, SecureAggregation, FeatureCache, LocalBudget,
 )

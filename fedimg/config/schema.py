@@ -32,6 +32,7 @@ from fedimg.config.choices import (
     DataSource,
     FeatureCache,
     GradSampleMode,
+    LocalBudget,
     OnCorrupt,
     OnTooFew,
     Optimizer,
@@ -112,10 +113,15 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: Schedule = Schedule.constant  # over rounds
+    warmup_rounds: int = 0  # linear lr warm-up over the first k rounds, then the schedule
     class_weighting: ClassWeighting = ClassWeighting.none
     restricted_softmax: float = 1.0  # FedRS alpha for locally absent classes' logits; 1 = off
+    # Steps of a client's round (fedimg.training.budget): epochs = local_epochs passes, or
+    # local_steps if set; steps = local_steps each; steps_per_sample = ceil(s x n_i)
+    local_budget: LocalBudget = LocalBudget.epochs
     local_epochs: int = 1
     local_steps: Optional[int] = None  # if set, overrides local_epochs
+    steps_per_sample: Optional[float] = None  # local_budget=steps_per_sample: steps per sample
     batch_size: int = 32
     eval_batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N

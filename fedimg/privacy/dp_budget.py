@@ -23,6 +23,7 @@ from fedimg.errors import UpdateError
 from fedimg.privacy.accounting import PrivacyLedger, default_delta, new_ledger
 from fedimg.privacy.protocols import ClientEnvironment
 from fedimg.privacy.secure_noise import ChaChaStream
+from fedimg.training.budget import round_steps
 from fedimg.training.losses import balanced_weights_from_counts
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,10 @@ def sample_rate(cfg: FedimgConfig, num_samples: int) -> float:
 
 
 def steps_per_round(cfg: FedimgConfig, num_samples: int) -> int:
-    """Noisy steps in one round: ``local_steps``, else ``local_epochs`` x 1/q."""
-    if cfg.train.local_steps is not None:
-        return cfg.train.local_steps
-    return cfg.train.local_epochs * max(1, num_samples // cfg.train.batch_size)
+    """Noisy steps in one round (``train.local_budget``): ``local_steps``, else
+    ``local_epochs`` x 1/q, or ``ceil(steps_per_sample x num_samples)``."""
+    per_epoch = max(1, num_samples // cfg.train.batch_size)  # ~1/q Poisson batches
+    return round_steps(cfg.train, batches=per_epoch, num_samples=num_samples)
 
 
 def client_ledger(cfg: FedimgConfig, partition_id: int, labels: torch.Tensor,

@@ -356,6 +356,7 @@ def _round_plan(cfg: TrainConfig, *, steps: int, per_epoch: int) -> tuple[TrainC
     autocast or channels_last: a float16 GradScaler would scale gradients before clipping.
     """
     cfg = dataclasses.replace(cfg, amp=False, channels_last=False)
-    if cfg.local_steps is None and steps == cfg.local_epochs * per_epoch:
+    if (cfg.local_budget == "epochs" and cfg.local_steps is None
+            and steps == cfg.local_epochs * per_epoch):
         return cfg, per_epoch
     return dataclasses.replace(cfg, local_steps=steps), steps

@@ -43,6 +43,7 @@ from torch import nn
 
 from fedimg.config import TrainConfig
 from fedimg.errors import DataError, TrainingDiverged
+from fedimg.training.budget import round_steps
 from fedimg.training.device import amp_dtype, autocast, use_channels_last
 from fedimg.training.metrics import classification_metrics
 from fedimg.training.optim import build_optimizer
@@ -133,8 +134,9 @@ def train_local(
 
     Runs ``cfg.local_epochs`` passes over ``loader``, or exactly
     ``cfg.local_steps`` optimizer steps (cycling through the loader) when that is
-    set. A fresh optimizer (``cfg.optimizer``) is built unless ``optimizer`` is
-    given; its learning rate is set to ``lr``. ``hook`` (e.g. DP-SGD's) wraps the
+    set, or the steps another ``cfg.local_budget`` gives (:mod:`.budget`). A fresh
+    optimizer (``cfg.optimizer``) is built unless ``optimizer`` is given; its learning
+    rate is set to ``lr``. ``hook`` (e.g. DP-SGD's) wraps the
     model and that optimizer for the round and feeds each batch as micro-batches.
     ``class_weights`` (K,) weights each sample's cross-entropy by its class.
     ``logit_scale`` (K,) multiplies the logits before the loss: FedRS (Li & Zhan
@@ -293,7 +295,11 @@ def _run(step: _Step, loader: Loader, hook: StepHook | None, *, total_steps: int
 
 
 def _count_steps(loader: Loader, cfg: TrainConfig) -> int:
-    """Optimizer steps of one round: ``local_steps``, else ``local_epochs * len(loader)``."""
+    """Optimizer steps of one round under ``cfg.local_budget`` (:func:`round_steps`).
+
+    The sample count is the loader's ``num_examples``; a loader without one counts
+    ``len(loader) * batch_size`` samples.
+    """
     batches = len(loader)  # type: ignore[arg-type]
     if batches == 0:
         raise DataError(
@@ -301,7 +307,8 @@ def _count_steps(loader: Loader, cfg: TrainConfig) -> int:
             "drop_last with fewer samples than train.batch_size); fix: raise "
             "data.min_partition_size or lower train.batch_size"
         )
-    return cfg.local_steps if cfg.local_steps is not None else cfg.local_epochs * batches
+    samples = getattr(loader, "num_examples", batches * cfg.batch_size)
+    return round_steps(cfg, batches=batches, num_samples=int(samples))
 
 
 def _cycle(loader: Loader, total_steps: int) -> Iterator[Batch]:
@@ -339,7 +346,7 @@ def _check_finite(losses: torch.Tensor, *, lr: float) -> None:
 
 def _window(loader: Loader, cfg: TrainConfig, total_steps: int) -> int:
     """Steps averaged into first/last loss: one epoch if >= 2 epochs, else 10% of steps."""
-    if cfg.local_steps is None and cfg.local_epochs >= 2:
+    if cfg.local_budget == "epochs" and cfg.local_steps is None and cfg.local_epochs >= 2:
         return len(loader)  # type: ignore[arg-type]
     return max(1, math.ceil(0.1 * total_steps))
 

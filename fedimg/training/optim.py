@@ -14,6 +14,18 @@ is therefore constant within a round and follows the schedule *over rounds*:
   the middle round ``lr / 2``, and the last round a small but non-zero rate.
 * ``step``: ``lr``, times 0.1 once half of the rounds are done and times 0.1
   again once three quarters are done (``(r - 1) / R >= 0.5`` and ``>= 0.75``).
+
+``train.warmup_rounds = k > 0`` first ramps the rate up linearly, ``lr * r / (k + 1)``
+in rounds ``r = 1..k`` (the gradual warm-up of Goyal et al. 2017, "Accurate, Large
+Minibatch SGD: Training ImageNet in 1 Hour", here per round), and then runs the
+schedule over the remaining ``R - k`` rounds: round ``k + 1`` gets ``lr`` and the
+progress above becomes ``(r - 1 - k) / (R - k)``. With ``k = 0`` nothing changes.
+
+This is the *client* learning rate. A server step (``fl.server_lr`` of FedAvgM,
+FedAdam, FedYogi, FedNova, SCAFFOLD) applies to the aggregated update and follows no
+schedule: a round with a small client rate sends small updates, which the server
+step scales as in every other round. SCAFFOLD's control variates read the same
+scheduled rate (:func:`scheduled_lr`), so they stay consistent with the clients.
 """
 
 from __future__ import annotations
@@ -97,11 +109,15 @@ def step(lr: float, progress: float) -> float:
 
 
 def scheduled_lr(cfg: TrainConfig, *, server_round: int, total_rounds: int) -> float:
-    """The client learning rate for ``server_round`` (1-based) of ``total_rounds``."""
+    """The client learning rate for ``server_round`` (1-based) of ``total_rounds``:
+    the ``train.warmup_rounds`` linear warm-up, then ``train.schedule``."""
     if not 1 <= server_round <= total_rounds:
         raise ValueError(
             f"server_round={server_round} is outside 1..total_rounds={total_rounds}"
         )
+    warmup = min(cfg.warmup_rounds, total_rounds - 1)
+    if server_round <= warmup:
+        return cfg.lr * server_round / (warmup + 1)
     schedule = SCHEDULES.get(cfg.schedule)
-    progress = (server_round - 1) / total_rounds  # in [0, 1)
+    progress = (server_round - 1 - warmup) / (total_rounds - warmup)  # in [0, 1)
     return schedule(cfg.lr, progress)

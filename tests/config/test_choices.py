@@ -17,6 +17,7 @@ from fedimg.config import (
     Clock,
     Compression,
     GradSampleMode,
+    LocalBudget,
     OnCorrupt,
     Optimizer,
     Partitioner,
@@ -38,6 +39,7 @@ def _registry_names() -> dict[type[Choice], list[str]]:
     from fedimg.privacy.accounting import ACCOUNTANTS
     from fedimg.privacy.client_dp import CLIPPING
     from fedimg.simulation.attacks import ATTACKS
+    from fedimg.training.budget import LOCAL_BUDGETS
     from fedimg.training.optim import OPTIMIZERS, SCHEDULES
     from fedimg.transport.codecs import CODECS
 
@@ -48,6 +50,7 @@ def _registry_names() -> dict[type[Choice], list[str]]:
         Compression: ["none", *CODECS.names()], Clipping: CLIPPING.names(),
         Accountant: list(ACCOUNTANTS), TransferMode: list(MODES), BatchNorm: list(BN_MODES),
         GradSampleMode: ["auto", *DP_GRAD_SAMPLE_MODES], OnCorrupt: list(ON_CORRUPT),
+        LocalBudget: list(LOCAL_BUDGETS),
     }
 
 

@@ -105,3 +105,27 @@ def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
 def test_round_outside_range_is_rejected():
     with pytest.raises(ValueError, match="server_round=0"):
         _lr("cosine", 0, 10)
+
+
+def _warm(schedule: str, rounds: int, warmup: int) -> list[float]:
+    cfg = TrainConfig(schedule=schedule, lr=0.1, warmup_rounds=warmup)
+    return [scheduled_lr(cfg, server_round=r, total_rounds=rounds) for r in range(1, rounds + 1)]
+
+
+def test_three_warmup_rounds_then_cosine_over_the_other_four():
+    # Arrange / Act: 7 rounds, warm-up lr * r / 4 in rounds 1-3, then cosine over 4
+    # rounds at progress (r - 4) / 4 = 0, 1/4, 1/2, 3/4
+    lrs = _warm("cosine", 7, 3)
+
+    # Assert: cos(pi/4) = 0.7071068
+    assert lrs == pytest.approx([0.025, 0.05, 0.075,
+                                 0.1, 0.05 * 1.7071068, 0.05, 0.05 * 0.2928932])
+
+
+def test_warmup_then_step_counts_milestones_after_the_warmup():
+    # 6 rounds, 2 of warm-up (lr/3, 2lr/3); step over 4 rounds: progress 0, .25, .5, .75
+    assert _warm("step", 6, 2) == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.01, 0.001])
+
+
+def test_no_warmup_leaves_the_schedule_unchanged():
+    assert _warm("cosine", 10, 0) == pytest.approx([_lr("cosine", r, 10) for r in range(1, 11)])
