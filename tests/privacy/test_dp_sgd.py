@@ -227,3 +227,32 @@ def test_dp_sgd_metrics_mean_what_the_plain_loop_reports_on_the_same_batches() -
     for key, value in plain.as_metrics().items():
         if key != "train/seconds":
             assert stats[key] == pytest.approx(value, rel=1e-6), key
+
+
+@pytest.mark.parametrize(("train", "expected"), [
+    (dict(), 13), (dict(local_epochs=2), 26),  # 1/q = 440 // 32 = 13 Poisson batches
+    (dict(local_budget="steps", local_steps=10), 10),
+    (dict(local_budget="steps_per_sample", steps_per_sample=0.05), 22)])  # 0.05 * 440
+def test_noisy_steps_per_round_follow_the_local_budget(train, expected) -> None:
+    import dataclasses
+
+    from fedimg.config import FedimgConfig
+
+    cfg = FedimgConfig()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    assert steps_per_round(cfg, 440) == expected
+
+
+def test_a_dp_round_takes_and_reports_the_budgets_steps(tmp_path, tiny_overrides) -> None:
+    # Arrange: steps_per_sample=0.05 instead of _env's local_steps=2
+    env = _env(tmp_path, tiny_overrides, "train.local_steps=null",
+               "train.local_budget=steps_per_sample", "train.steps_per_sample=0.05")
+    n = env.client(0).num_train
+    planned = steps_per_round(env.cfg, n)
+
+    # Act
+    result = train_round(env, 0, server_round=1, ledger=None)
+
+    # Assert: ceil(0.05 n) steps planned, accounted and reported
+    assert planned == -(-n // 20)
+    assert result.metrics["train/steps"] == float(planned)
