@@ -3,7 +3,10 @@
 * :mod:`~fedimg.training.loop`: :func:`train_local` (one round, optional FedProx
   term) and :func:`evaluate`.
 * :mod:`~fedimg.training.metrics`: accuracy, balanced accuracy, macro-F1, AUC, top-5.
-* :mod:`~fedimg.training.optim`: the ``OPTIMIZERS`` and ``SCHEDULES`` registries.
+* :mod:`~fedimg.training.optim`: the ``OPTIMIZERS`` and ``SCHEDULES`` registries, and
+  :func:`scheduled_lr` (warm-up, then the schedule over rounds).
+* :mod:`~fedimg.training.budget`: ``round_steps``, a round's steps under
+  ``train.local_budget`` (epochs, steps, steps_per_sample).
 * :mod:`~fedimg.training.losses`: balanced class weights, FedRS logit mask.
 * :mod:`~fedimg.training.device`: ``train.device`` -> :class:`torch.device`, AMP dtype.
 * :mod:`~fedimg.training.feature_cache`: :class:`TrunkCache`, the frozen trunk's
