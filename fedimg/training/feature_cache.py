@@ -373,7 +373,10 @@ class TrunkCache:
         if not train:
             fill((x for x, _ in loader), out)
             return
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed also seeds CUDA: fork its generator too, or the tail's dropout in
+        # a round that rebuilt the cache would draw from the bank's seed on a GPU
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(self._bank_seed(client))
             for v in range(views):
                 rows = out[:, v] if views > 1 else out

@@ -276,7 +276,9 @@ def _run(step: _Step, loader: Loader, hook: StepHook | None, *, total_steps: int
     correct = torch.zeros((), dtype=torch.long, device=device)
     start = time.perf_counter()
     for i, (x, y) in enumerate(_cycle(loader, total_steps)):
-        x = x.to(device, non_blocking=True, memory_format=memory_format)  # (B, C, S, S)
+        # (B, C, S, S) images; cached features may be (B, D), which has no channels_last
+        x = x.to(device, non_blocking=True,
+                 memory_format=memory_format if x.dim() == 4 else torch.preserve_format)
         y = y.to(device, non_blocking=True)  # (B,)
         summed: torch.Tensor | None = None
         for xb, yb in hook.micro_batches(x, y) if hook is not None else ((x, y),):

@@ -174,6 +174,18 @@ def test_bf16_autocast_and_channels_last_code_path_runs_when_forced_on_cpu(
     assert result.steps == 4 and math.isfinite(result.loss)
 
 
+def test_channels_last_leaves_flat_cached_features_alone(monkeypatch: pytest.MonkeyPatch):
+    # Arrange: channels_last forced on (CUDA's default); a head trained on (B, 48)
+    # features, as the feature cache feeds it, has no 4-D input to reformat
+    monkeypatch.setattr(loop, "use_channels_last", lambda device, enabled: True)
+    features = [(x.flatten(1), y) for x, y in _batches()]  # (8, 48) each
+    head = nn.Linear(PIXELS, 2)
+    # Act
+    result = train_local(head, features, cfg=TrainConfig(local_steps=3), lr=0.05, device=CPU)
+    # Assert
+    assert result.steps == 3 and math.isfinite(result.loss)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_amp_and_channels_last_smoke():
