@@ -78,6 +78,11 @@ def _check_strategy_facts(cfg: FedimgConfig) -> None:
     _check(not (spec.client_deltas and cfg.fl.local_bn), f"strategy={cfg.strategy} with "
            "fl.local_bn=true: it reads each client's update y_i - x, but FedBN clients start "
            "their BatchNorm from their own layers, not x. Fix: drop fl.local_bn")
+    shared = [name for name in STRATEGIES.names() if not STRATEGIES.get(name).own_messages]
+    _check(cfg.sim.cohort_size == 1 or not spec.own_messages, f"sim.cohort_size="
+           f"{cfg.sim.cohort_size} with strategy={cfg.strategy}: it sends each client "
+           "arrays of its own, so clients cannot share one message. Fix: sim.cohort_size=1, "
+           f"or one of {', '.join(shared)}")
     averaging = [name for name in STRATEGIES.names() if STRATEGIES.get(name).averages]
     _check(not (mode == "client_dp" and not spec.averages), f"privacy.mode=client_dp with "
            f"strategy={cfg.strategy}: the accounted epsilon needs the server to average the "

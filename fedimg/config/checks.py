@@ -205,6 +205,37 @@ def _validate_sim(cfg: FedimgConfig) -> None:
         value = getattr(sim, name)
         _check(value is None or value >= (1 if name == "ray_num_cpus" else 0),
                f"sim.{name}={value} is impossible")
+    _validate_cohorts(cfg)
+
+
+MAX_COHORT = 64  # sim.cohort_size: clients one message may carry
+
+
+def _validate_cohorts(cfg: FedimgConfig) -> None:
+    """``sim.cohort_size`` > 1 trains several clients per message: what that rules out."""
+    k = cfg.sim.cohort_size
+    _check(1 <= k <= MAX_COHORT, f"sim.cohort_size={k} is impossible: valid 1 (off) to "
+           f"{MAX_COHORT}. Fix: e.g. sim.cohort_size=8")
+    if k == 1:
+        return
+    p, fl = cfg.privacy, cfg.fl
+    refused = {  # setting: (on, why a cohort cannot have it)
+        "deploy.enabled=true": (cfg.deploy.enabled, "a deployed site is one client"),
+        f"privacy.mode={p.mode}": (p.mode != "none", "privacy is accounted per client"),
+        "fl.local_bn=true": (fl.local_bn, "FedBN keeps each client's BatchNorm in its node"),
+        f"compression.kind={cfg.compression.kind}": (
+            cfg.compression.kind != "none", "error feedback lives in each client's node"),
+        f"fl.secure_aggregation={fl.secure_aggregation}": (
+            fl.secure_aggregation != "none", "each client masks its own update"),
+        "attack.*": (cfg.attack.byzantine_fraction > 0, "attacks are simulated per client"),
+        f"train.optimizer={cfg.train.optimizer}": (
+            cfg.train.optimizer != "sgd", "a cohort trains vectorised with SGD only"),
+        "hetero.clock=real": (cfg.hetero.clock == "real", "a cohort replies as one message, "
+                              "so its members cannot arrive at their own times"),
+    }
+    for setting, (on, why) in refused.items():
+        _check(not on, f"sim.cohort_size={k} with {setting}: {why}. Fix: sim.cohort_size=1, "
+               f"or drop {setting}")
 
 
 def _validate_privacy(cfg: FedimgConfig) -> None:

@@ -182,6 +182,9 @@ class SimConfig:
     ray_num_cpus: Optional[int] = None  # CPUs Ray may use when it starts locally
     ray_num_gpus: Optional[int] = None
     max_worker_restarts: int = -1  # Ray restarts a dead worker actor; -1 = always, 0 = never
+    # Training clients per message (fedimg.serverapp.cohorts): 1 = one each (off); k > 1
+    # sends up to k sampled clients to one node, which trains them together
+    cohort_size: int = 1
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,8 @@ class StrategySpec:
     on the same data and budget (``pooled``, ``local``; run by :mod:`fedimg.baselines`).
     ``sgd_steps``: the rule reads how far each client's SGD steps went (FedNova,
     SCAFFOLD); ``client_deltas``: it keeps per-client state from each ``y_i - x``.
+    ``own_messages``: each client's message carries arrays of its own (SCAFFOLD's and
+    FedDyn's corrections), so clients cannot share one (``sim.cohort_size``).
     """
 
     build: StrategyBuilder
@@ -98,6 +100,7 @@ class StrategySpec:
     baseline: bool = False
     sgd_steps: bool = False  # reads the clients' SGD steps (train.optimizer=sgd only)
     client_deltas: bool = False  # reads each y_i - x (not with FedBN's local BatchNorm)
+    own_messages: bool = False  # a message per client, with its own arrays (no cohorts)
 
 
 STRATEGIES: Registry[StrategySpec] = Registry("strategy", config_key="strategy")
@@ -265,7 +268,7 @@ def fednova(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
                    momentum=cfg.train.momentum, server_lr=server_lr(cfg))
 
 
-@register("scaffold", loss_term=True, sgd_steps=True, client_deltas=True)
+@register("scaffold", loss_term=True, sgd_steps=True, client_deltas=True, own_messages=True)
 def scaffold(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """SCAFFOLD: local gradients corrected by the control variates c - c_i."""
     return Scaffold(**common_kwargs(cfg), fixed_keys=buffer_keys, num_clients=cfg.clients,
@@ -274,7 +277,7 @@ def scaffold(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
                     momentum=cfg.train.momentum, server_lr=server_lr(cfg))
 
 
-@register("feddyn", loss_term=True, client_deltas=True)
+@register("feddyn", loss_term=True, client_deltas=True, own_messages=True)
 def feddyn(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedDyn: FedAvg of the clients' dynamically regularised models, shifted by h/alpha."""
     return FedDyn(**common_kwargs(cfg), fixed_keys=buffer_keys, alpha=cfg.fl.feddyn_alpha,
