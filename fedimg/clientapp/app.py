@@ -63,6 +63,7 @@ from fedimg.transport.grid import content_bytes
 from fedimg.clientapp.environment import TaskEnvironment, environment, site_environment
 from fedimg.clientapp.secure import secure_aggregation_mod
 from fedimg.clientapp.drift import grad_offset
+from fedimg.clientapp.conditions import device_conditions, pace
 
 # The error-feedback residual of update compression lives in the client's Flower
 # context.state between rounds (a DP ledger lives with its keeper: fedimg.clientapp.ledger).
@@ -206,7 +207,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config[ROUND_KEY])
     inject_fault(env.cfg, server_round, pid)
     try:
-        device = _device_conditions(env, pid, server_round, int(config.get(ATTEMPT_KEY, 1)))
+        device = device_conditions(env, pid, server_round, int(config.get(ATTEMPT_KEY, 1)))
     except fleet.DeviceAbsent as exc:  # an error reply: no update, no traceback in the logs
         return msg.create_error_reply(Error(code=fleet.ABSENT_CODE, reason=str(exc)))
     mode = PRIVACY_MODES.get(env.cfg.privacy.mode)
@@ -236,48 +237,10 @@ def train(msg: Message, context: Context) -> Message:
     if result.ledger is not None:  # a report: accountant history, sigma, q, noisy counts
         content[LEDGER_KEY] = ConfigRecord({"json": json.dumps(result.ledger)})
     if device is not None:
-        _pace(env, device, sent=msg, reply=content, compute_s=compute_s,
-              steps=int(result.metrics.get("train/steps", 0)))
+        pace(env, device, metrics=content[METRICS_KEY], bytes_down=content_bytes(msg.content),
+             bytes_up=content_bytes(content), compute_s=compute_s,
+             steps=int(result.metrics.get("train/steps", 0)))
     return _reply(msg, content)
-
-
-def _device_conditions(env: TaskEnvironment, pid: int, server_round: int,
-                       attempt: int) -> fleet.ClientConditions | None:
-    """This round's simulated device (``hetero.*``): offline and dropping clients raise.
-
-    A dropping client really runs the local steps it completes before it dies, and
-    sends nothing: the server sees a failed client, never an update.
-    """
-    h = env.cfg.hetero
-    if not fleet.enabled(h):
-        return None
-    cond = fleet.conditions(env.cfg, server_round, pid, attempt)
-    if not cond.online:
-        raise fleet.ClientOffline(f"client {pid} is offline in round {server_round} "
-                                  f"(hetero.availability={h.availability})")
-    if cond.drop_after is not None:
-        total = env.local_steps(pid)
-        done = fleet.steps_before_drop(total, cond.drop_after)
-        if done:
-            env.train(pid, server_round=server_round, steps=done)
-        raise fleet.ClientDropped(f"client {pid} dropped out of round {server_round} after "
-                                  f"{done} of its {total} local steps "
-                                  f"(hetero.dropout={h.dropout})")
-    return cond
-
-
-def _pace(env: TaskEnvironment, cond: fleet.ClientConditions, *, sent: Message,
-          reply: RecordDict, compute_s: float, steps: int) -> None:
-    """Report the device's round time; under ``hetero.clock=real``, take that long."""
-    h = env.cfg.hetero
-    device_s = fleet.device_seconds(
-        h, cond, compute_s=compute_s, steps=steps,
-        bytes_down=content_bytes(sent.content), bytes_up=content_bytes(reply))
-    metrics = reply[METRICS_KEY]
-    metrics["fleet/speed"] = cond.speed
-    metrics["fleet/compute_s"] = compute_s  # measured on this host
-    metrics["fleet/device_s"] = device_s
-    time.sleep(fleet.real_delay(h, device_s=device_s, compute_s=compute_s))
 
 
 def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecord,
