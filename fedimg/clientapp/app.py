@@ -46,6 +46,8 @@ from fedimg.transport.records import (
     ROUND_KEY,
     SITE_KEY,
     client_of_node,
+    cohort_partitions,
+    cohort_reply,
     config_from_record,
     metric_record,
     partitions_from_record,
@@ -64,6 +66,7 @@ from fedimg.clientapp.environment import TaskEnvironment, environment, site_envi
 from fedimg.clientapp.secure import secure_aggregation_mod
 from fedimg.clientapp.drift import grad_offset
 from fedimg.clientapp.conditions import device_conditions, pace
+from fedimg.clientapp.cohort import train_cohort
 
 # The error-feedback residual of update compression lives in the client's Flower
 # context.state between rounds (a DP ledger lives with its keeper: fedimg.clientapp.ledger).
@@ -200,9 +203,16 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition (privately if configured).
 
     Under DP-SGD a client whose budget cannot cover the round replies with its
-    privacy metrics and the reason instead of an update.
+    privacy metrics and the reason instead of an update. A cohort message (several
+    small clients, ``sim.cohort_size``) is answered for each of its members
+    (:mod:`fedimg.clientapp.cohort`).
     """
     env, pid, config, start = _setup(msg, context)
+    members = cohort_partitions(msg.content)
+    if members is not None:  # several small clients in one message (sim.cohort_size)
+        return Message(cohort_reply(train_cohort(
+            env, members, config=config, start=start, message=msg.content,
+            site=site_options(context.node_config))), reply_to=msg)
     _use_local_bn(env, context)
     server_round = int(config[ROUND_KEY])
     inject_fault(env.cfg, server_round, pid)

@@ -55,6 +55,7 @@ from fedimg.training import (
     train_local,
 )
 from fedimg.training.budget import round_steps
+from fedimg.training.vector_rule import VectorizeRule
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,12 @@ class TaskEnvironment:
         data = self.client(partition_id)
         cached = self.trunk_cache.train_inputs(partition_id, data.train, amp=False)
         return cached or (self.private_model(), data.train)
+
+    @functools.cached_property
+    def vectorize_rule(self) -> VectorizeRule:
+        """This process's measured choice between training a cohort vectorised or one by
+        one (``sim.cohort_size``: :mod:`fedimg.clientapp.cohort`), probed once per shape."""
+        return VectorizeRule()
 
     @functools.cached_property
     def batchnorm_keys(self) -> frozenset[str]:

@@ -37,6 +37,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 
 from fedimg.config import FedimgConfig
 from fedimg.errors import PrivacyBudgetExhausted, RunStopped
+from fedimg.serverapp.cohorts import group, split
 from fedimg.serverapp.filters import FilterContext, apply_filters
 from fedimg.serverapp.secure_round import SecureRound
 from fedimg.serverapp.state import RunState, Sampler
@@ -216,8 +217,10 @@ class RoundLoop:
         if not messages:
             return []
         timeout, _ = self._wait(phase)
-        exchanges = self.transport.exchange(self._outgoing(messages), timeout=timeout,
-                                            while_waiting=self._record_initial)
+        size = self.cfg.sim.cohort_size if phase == MessageType.TRAIN else 1  # cohorts.py
+        sent = group(self._outgoing(messages), size, partition_of=self.transport.partition_of)
+        exchanges = split(self.transport.exchange(sent.messages, timeout=timeout,
+                                                  while_waiting=self._record_initial), sent)
         apply_filters(exchanges, self._filter_context(phase))
         return exchanges
 

@@ -12,11 +12,13 @@ since Flower's weighted averaging turns integer buffers into floats.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedimg.config import FedimgConfig, from_json, to_json
 from fedimg.data import ClientPartition
@@ -41,6 +43,56 @@ SITE_KEY = "fedimg-site"  # ConfigRecord {"name", "location"}: a deployed site's
 # Simulation only: every client's share of the pooled data ({"sizes", "indices"}) and the
 # address book ({"nodes"}: the node id of each client), sent with every message.
 PARTITION_KEY = "fedimg-partition"
+# Simulation only (sim.cohort_size > 1, fedimg.serverapp.cohorts): a training message to one
+# node that stands for several clients names them in this ConfigRecord ({"partitions": [pid,
+# ...], "nodes": ["node id", ...]}, node ids as text: they are uint64). Its reply holds each
+# member i's records under member_key(i, name): "arrays" and "metrics" as a lone client's
+# reply has them, or "error" (ConfigRecord {"code", "reason"}) for a member that failed.
+COHORT_KEY = "fedimg-cohort"
+MEMBER_ERROR = "error"
+
+
+MEMBER_RAISED = int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)  # a member's exception (as Flower's)
+MemberReply = Union[RecordDict, tuple[int, str]]  # a member's reply content, or (code, reason)
+
+
+def member_key(index: int, name: str) -> str:
+    """The key of cohort member ``index``'s record ``name`` in a cohort reply."""
+    return f"{COHORT_KEY}-{index}-{name}"
+
+
+def cohort_record(partitions: Sequence[int], nodes: Sequence[int]) -> ConfigRecord:
+    """The members of a cohort message: their client ids and node ids, in order."""
+    return ConfigRecord({"partitions": [int(p) for p in partitions],
+                         "nodes": [str(n) for n in nodes]})
+
+
+def cohort_partitions(content: RecordDict) -> list[int] | None:
+    """The client ids a cohort message stands for; None for a lone client's message."""
+    record = content.config_records.get(COHORT_KEY)
+    if record is None:
+        return None
+    pids = record.get("partitions")
+    if not isinstance(pids, list) or not pids or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in pids):
+        raise UpdateError(f"malformed '{COHORT_KEY}' record: 'partitions' must be a "
+                          f"non-empty list of client ids, got {str(pids)[:80]}")
+    return list(pids)
+
+
+def cohort_reply(replies: Sequence[MemberReply]) -> RecordDict:
+    """One RecordDict holding every member's reply records (or error) under member keys."""
+    content = RecordDict()
+    for i, reply in enumerate(replies):
+        if isinstance(reply, tuple):
+            code, reason = reply
+            content[member_key(i, MEMBER_ERROR)] = ConfigRecord({"code": int(code),
+                                                                 "reason": str(reason)})
+            continue
+        for name, record in reply.items():
+            content[member_key(i, name)] = record
+    return content
+
 
 def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Model weights (parameters and buffers) as a Flower ArrayRecord."""
