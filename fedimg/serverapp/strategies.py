@@ -78,8 +78,10 @@ class StrategySpec:
 
     ``min_replies``: usable updates a round needs for the rule to hold at all (robust
     aggregators); ``server_lr``: the server learning rate when ``fl.server_lr`` is
-    unset (server optimisers); ``averages``: the output is the weighted average of
-    the updates (what client-level DP's noise is calibrated for); ``loss_term``: the
+    unset (server optimisers); ``reads_server_lr``: the rule takes a server step of
+    that size, so a recipe search tunes it (``compare.server_lr``); ``averages``: the
+    output is the weighted average of the updates (what client-level DP's noise is
+    calibrated for); ``loss_term``: the
     client adds a term to its loss (FedProx's proximal term, which DP-SGD's noisy
     per-sample gradient would drop). ``secure_sum``: the aggregate depends on the
     updates only through their weighted mean, so secure aggregation can compute it.
@@ -94,6 +96,7 @@ class StrategySpec:
     build: StrategyBuilder
     min_replies: Callable[[FedimgConfig], int] = lambda cfg: 1
     server_lr: float = 1.0
+    reads_server_lr: bool = False  # fl.server_lr matters (FedAvgM, FedAdam, FedYogi, ...)
     averages: bool = False
     loss_term: bool = False
     secure_sum: bool = False  # needs only the weighted mean of the updates (works under SecAgg)
@@ -203,7 +206,7 @@ def fedprox(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     return FedProx(**common_kwargs(cfg), proximal_mu=cfg.fl.proximal_mu)
 
 
-@register("fedavgm", server_lr=1.0, secure_sum=True)
+@register("fedavgm", server_lr=1.0, reads_server_lr=True, secure_sum=True)
 def fedavgm(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAvgM: FedAvg with server momentum."""
     return _with_plain_buffers(FedAvgM, buffer_keys, **common_kwargs(cfg),
@@ -217,14 +220,14 @@ def _fedopt_kwargs(cfg: FedimgConfig) -> dict[str, Any]:
             "beta_2": fl.beta_2, "tau": fl.tau}
 
 
-@register("fedadam", server_lr=0.01, secure_sum=True)
+@register("fedadam", server_lr=0.01, reads_server_lr=True, secure_sum=True)
 def fedadam(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedAdam: Adam on the server over the averaged update."""
     return _with_plain_buffers(FedAdam, buffer_keys, **common_kwargs(cfg),
                                **_fedopt_kwargs(cfg))
 
 
-@register("fedyogi", server_lr=0.01, secure_sum=True)
+@register("fedyogi", server_lr=0.01, reads_server_lr=True, secure_sum=True)
 def fedyogi(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedYogi: Yogi on the server over the averaged update."""
     return _with_plain_buffers(FedYogi, buffer_keys, **common_kwargs(cfg),
@@ -261,14 +264,15 @@ def multikrum(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
                      num_nodes_to_select=select)
 
 
-@register("fednova", sgd_steps=True, client_deltas=True)
+@register("fednova", sgd_steps=True, client_deltas=True, reads_server_lr=True)
 def fednova(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """FedNova: each update divided by its client's (momentum-weighted) local steps."""
     return FedNova(**common_kwargs(cfg), fixed_keys=buffer_keys,
                    momentum=cfg.train.momentum, server_lr=server_lr(cfg))
 
 
-@register("scaffold", loss_term=True, sgd_steps=True, client_deltas=True, own_messages=True)
+@register("scaffold", loss_term=True, sgd_steps=True, client_deltas=True, own_messages=True,
+          reads_server_lr=True)
 def scaffold(cfg: FedimgConfig, buffer_keys: frozenset[str]) -> Strategy:
     """SCAFFOLD: local gradients corrected by the control variates c - c_i."""
     return Scaffold(**common_kwargs(cfg), fixed_keys=buffer_keys, num_clients=cfg.clients,
