@@ -19,7 +19,8 @@ import math
 from typing import Any
 
 from fedimg.config.choices import Choice
-from fedimg.config.schema import PATH_DATASETS, DataConfig, FedimgConfig, decode, field_types
+from fedimg.config.schema import (PATH_DATASETS, DataConfig, FedimgConfig, SearchConfig,
+                                  decode, field_types)
 from fedimg.errors import ConfigError
 
 
@@ -416,3 +417,31 @@ def from_json(text: str) -> FedimgConfig:
         raise ConfigError(f"config JSON is malformed ({exc}). Fix: send the output of "
                           "fedimg.config.to_json") from exc
     return from_dict(values)
+
+
+def check_search(search: SearchConfig, *, output_metric: str) -> str:
+    """Range-check a comparison's recipe search; return the metric it selects on.
+
+    The metric is ``compare.select_metric``, else ``output.select_metric``; it must be
+    a federated validation (``val/``) metric: the test split never selects a recipe.
+    """
+    for key in ("lr", "local_steps", "server_lr"):
+        values = getattr(search, key)
+        _check(all(v > 0 and math.isfinite(v) for v in values), f"compare.{key}={values} "
+               f"is impossible: every value must be > 0. Fix: e.g. compare.{key}="
+               f"{'[5,20]' if key == 'local_steps' else '[0.1,0.01]'}")
+        _check(len(set(values)) == len(values), f"compare.{key}={values} repeats a value, "
+               "which would run the same point twice. Fix: list each value once")
+    seeds = search.search_seeds
+    _check(bool(seeds) and len(set(seeds)) == len(seeds), f"compare.search_seeds={seeds} "
+           "must list at least one seed, each once. Fix: e.g. compare.search_seeds=[0]")
+    given = search.select_metric
+    metric, key = (given, "compare.select_metric") if given else (
+        output_metric, "output.select_metric (compare.select_metric's default)")
+    _check(not metric.startswith("test/"), f"{key}='{metric}' is a test metric; the search "
+           "selects on federated validation only. Fix: compare.select_metric=val/<metric>, "
+           "e.g. val/balanced_accuracy")
+    _check(metric.startswith("val/"), f"{key}='{metric}' is not a federated validation "
+           "metric (val/...). Fix: compare.select_metric=val/<metric>, e.g. "
+           "val/balanced_accuracy")
+    return metric

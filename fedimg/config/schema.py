@@ -350,6 +350,23 @@ class FedimgConfig:
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    """A comparison grid's recipe search: ``compare.lr=[...]`` etc. (fedimg.compare.search).
+
+    Not part of a run's config: the grid (``python -m fedimg.compare``) reads it and
+    sets the chosen ``train.lr``, ``train.local_steps`` and ``fl.server_lr`` on its runs.
+    Empty axes search nothing. Each strategy's point is chosen on the mean over
+    ``search_seeds`` of the final round's federated validation metric, never on test.
+    """
+
+    lr: list[float] = field(default_factory=list)  # train.lr values; [] = not searched
+    local_steps: list[int] = field(default_factory=list)  # train.local_steps values
+    server_lr: list[float] = field(default_factory=list)  # fl.server_lr: strategies reading it
+    search_seeds: list[int] = field(default_factory=lambda: [0])  # seeds the search runs on
+    select_metric: Optional[str] = None  # a val/ metric; None = output.select_metric
+
+
 def _plain(value: Any) -> Any:
     """``value`` with every enum member replaced by its plain ``str`` value."""
     if isinstance(value, Choice):
@@ -428,3 +445,8 @@ def decode(values: dict[str, Any]) -> FedimgConfig:
     Use :func:`fedimg.config.from_dict`, which also validates, for anything received.
     """
     return _section(FedimgConfig, values, "")
+
+
+def decode_search(values: dict[str, Any]) -> SearchConfig:
+    """``compare.*`` search values as a :class:`SearchConfig`, types checked (no ranges)."""
+    return _section(SearchConfig, values, "compare.")
