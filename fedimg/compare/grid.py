@@ -15,6 +15,11 @@ run, the worst site's own model) and the wall time. Per group of
 cells that differ only in their seed (``compare.md``, ``compare_summary.csv``): mean
 +- sample std and the number of seeds, the way cross-silo papers report (FLamby, Ogier
 du Terrail et al. 2022).
+
+With ``compare.lr``, ``compare.local_steps`` or ``compare.server_lr`` each strategy's
+recipe is first searched on ``compare.search_seeds`` and chosen on federated validation
+only; the chosen setting alone runs on ``compare.seed`` and fills these tables (its
+values in their own columns). See :mod:`fedimg.compare.search`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedimg.compare.search import FAILED, SEARCH_AXES
+from fedimg.config.schema import SearchConfig, decode_search
 from fedimg.errors import ConfigError
 from fedimg.reporting.paths import RunPaths
 from fedimg.reporting.tables import markdown, parse_value, sample_std, write_csv
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "compare."
 OPTIONS = ("dir",)
+SEARCH_OPTIONS = (*SEARCH_AXES, "search_seeds", "select_metric")  # a SearchConfig's fields
 METRICS = ("balanced_accuracy", "auc", "accuracy")
 DEFAULT_AXES = {"strategy": ["pooled", "local", "fedavg"], "seed": [0, 1, 2]}
 
@@ -47,6 +55,7 @@ class GridConfig:
 
     axes: dict[str, list[Any]] = field(default_factory=lambda: dict(DEFAULT_AXES))
     dir: str = ""  # default runs/compare/<scenario>-<time>
+    search: SearchConfig = field(default_factory=SearchConfig)  # empty axes: no search
 
     def cells(self) -> list[dict[str, Any]]:
         """Every combination of the axes' values, the first axis slowest."""
@@ -56,7 +65,7 @@ class GridConfig:
 
 def parse_args(argv: Sequence[str]) -> tuple[GridConfig, list[str]]:
     """Split ``compare.*`` arguments from the scenario's own ``key=value`` arguments."""
-    grid, rest = GridConfig(), []
+    grid, rest, search = GridConfig(), [], {}
     for arg in argv:
         if not arg.startswith(PREFIX):
             rest.append(arg)
@@ -69,9 +78,13 @@ def parse_args(argv: Sequence[str]) -> tuple[GridConfig, list[str]]:
             setattr(grid, key, text)
             continue
         value = parse_value(text)
+        if key in SEARCH_OPTIONS:
+            search[key] = value if key == "select_metric" or isinstance(value, list) else [value]
+            continue
         grid.axes[key] = value if isinstance(value, list) else [value]
         if not grid.axes[key]:
             raise ConfigError(f"compare.{key}=[] is empty. Fix: give it at least one value")
+    grid.search = decode_search(search)
     return grid, rest
 
 
@@ -154,23 +167,102 @@ def run_grid(argv: Sequence[str]) -> Path:
     """Run (or resume) the grid described by ``argv``; return its folder."""
     from fedimg.compare.plots import plot_grid
     from fedimg.config.compose import split_argv
-    from fedimg.grids import check_cells, grid_root, run_cell
+    from fedimg.grids import grid_root
     from fedimg.reporting import setup_logging
 
     setup_logging()
     grid, rest = parse_args(argv)
     scenario, overrides = split_argv(rest)
-    root, cells = grid_root(grid.dir, kind="compare", scenario=scenario), grid.cells()
-    check_cells(scenario, overrides, [cell_args(c, root / "check") for c in cells])
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, cell in enumerate(cells, 1):
-        run_dir = root / cell_name(cell)
-        log.info("cell %d/%d %s -> %s", i, len(cells), cell, run_dir)
-        if run_cell(scenario, overrides, cell_args(cell, run_dir), run_dir):
-            log.info("cell %d/%d had finished: reused", i, len(cells))
-        rows.append(cell_row(cell, run_dir))
-        write_tables(root, rows, list(grid.axes))
+    root = grid_root(grid.dir, kind="compare", scenario=scenario)
+    cells = CellRunner(scenario, list(overrides), root)
+    rows = (searched_grid(grid, cells) if any(getattr(grid.search, k) for k in SEARCH_AXES)
+            else plain_grid(grid, cells))
     plot_grid(root, rows, list(grid.axes))
     log.info("comparison\n%s", (root / "compare.md").read_text())
     return root
+
+
+@dataclass
+class CellRunner:
+    """Checks and runs cells of one grid: the scenario, the shared overrides, the folder."""
+
+    scenario: str
+    overrides: list[str]
+    root: Path
+
+    def check(self, cells: Sequence[dict[str, Any]]) -> None:
+        """Compose and check every cell's config before any runs."""
+        from fedimg.grids import check_cells
+
+        check_cells(self.scenario, self.overrides,
+                    [cell_args(c, self.root / "check") for c in cells])
+
+    def run(self, cell: dict[str, Any], run_dir: Path, *, label: str) -> Path:
+        """Run one cell into ``run_dir``, or reuse it if it finished before."""
+        from fedimg.grids import run_cell
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        log.info("%s %s -> %s", label, cell, run_dir)
+        if run_cell(self.scenario, self.overrides, cell_args(cell, run_dir), run_dir):
+            log.info("%s had finished: reused", label)
+        return run_dir
+
+    def try_run(self, cell: dict[str, Any], run_dir: Path, *, label: str) -> Path:
+        """A search cell: a failure (a diverged point) is recorded in the cell, not raised.
+
+        Like a failed trial of Optuna or Ray Tune, it scores nothing and the search goes
+        on; a rerun reuses the failure (delete the folder to retry).
+        """
+        if (run_dir / FAILED).is_file():
+            log.warning("%s %s failed before: reused as failed", label, run_dir)
+            return run_dir
+        try:
+            return self.run(cell, run_dir, label=label)
+        except Exception as exc:  # noqa: BLE001 - any failure of one point, kept in its folder
+            log.exception("%s %s failed; it scores nothing", label, cell)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / FAILED).write_text(f"{type(exc).__name__}: {exc}\n")
+            return run_dir
+
+
+def plain_grid(grid: GridConfig, cells: CellRunner) -> list[dict[str, Any]]:
+    """Every cell of the grid, one run each (no search)."""
+    todo = grid.cells()
+    cells.check(todo)
+    rows = []
+    for i, cell in enumerate(todo, 1):
+        run_dir = cells.run(cell, cells.root / cell_name(cell), label=f"cell {i}/{len(todo)}")
+        rows.append(cell_row(cell, run_dir))
+        write_tables(cells.root, rows, list(grid.axes))
+    return rows
+
+
+def searched_grid(grid: GridConfig, cells: CellRunner) -> list[dict[str, Any]]:
+    """Search each group's recipe on validation, then report its chosen point's runs."""
+    from fedimg.compare.search import check_axes, plan_groups, report_cells, run_searches
+    from fedimg.compare.search import searched_keys
+    from fedimg.config.checks import check_search
+    from fedimg.resolve import compose_and_check
+
+    search, root = grid.search, cells.root
+    base = compose_and_check(cells.scenario, [*cells.overrides,
+                                              *cell_args(grid.cells()[0], root / "check")])
+    metric = check_search(search, output_metric=base.output.select_metric)
+    check_axes(list(grid.axes), search)
+    groups = plan_groups(grid.cells(), search)
+    cells.check([c for g in groups if g.searched for c in g.search_cells(search.search_seeds)])
+    run_searches(groups, root=root, search=search, metric=metric, run=lambda cell: cells.try_run(
+        cell, root / "search" / cell_name(cell), label="search cell"))
+    report = [item for g in groups for item in report_cells(g, search.search_seeds)]
+    if set(search.search_seeds) & set(grid.axes["seed"]):
+        log.info("a reporting seed that is also a search seed reuses the chosen point's "
+                 "search run; for test figures from seeds the search never saw, give "
+                 "disjoint seeds (e.g. compare.search_seeds=[100])")
+    cells.check([cell for cell, reused in report if not reused])
+    keys, rows = searched_keys(search), []
+    for i, (cell, reused) in enumerate(report, 1):
+        run_dir = (root / "search" if reused else root) / cell_name(cell)
+        cells.run(cell, run_dir, label=f"cell {i}/{len(report)}")
+        rows.append(cell_row({**cell, **{k: cell.get(k) for k in keys}}, run_dir))
+        write_tables(root, rows, [*grid.axes, *keys])
+    return rows
