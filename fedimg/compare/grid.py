@@ -36,7 +36,7 @@ from typing import Any
 
 from fedimg.compare.search import FAILED, SEARCH_AXES
 from fedimg.config.schema import SearchConfig, decode_search
-from fedimg.errors import ConfigError
+from fedimg.errors import ConfigError, FedimgError, TrainingDiverged
 from fedimg.reporting.paths import RunPaths
 from fedimg.reporting.tables import markdown, parse_value, sample_std, write_csv
 
@@ -219,6 +219,8 @@ class CellRunner:
         try:
             return self.run(cell, run_dir, label=label)
         except Exception as exc:  # noqa: BLE001 - any failure of one point, kept in its folder
+            if isinstance(exc, FedimgError) and not isinstance(exc, TrainingDiverged):
+                raise  # a data, model or config error fails every point alike: stop
             log.exception("%s %s failed; it scores nothing", label, cell)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / FAILED).write_text(f"{type(exc).__name__}: {exc}\n")

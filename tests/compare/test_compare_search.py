@@ -165,6 +165,34 @@ def test_a_search_chooses_on_validation_reports_test_and_resumes(tmp_path: Path,
     assert summary["fedadam"]["fl.server_lr"] == "0.5" and summary["fedadam"]["seeds"] == "2"
 
 
+def test_a_failed_search_run_scores_nothing_and_is_not_rerun(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    # Arrange: lr=0.1 crashes (as a diverged run does); lr=0.01 runs
+    calls: list[list[str]] = []
+
+    def flaky(argv: list[str]) -> dict[str, Any]:
+        calls.append(argv)
+        if "train.lr=0.1" in argv:
+            raise ValueError("Input contains NaN.")
+        return fake_run(argv)
+
+    monkeypatch.setattr(fedimg.simulate, "run", flaky)
+    args = [*SMALL, "compare.strategy=[fedavg]", "compare.seed=[0]", "compare.lr=[0.1,0.01]",
+            f"compare.dir={tmp_path}"]
+    # Act: the search, then the same command again
+    run_grid(args)
+    first = len(calls)
+    run_grid(args)
+    # Assert: 2 search runs (seed 0 is reported from its search run); none rerun
+    assert first == 2 and len(calls) == 2
+    search = read_csv(tmp_path / "search.csv")
+    assert [(r["train.lr"], r["status"], r["score"]) for r in search] == [
+        ("0.1", "failed", ""), ("0.01", "ok", "0.5")]
+    assert read_csv(tmp_path / "selected.csv")[0]["train.lr"] == "0.01"
+    failed = Path(search[0]["run_dir"]) / "search_failed.txt"
+    assert failed.read_text() == "ValueError: Input contains NaN.\n"
+
+
 def test_a_server_lr_no_strategy_reads_and_a_doubly_set_key_are_refused(tmp_path: Path
                                                                         ) -> None:
     with pytest.raises(ConfigError, match="compare.server_lr=\\[0.5\\] applies to no strategy"):
