@@ -253,8 +253,9 @@ def searched_grid(grid: GridConfig, cells: CellRunner) -> list[dict[str, Any]]:
     check_axes(list(grid.axes), search)
     groups = plan_groups(grid.cells(), search)
     cells.check([c for g in groups if g.searched for c in g.search_cells(search.search_seeds)])
-    run_searches(groups, root=root, search=search, metric=metric, run=lambda cell: cells.try_run(
-        cell, root / "search" / cell_name(cell), label="search cell"))
+    selected = run_searches(groups, root=root, search=search, metric=metric,
+                            run=lambda cell: cells.try_run(cell, root / "search" /
+                                                           cell_name(cell), label="search cell"))
     report = [item for g in groups for item in report_cells(g, search.search_seeds)]
     if set(search.search_seeds) & set(grid.axes["seed"]):
         log.info("a reporting seed that is also a search seed reuses the chosen point's "
@@ -267,4 +268,14 @@ def searched_grid(grid: GridConfig, cells: CellRunner) -> list[dict[str, Any]]:
         cells.run(cell, run_dir, label=f"cell {i}/{len(report)}")
         rows.append(cell_row({**cell, **{k: cell.get(k) for k in keys}}, run_dir))
         write_tables(root, rows, [*grid.axes, *keys])
+    append_search_table(root, selected, metric=metric)
     return rows
+
+
+def append_search_table(root: Path, selected: list[dict[str, Any]], *, metric: str) -> None:
+    """compare.md's last section: the setting each group ran with, and how it was chosen."""
+    with open(root / "compare.md", "a") as handle:
+        handle.write(f"\n## Recipe search\n\nEach group's setting, chosen on {metric} (mean "
+                     "over the search seeds, final round; federated validation only) before "
+                     "the runs above (search.csv: every point).\n\n"
+                     + markdown(selected, list(selected[0])) + "\n")

@@ -76,6 +76,7 @@ class Group:
 
     @property
     def searched(self) -> bool:
+        """More than one point: a group with one point runs it without a search."""
         return len(self.points) > 1
 
     def search_cells(self, seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -133,11 +134,12 @@ def selected_row(group: Group, keys: Sequence[str], *, metric: str,
 
 
 def run_searches(groups: Sequence[Group], *, root: Path, search: SearchConfig, metric: str,
-                 run: Callable[[dict[str, Any]], Path]) -> None:
+                 run: Callable[[dict[str, Any]], Path]) -> list[dict[str, Any]]:
     """Run each searched group's points on the search seeds, then choose its point.
 
     ``run(cell)`` runs (or reuses) one search cell and returns its run directory.
-    Writes search.csv (after each group) and selected.csv under ``root``.
+    Writes search.csv (after each group) and selected.csv under ``root``; returns the
+    rows of selected.csv.
     """
     seeds, rows = search.search_seeds, []
     for group in (g for g in groups if g.searched):
@@ -153,6 +155,7 @@ def run_searches(groups: Sequence[Group], *, root: Path, search: SearchConfig, m
     for group, row in zip(groups, selected):
         name = " ".join(f"{k}={v}" for k, v in group.label.items())
         log.info("search %s: %s", name, summary_line(group, row, metric=metric))
+    return selected
 
 
 def summary_line(group: Group, row: dict[str, Any], *, metric: str) -> str:

@@ -94,6 +94,10 @@ def test_a_test_metric_is_refused_as_the_select_metric(tmp_path: Path, monkeypat
     with pytest.raises(ConfigError, match="is a test metric"):
         run_grid([*SMALL, "compare.strategy=[local]", "compare.lr=[0.1,0.01]",
                   "compare.select_metric=test/balanced_accuracy", f"compare.dir={tmp_path}"])
+    for bad, why in (({"lr": [0.1, 0.1]}, "repeats a value"), ({"local_steps": [0]},
+                     "must be > 0"), ({"search_seeds": []}, "at least one seed")):
+        with pytest.raises(ConfigError, match=why):
+            check_search(decode_search(bad), output_metric="val/auc")
     with pytest.raises(ConfigError, match="not a val/ metric"):
         selection.metric_value({"test/auc": 0.9}, "test/auc")
     assert calls == []
@@ -163,6 +167,7 @@ def test_a_search_chooses_on_validation_reports_test_and_resumes(tmp_path: Path,
     assert Path(rows[0]["run_dir"]).parent.name == "search"  # seed 1 reused
     summary = {r["strategy"]: r for r in read_csv(root / "compare_summary.csv")}
     assert summary["fedadam"]["fl.server_lr"] == "0.5" and summary["fedadam"]["seeds"] == "2"
+    assert "## Recipe search" in (root / "compare.md").read_text()
 
 
 def test_a_failed_search_run_scores_nothing_and_is_not_rerun(tmp_path: Path,
