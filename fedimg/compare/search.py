@@ -66,6 +66,7 @@ class Group:
 
     cells: list[dict[str, Any]]
     points: list[dict[str, Any]]
+    keys: list[str]  # every key the search sets (a group's points may lack some)
     chosen: int = 0
     values: list[list[float | None]] = field(default_factory=list)
 
@@ -93,7 +94,8 @@ def plan_groups(cells: Sequence[dict[str, Any]], search: SearchConfig) -> list[G
         label = tuple((k, v) for k, v in cell.items() if k != "seed")
         if label not in groups:
             spec = STRATEGIES.get(str(cell["strategy"]))
-            groups[label] = Group([], search_points(search, reads_server_lr=spec.reads_server_lr))
+            points = search_points(search, reads_server_lr=spec.reads_server_lr)
+            groups[label] = Group([], points, searched_keys(search))
         groups[label].cells.append(cell)
     if search.server_lr and not any(SERVER_LR in g.points[0] for g in groups.values()):
         readers = [n for n in STRATEGIES.names() if STRATEGIES.get(n).reads_server_lr]
@@ -117,18 +119,18 @@ def check_axes(axes: Sequence[str], search: SearchConfig) -> None:
 def search_row(group: Group, index: int, *, seed: int, run_dir: Path,
                metric: str, value: float | None) -> dict[str, Any]:
     """One line of search.csv: a point at one search seed and its validation value."""
-    return {**group.label, "point": index, **group.points[index], "search_seed": seed,
+    point = {k: group.points[index].get(k) for k in group.keys}  # None: not this group's
+    return {**group.label, "point": index, **point, "search_seed": seed,
             "select_metric": metric, "score": value,
             "status": "failed" if (run_dir / FAILED).is_file() else "ok",
             "run_dir": str(run_dir)}
 
 
-def selected_row(group: Group, keys: Sequence[str], *, metric: str,
-                 seeds: Sequence[int]) -> dict[str, Any]:
+def selected_row(group: Group, *, metric: str, seeds: Sequence[int]) -> dict[str, Any]:
     """One line of selected.csv: the chosen setting and its mean validation score."""
     point = group.points[group.chosen]
     score = point_score(group.values[group.chosen]) if group.searched else None
-    return {**group.label, **{k: point.get(k) for k in keys}, "points": len(group.points),
+    return {**group.label, **{k: point.get(k) for k in group.keys}, "points": len(group.points),
             "search_seeds": " ".join(map(str, seeds)) if group.searched else "",
             "select_metric": metric, "score": score}
 
@@ -149,8 +151,7 @@ def run_searches(groups: Sequence[Group], *, root: Path, search: SearchConfig, m
                  for i in range(len(group.points))
                  for s, d, v in zip(seeds, dirs[i], group.values[i])]
         write_csv(root / "search.csv", rows)
-    selected = [selected_row(g, searched_keys(search), metric=metric, seeds=seeds)
-                for g in groups]
+    selected = [selected_row(g, metric=metric, seeds=seeds) for g in groups]
     write_csv(root / "selected.csv", selected)
     for group, row in zip(groups, selected):
         name = " ".join(f"{k}={v}" for k, v in group.label.items())
