@@ -70,9 +70,13 @@ def classification_metrics(
 
 
 def _macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """One-vs-rest ROC AUC averaged over the classes present in ``y_true``."""
+    """One-vs-rest ROC AUC averaged over the classes present in ``y_true``.
+
+    NaN when fewer than two classes are present, or when a diverged model's scores
+    are not finite (the loss says so too): a metric, never a crashed evaluation.
+    """
     present = np.unique(y_true)
-    if len(present) < 2:
+    if len(present) < 2 or not np.isfinite(probs).all():
         return math.nan
     if probs.shape[1] == 2:
         return float(roc_auc_score(y_true, probs[:, 1]))

@@ -133,3 +133,13 @@ def test_label_out_of_range_is_a_data_error():
     # Act / Assert
     with pytest.raises(DataError, match="0..1"):
         classification_metrics(logits, labels, num_classes=2)
+
+
+def test_a_diverged_models_nan_scores_give_a_nan_auc_not_a_crash():
+    # Arrange: a model whose weights went to NaN scores every image NaN
+    logits = torch.full((4, 3), float("nan"))
+    labels = torch.tensor([0, 1, 2, 1])
+    # Act
+    metrics = classification_metrics(logits, labels, num_classes=3)
+    # Assert
+    assert math.isnan(metrics["auc"])
