@@ -33,14 +33,28 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def tree_pss_bytes(root: int | None = None) -> int:
-    """PSS of ``root`` (default: this process) and every descendant, in bytes."""
-    tree, todo, total = _children(), [root or os.getpid()], 0
+def tree_pss(root: int | None = None) -> dict[int, int]:
+    """PSS in bytes of ``root`` (default: this process) and every descendant, by pid."""
+    tree, todo, out = _children(), [root or os.getpid()], {}
     while todo:
         pid = todo.pop()
-        total += _pss_kib(pid)
+        out[pid] = _pss_kib(pid) * 1024
         todo.extend(tree.get(pid, []))
-    return total * 1024
+    return out
+
+
+def tree_pss_bytes(root: int | None = None) -> int:
+    """PSS of ``root`` (default: this process) and every descendant, in bytes."""
+    return sum(tree_pss(root).values())
+
+
+def _name(pid: int) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(w.decode(errors="replace") for w in words if w)
+    return text.rsplit("/", 1)[-1][:48] if text else "?"
 
 
 class PeakMemory:
@@ -48,13 +62,25 @@ class PeakMemory:
 
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s, self.bytes = interval_s, 0
+        self.at_peak: dict[str, int] = {}  # process name (pid) -> PSS bytes, at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.bytes = max(self.bytes, tree_pss_bytes())
+            self._sample()
             self._stop.wait(self.interval_s)
+
+    def _sample(self) -> None:
+        sizes = tree_pss()
+        if sum(sizes.values()) > self.bytes:
+            self.bytes = sum(sizes.values())
+            self.at_peak = {f"{_name(pid)} ({pid})": b for pid, b in sizes.items() if b}
+
+    def breakdown(self) -> str:
+        """The processes at the peak, largest first, one per line (MiB)."""
+        rows = sorted(self.at_peak.items(), key=lambda kv: -kv[1])
+        return "\n".join(f"  {b / 2**20:8.0f} MiB  {name}" for name, b in rows)
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -63,4 +89,4 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.bytes = max(self.bytes, tree_pss_bytes())
+        self._sample()

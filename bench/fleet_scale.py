@@ -59,7 +59,8 @@ def main(argv: list[str]) -> None:
              f"{_fmt(results['timing'].get('first_message_s'))} s",
              f"wall: start-up {results['timing']['startup_s']:.1f}s, rounds "
              f"{results['timing']['rounds_s']:.1f}s, total {results['timing']['total_s']:.1f}s",
-             f"peak memory (PSS of driver + Ray + workers) = {peak.bytes / 2**30:.2f} GiB"]
+             f"peak memory (PSS of driver + Ray + workers) = {peak.bytes / 2**30:.2f} GiB",
+             f"at the peak:\n{peak.breakdown()}"]
     log.info("fleet scale benchmark\n%s", "\n".join(lines))
 
 
