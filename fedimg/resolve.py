@@ -78,6 +78,10 @@ def _check_strategy_facts(cfg: FedimgConfig) -> None:
     _check(not (spec.client_deltas and cfg.fl.local_bn), f"strategy={cfg.strategy} with "
            "fl.local_bn=true: it reads each client's update y_i - x, but FedBN clients start "
            "their BatchNorm from their own layers, not x. Fix: drop fl.local_bn")
+    _check(not (spec.client_deltas and cfg.fl.personal in ("fedper", "fedrep")),
+           f"strategy={cfg.strategy} with fl.personal={cfg.fl.personal}: it reads each "
+           "client's update y_i - x, but these clients train from their own head, not x's. "
+           "Fix: strategy=fedavg (or fedprox, fedadam, ...), or fl.personal=ditto")
     shared = [name for name in STRATEGIES.names() if not STRATEGIES.get(name).own_messages]
     _check(cfg.sim.cohort_size == 1 or not spec.own_messages, f"sim.cohort_size="
            f"{cfg.sim.cohort_size} with strategy={cfg.strategy}: it sends each client "

@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 from fedimg.config.choices import Choice
+from fedimg.config.personal_checks import validate_personal
 from fedimg.config.schema import (PATH_DATASETS, DataConfig, FedimgConfig, SearchConfig,
                                   decode, field_types)
 from fedimg.errors import ConfigError
@@ -329,6 +330,7 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_data(cfg.data)
     _validate_training(cfg)
     _validate_federation(cfg)
+    validate_personal(cfg)
     _validate_sim(cfg)
     _validate_privacy(cfg)
     _validate_attack_and_faults(cfg)

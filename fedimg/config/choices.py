@@ -159,6 +159,16 @@ class SecureAggregation(Choice):
     secaggplus = "secaggplus"
 
 
+class Personal(Choice):
+    """``fl.personal``: none | fedper | fedrep | ditto (fedimg.clientapp.personal)."""
+
+    label = nonmember("personalisation")
+    none = "none"
+    fedper = "fedper"  # Arivazhagan et al. 2019: a shared body, each client's own head
+    fedrep = "fedrep"  # Collins et al. 2021: head first (body frozen), then body
+    ditto = "ditto"  # Li et al. 2021: a personal model kept near the global one
+
+
 class Clock(Choice):
     """``hetero.clock``: simulated (scaled compute time) | real (slow clients sleep)."""
 
@@ -235,4 +245,5 @@ CHOICES: tuple[type[Choice], ...] = (
     DataSource, Partitioner, Augment, OnCorrupt, TransferMode, BatchNorm, Optimizer,
     Schedule, ClassWeighting, OnTooFew, Clock, Compression, PrivacyKind, Accountant,
     GradSampleMode, Clipping, AttackKind, SecureAggregation, FeatureCache, LocalBudget,
+    Personal,
 )

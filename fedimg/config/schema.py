@@ -37,6 +37,7 @@ from fedimg.config.choices import (
     OnTooFew,
     Optimizer,
     Partitioner,
+    Personal,
     PrivacyKind,
     Schedule,
     SecureAggregation,
@@ -170,6 +171,10 @@ class FederationConfig:
     local_bn: bool = False  # FedBN (Li et al. 2021): each client keeps its own BatchNorm
     personalize_steps: int = 0  # >0: clients also report val accuracy after k local steps
     secure_aggregation: SecureAggregation = SecureAggregation.none  # secaggplus: sum only
+    # Personalised FL (fedimg.clientapp.personal): what each client keeps in its own state
+    personal: Personal = Personal.none  # fedper | fedrep: its head; ditto: a whole model
+    fedrep_head_steps: int = 0  # FedRep's head phase, body frozen; 0 = the round's steps
+    ditto_lambda: float = 0.1  # Ditto's pull lambda/2 ||v - w||^2 towards the global model
 
 
 @dataclass(frozen=True)
