@@ -42,7 +42,7 @@ from fedimg.data import (
 )
 from fedimg.errors import DataError
 from fedimg.seeds import derive_seed
-from fedimg.models import batchnorm_state_keys, build_model, frozen_state_keys
+from fedimg.models import MODELS, batchnorm_state_keys, build_model, frozen_state_keys
 from fedimg.clientapp.policy import site_epsilon
 from fedimg.clientapp.site import SiteOptions
 from fedimg.training import (
@@ -216,6 +216,11 @@ class TaskEnvironment:
         return batchnorm_state_keys(self.model)
 
     @functools.cached_property
+    def head_keys(self) -> frozenset[str]:
+        """State-dict names of the classification head (kept local under FedPer, FedRep)."""
+        return MODELS.get(self.cfg.model).head_keys(self.model)
+
+    @functools.cached_property
     def frozen_keys(self) -> frozenset[str]:
         """State-dict names local training never changes (frozen weights and BatchNorm)."""
         return frozen_state_keys(self.model)
@@ -239,14 +244,17 @@ class TaskEnvironment:
 
     def train(self, partition_id: int, *, server_round: int, proximal_mu: float = 0.0,
               steps: int | None = None, lr: float | None = None,
-              grad_offset: Mapping[str, torch.Tensor] | None = None
+              grad_offset: Mapping[str, torch.Tensor] | None = None,
+              proximal_anchor: Mapping[str, torch.Tensor] | None = None
               ) -> tuple[dict[str, float], int]:
         """Local training of client ``partition_id`` from the loaded weights.
 
         ``steps`` overrides the round's step count (a client dropping mid-round, or
         the k steps of personalization); ``lr`` the round's scheduled learning rate;
         ``grad_offset`` (trained parameter name -> tensor) is added to those gradients
-        at every step (SCAFFOLD, FedDyn: :mod:`fedimg.serverapp.drift_strategies`).
+        at every step (SCAFFOLD, FedDyn: :mod:`fedimg.serverapp.drift_strategies`);
+        ``proximal_anchor`` (name -> tensor) centres ``proximal_mu``'s term away from the
+        loaded weights (Ditto's personal model: :mod:`fedimg.clientapp.personal`).
         """
         data = self.client(partition_id)
         tcfg = self.cfg.train if steps is None else dataclasses.replace(
@@ -265,10 +273,12 @@ class TaskEnvironment:
             (model, loader), tcfg = cached, dataclasses.replace(tcfg, channels_last=False)
         offsets = [(p, grad_offset[n]) for n, p in self.model.named_parameters()
                    if grad_offset and n in grad_offset]  # the tail shares these parameters
+        anchors = [(p, proximal_anchor[n]) for n, p in self.model.named_parameters()
+                   if proximal_anchor and p.requires_grad]
         result = train_local(model, loader, cfg=tcfg, lr=lr,
                              device=self.device, proximal_mu=proximal_mu,
                              class_weights=data.class_weights, logit_scale=data.logit_scale,
-                             grad_offset=offsets)
+                             grad_offset=offsets, proximal_anchors=anchors)
         return {**result.as_metrics(), "train/lr": lr}, data.num_train
 
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:

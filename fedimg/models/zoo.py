@@ -67,6 +67,10 @@ class ModelSpec:
         """The classification layer of ``model``."""
         return model.get_submodule(self.head)  # type: ignore[return-value]
 
+    def head_keys(self, model: nn.Module) -> frozenset[str]:
+        """State-dict names of the classification layer (FedPer's and FedRep's local head)."""
+        return frozenset(f"{self.head}.{k}" for k in self.get_head(model).state_dict())
+
     def set_head(self, model: nn.Module, head: nn.Module) -> None:
         """Put ``head`` in place of the classification layer of ``model``."""
         parent_name, _, child = self.head.rpartition(".")

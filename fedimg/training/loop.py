@@ -129,6 +129,7 @@ def train_local(
     logit_scale: torch.Tensor | None = None,
     hook: StepHook | None = None,
     grad_offset: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
+    proximal_anchors: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
 ) -> TrainResult:
     """Train ``model`` in place on ``loader`` for one round and report how it went.
 
@@ -145,6 +146,10 @@ def train_local(
     few classes do not push the others' scores down as hard.
     ``grad_offset``: (parameter, offset) pairs added to those gradients at every step
     (as the loss term ``<offset, w>``, so mixed precision's loss scaling covers it).
+    ``proximal_anchors``: (parameter, centre) pairs of the proximal term, when its
+    centre is not where the call starts: Ditto (Li et al. 2021) trains a client's
+    personal model v from its own weights towards the global w, adding
+    ``mu / 2 * ||v - w||^2``. Empty: every trainable parameter, centred at its start.
     Raises :class:`TrainingDiverged` when the loss stops being finite.
     """
     total_steps = _count_steps(loader, cfg)
@@ -157,6 +162,9 @@ def train_local(
     for group in optimizer.param_groups:
         group["lr"] = lr
     trainable = [p for p in model.parameters() if p.requires_grad]
+    anchored = [(p, a.to(device=p.device, dtype=p.dtype)) for p, a in proximal_anchors]
+    if proximal_mu > 0 and not anchored:  # FedProx: centred on the weights received
+        anchored = [(p, p.detach().clone()) for p in trainable]
     attached = (hook.attach(model, optimizer) if hook is not None
                 else nullcontext((model, optimizer)))
     with attached as (net, step_optimizer):
@@ -166,8 +174,8 @@ def train_local(
             weight=class_weights.to(device) if class_weights is not None else None,
             weigh_objective=hook is None,
             scale=logit_scale.to(device) if logit_scale is not None else None,
-            proximal_mu=proximal_mu, params=trainable,
-            anchors=[p.detach().clone() for p in trainable] if proximal_mu > 0 else None,
+            proximal_mu=proximal_mu, params=[p for p, _ in anchored],
+            anchors=[a for _, a in anchored] if proximal_mu > 0 else None,
             offsets=tuple((p, o.to(device=p.device, dtype=p.dtype)) for p, o in grad_offset))
         return _run(step, loader, hook, total_steps=total_steps, memory_format=memory_format,
                     lr=lr, window=_window(loader, cfg, total_steps))
@@ -240,7 +248,7 @@ class _Step:
     weigh_objective: bool  # False under a hook: its optimizer weighs the samples
     scale: torch.Tensor | None  # (K,) FedRS logit scale
     proximal_mu: float
-    params: list[torch.nn.Parameter]  # the trainable parameters
+    params: list[torch.nn.Parameter]  # the proximal term's parameters (the trainable ones)
     anchors: list[torch.Tensor] | None  # their global values (FedProx), or None
     offsets: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (param, gradient offset)
 
