@@ -34,7 +34,7 @@ from fedimg.data import (
     save_partitions,
 )
 from fedimg.errors import DataError
-from fedimg.models import build_model, frozen_state_keys
+from fedimg.models import MODELS, build_model, frozen_state_keys
 from fedimg.privacy import PRIVACY_MODES
 from fedimg.reporting import RunRecorder
 from fedimg.reporting.run_dir import write_json
@@ -121,13 +121,16 @@ def initial_model(cfg: FedimgConfig, num_classes: int) -> tuple[dict[str, torch.
     The first set is the buffers (BatchNorm statistics) and any frozen parameters:
     server optimisers average them instead of stepping them, and client-level DP
     keeps them. The second is the frozen parameters and the statistics of frozen
-    BatchNorm layers, which an honest client sends back exactly as it got them.
+    BatchNorm layers, which an honest client sends back exactly as it got them; under
+    FedPer / FedRep (``fl.personal``) also the head, which each client keeps to itself.
     """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=num_classes, weights=cfg.weights,
                         transfer=cfg.transfer)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     frozen = frozen_state_keys(model)
+    if cfg.fl.personal in ("fedper", "fedrep"):  # each client keeps its own head and
+        frozen |= MODELS.get(cfg.model).head_keys(model)  # returns the global one as sent
     fixed = {name for name, _ in model.named_buffers()} | frozen
     return state, frozenset(fixed), frozen
 

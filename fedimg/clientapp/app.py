@@ -67,12 +67,15 @@ from fedimg.clientapp.secure import secure_aggregation_mod
 from fedimg.clientapp.drift import grad_offset
 from fedimg.clientapp.conditions import device_conditions, pace
 from fedimg.clientapp.cohort import train_cohort
+from fedimg.clientapp.personal import PersonalRound, personal_metrics
 
 # The error-feedback residual of update compression lives in the client's Flower
 # context.state between rounds (a DP ledger lives with its keeper: fedimg.clientapp.ledger).
 RESIDUAL_KEY = "fedimg-ef-residual"
 # FedBN: this client's own BatchNorm weights and statistics, between rounds.
 LOCAL_BN_KEY = "fedimg-local-bn"
+# fl.personal: this client's own head (FedPer, FedRep) or personal model (Ditto).
+PERSONAL_KEY = "fedimg-personal"
 
 app = ClientApp(mods=[secure_aggregation_mod])
 
@@ -157,6 +160,18 @@ def _keep_local_bn(env: TaskEnvironment, context: Context) -> None:
              for k in env.batchnorm_keys})
 
 
+def _kept_personal(context: Context) -> dict[str, torch.Tensor] | None:
+    kept = context.state.array_records.get(PERSONAL_KEY)
+    return None if kept is None else {k: torch.from_numpy(np.array(v.numpy()))
+                                      for k, v in kept.items()}
+
+
+def _keep_personal(context: Context, kept: dict[str, torch.Tensor] | None) -> None:
+    if kept is not None:  # in this node's state only: never in a reply
+        context.state[PERSONAL_KEY] = ArrayRecord(
+            {k: Array(v.numpy().copy(order="C")) for k, v in kept.items()})
+
+
 def _reply(msg: Message, content: RecordDict) -> Message:
     """The reply to ``msg``, its arrays packed the way the server packed its own."""
     if PACKED_ARRAYS_KEY in msg.content.array_records:
@@ -226,12 +241,15 @@ def train(msg: Message, context: Context) -> Message:
                            offered=None if offered is None else json.loads(str(offered["json"])),
                            site=site_options(context.node_config))
     started = time.perf_counter()
-    result = mode.train(env, pid, server_round=server_round,
-                        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
-                        grad_offset=grad_offset(msg.content.array_records,
-                                                trained=env.trained_keys(),
-                                                reference=env.reference),
-                        ledger=keeper.load(), admit=keeper.admit)
+    with PersonalRound(env, pid, kept=_kept_personal(context), start=start,
+                       server_round=server_round) as personal:
+        result = mode.train(env, pid, server_round=server_round,
+                            proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+                            grad_offset=grad_offset(msg.content.array_records,
+                                                    trained=env.trained_keys(),
+                                                    reference=env.reference),
+                            ledger=keeper.load(), admit=keeper.admit)
+    _keep_personal(context, personal.kept)
     compute_s = time.perf_counter() - started
     if result.ledger is not None:  # on the site's disk before anything leaves
         keeper.save(result.ledger)
@@ -287,8 +305,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     With ``fl.personalize_steps=k`` the client then trains that model for k local
     steps and evaluates again (``val/personal_*``): how well the global model serves as
     a starting point for each client (the evaluation of personalized FL, e.g. Yu et
-    al. 2020, "Salvaging Federated Learning by Local Adaptation"). Nothing is sent back
-    but metrics, and the next message reloads the global weights.
+    al. 2020, "Salvaging Federated Learning by Local Adaptation"). With ``fl.personal``
+    the ``val/personal_*`` metrics are instead those of the model this client keeps: the
+    global body with its own head, or Ditto's personal model (:mod:`.personal`). Nothing
+    is sent back but metrics, and the next message reloads the global weights.
     """
     env, pid, config, _ = _setup(msg, context)
     _use_local_bn(env, context)
@@ -299,4 +319,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         env.train(pid, server_round=int(config[ROUND_KEY]), steps=steps, lr=env.cfg.train.lr)
         tuned, _ = env.evaluate_client(pid)
         metrics.update({f"val/personal_{k.split('/', 1)[1]}": v for k, v in tuned.items()})
+    if env.cfg.fl.personal != "none":  # its own head over the global body, or Ditto's v
+        metrics.update(personal_metrics(env, pid, kept=_kept_personal(context)))
     return _reply(msg, reply_content(metrics=metric_record(metrics, num_examples=num_examples)))
