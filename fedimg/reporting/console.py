@@ -119,6 +119,7 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
                   f"{_fmt(final.get('val/personal_accuracy'))} worst "
                   f"{_fmt(final.get('fair/worst_personal_accuracy'))}"
                   if (final_k := results.get("personalize_steps")) else ""))
+    out.extend(_personal_line(results.get("personal", "none"), final))
     out.extend(_site_line(final))
     out.extend(_secure_line(rounds))
     part, sent = results.get("participation", {}), results.get("bytes", {})
@@ -129,6 +130,16 @@ def summary_table(rounds: Sequence[dict[str, Any]], results: dict[str, Any]) -> 
                f"{results.get('data', {}).get('location', '')}")
     out.append(f"run    {results.get('run_dir')}")
     return "\n".join(out)
+
+
+def _personal_line(personal: str, final: dict[str, Any]) -> list[str]:
+    """``personal ditto  val acc mean ... worst client ...`` beside the global model's."""
+    if personal == "none":
+        return []
+    return [f"personal {personal}  val acc mean {_fmt(final.get('val/personal_accuracy'))}  "
+            f"worst client {_fmt(final.get('fair/worst_personal_accuracy'))}  (global model: "
+            f"mean {_fmt(final.get('val/accuracy'))}  worst "
+            f"{_fmt(final.get('fair/worst_accuracy'))})"]
 
 
 def _site_line(final: dict[str, Any], metric: str = "balanced_accuracy") -> list[str]:

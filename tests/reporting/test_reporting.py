@@ -65,6 +65,20 @@ def test_the_summary_names_the_worst_site_with_mean_and_spread(tmp_path) -> None
             "over 2 sites") in table
 
 
+def test_the_summary_puts_the_personal_models_beside_the_global_one(tmp_path) -> None:
+    # Arrange: fl.personal=fedrep; the clients' own heads beat the global (initial) head
+    final = {"val/accuracy": 0.5, "fair/worst_accuracy": 0.25,
+             "val/personal_accuracy": 0.875, "fair/worst_personal_accuracy": 0.75}
+    # Act
+    table = summary_table(ROUNDS, {"final": final, "best": {}, "personal": "fedrep",
+                                   "run_dir": str(tmp_path)})
+    # Assert
+    assert ("personal fedrep  val acc mean 0.8750  worst client 0.7500  (global model: "
+            "mean 0.5000  worst 0.2500)") in table
+    assert "personal" not in summary_table(ROUNDS, {"final": final, "best": {},
+                                                    "run_dir": str(tmp_path)})
+
+
 def test_plots_are_drawn_from_files_and_flag_fallback_data(tmp_path) -> None:
     recorder = RunRecorder(tmp_path)
     for record in ROUNDS:
