@@ -198,11 +198,6 @@ VECTOR_CFG = TrainConfig(lr=0.02, momentum=0.9, weight_decay=1e-4, local_epochs=
                          batch_size=BATCH)
 
 
-def _client_job(batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int) -> object:
-    from fedimg.training.vectorized import ClientJob
-    return ClientJob(loader=batches, seed=seed)
-
-
 def _train_cohort(model: torch.nn.Module, jobs: Sequence[object], *, vectorised: bool,
                   device: torch.device) -> None:
     from fedimg.training.vectorized import train_sequential, train_vectorized
@@ -225,18 +220,15 @@ def _camera_tail(device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module
 
 
 def _camera_jobs(k: int, trunk: torch.nn.Module, device: torch.device) -> list[object]:
-    """k cameras of 1-3 batches of 16 random 48 px images, as cached trunk features."""
-    g = torch.Generator().manual_seed(k)
-    jobs = []
-    for i in range(k):
-        batches = []
-        for _ in range(1 + i % 3):
-            x = torch.rand(BATCH, 3, PIXELS, PIXELS, generator=g).to(device)
-            with torch.no_grad():
-                features = trunk(x)
-            batches.append((features, torch.randint(CLASSES, (BATCH,), generator=g).to(device)))
-        jobs.append(_client_job(batches, seed=i))
-    return jobs
+    """k cameras of 1-3 batches of 16 random 48 px images, as cached trunk features
+    (``bench/vectorize.py``'s clients, so the two benches time the same work)."""
+    from vectorize import _jobs
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return trunk(x)
+
+    return _jobs(k, features, device)
 
 
 def vectorize_section(ctx: Context) -> list[Table]:
