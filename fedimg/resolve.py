@@ -82,6 +82,10 @@ def _check_strategy_facts(cfg: FedimgConfig) -> None:
            f"strategy={cfg.strategy} with fl.personal={cfg.fl.personal}: it reads each "
            "client's update y_i - x, but these clients train from their own head, not x's. "
            "Fix: strategy=fedavg (or fedprox, fedadam, ...), or fl.personal=ditto")
+    _check(not (spec.baseline and cfg.fl.personal != "none"), f"strategy={cfg.strategy} "
+           f"with fl.personal={cfg.fl.personal}: a baseline trains in-process, with no "
+           "client state to keep a personal part in (strategy=local is each site's own "
+           "model already). Fix: fl.personal=none, or a federated strategy such as fedavg")
     shared = [name for name in STRATEGIES.names() if not STRATEGIES.get(name).own_messages]
     _check(cfg.sim.cohort_size == 1 or not spec.own_messages, f"sim.cohort_size="
            f"{cfg.sim.cohort_size} with strategy={cfg.strategy}: it sends each client "

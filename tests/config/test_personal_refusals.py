@@ -23,6 +23,8 @@ from fedimg.resolve import compose_and_check
     (["fl.personal=fedper", "transfer.mode=head"], "with transfer.mode=head: only the head"),
     (["fl.personal=fedrep", "strategy=scaffold"],
      "strategy=scaffold with fl.personal=fedrep: it reads each client's update"),
+    (["fl.personal=ditto", "strategy=local"], "strategy=local with fl.personal=ditto: a "
+     "baseline trains in-process"),
     (["fl.personal=wild"], "unknown personalisation 'wild'"),
 ])
 def test_a_personal_mode_refuses_with_one_line_naming_value_reason_and_fix(overrides, says):
