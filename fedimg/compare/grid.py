@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from fedimg.compare.search import FAILED, SEARCH_AXES
-from fedimg.config.schema import SearchConfig, decode_search
+from fedimg.config.codec import decode_search
+from fedimg.config.schema import SearchConfig
 from fedimg.errors import ConfigError, FedimgError, TrainingDiverged
 from fedimg.reporting.paths import RunPaths
 from fedimg.reporting.tables import markdown, parse_value, sample_std, write_csv

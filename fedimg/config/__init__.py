@@ -1,6 +1,7 @@
 """fedimg's configuration: the frozen typed schema and the checks that need no registry.
 
-* :mod:`.schema`: the dataclasses (all frozen) and :func:`to_dict` / :func:`to_json`.
+* :mod:`.schema`: the dataclasses (all frozen).
+* :mod:`.codec`: :func:`to_dict` / :func:`to_json`, and :func:`decode` (types checked).
 * :mod:`.choices`: one ``str`` enum per closed set of values (``data.augment``, ...).
 * :mod:`.checks`: :func:`validate`, and :func:`from_dict` / :func:`from_json`, which
   validate what they decode.
@@ -53,10 +54,8 @@ from fedimg.config.schema import (
     SyntheticConfig,
     TrainConfig,
     TransferConfig,
-    decode,
-    to_dict,
-    to_json,
 )
+from fedimg.config.codec import decode, to_dict, to_json
 
 __all__ = [
     "CHOICES", "Accountant", "AttackKind", "Augment", "BatchNorm", "Choice", "ClassWeighting",

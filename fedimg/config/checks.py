@@ -20,14 +20,11 @@ from typing import Any
 
 from fedimg.config.choices import Choice
 from fedimg.config.personal_checks import validate_personal
-from fedimg.config.schema import (PATH_DATASETS, DataConfig, FedimgConfig, SearchConfig,
-                                  decode, field_types)
+from fedimg.config.rules import check as _check
+from fedimg.config.sim_checks import validate_sim
+from fedimg.config.codec import decode, field_types
+from fedimg.config.schema import PATH_DATASETS, DataConfig, FedimgConfig, SearchConfig
 from fedimg.errors import ConfigError
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def _check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -189,57 +186,6 @@ def _validate_federation(cfg: FedimgConfig) -> None:
            "must be >= 1")
 
 
-def _validate_sim(cfg: FedimgConfig) -> None:
-    sim = cfg.sim
-    _check(sim.max_worker_restarts >= -1, f"sim.max_worker_restarts="
-           f"{sim.max_worker_restarts} must be -1 (always), 0 (never) or a positive count")
-    _check(sim.num_cpus_per_client > 0, f"sim.num_cpus_per_client="
-           f"{sim.num_cpus_per_client} must be > 0")
-    gpus = sim.num_gpus_per_client
-    _check(gpus >= 0 and (gpus <= 1 or float(gpus).is_integer()),
-           f"sim.num_gpus_per_client={gpus} must be a fraction in [0, 1] or a whole "
-           "number of GPUs")
-    device = cfg.train.device
-    _check(not (device.startswith("cuda") and gpus == 0), f"train.device={device} "
-           "but sim.num_gpus_per_client=0: Ray hides GPUs from clients given none; set "
-           "sim.num_gpus_per_client (e.g. 0.25 = four clients per GPU) or train.device=auto")
-    for name in ("ray_num_cpus", "ray_num_gpus"):
-        value = getattr(sim, name)
-        _check(value is None or value >= (1 if name == "ray_num_cpus" else 0),
-               f"sim.{name}={value} is impossible")
-    _validate_cohorts(cfg)
-
-
-MAX_COHORT = 64  # sim.cohort_size: clients one message may carry
-
-
-def _validate_cohorts(cfg: FedimgConfig) -> None:
-    """``sim.cohort_size`` > 1 trains several clients per message: what that rules out."""
-    k = cfg.sim.cohort_size
-    _check(1 <= k <= MAX_COHORT, f"sim.cohort_size={k} is impossible: valid 1 (off) to "
-           f"{MAX_COHORT}. Fix: e.g. sim.cohort_size=8")
-    if k == 1:
-        return
-    p, fl = cfg.privacy, cfg.fl
-    refused = {  # setting: (on, why a cohort cannot have it)
-        "deploy.enabled=true": (cfg.deploy.enabled, "a deployed site is one client"),
-        f"privacy.mode={p.mode}": (p.mode != "none", "privacy is accounted per client"),
-        "fl.local_bn=true": (fl.local_bn, "FedBN keeps each client's BatchNorm in its node"),
-        f"compression.kind={cfg.compression.kind}": (
-            cfg.compression.kind != "none", "error feedback lives in each client's node"),
-        f"fl.secure_aggregation={fl.secure_aggregation}": (
-            fl.secure_aggregation != "none", "each client masks its own update"),
-        "attack.*": (cfg.attack.byzantine_fraction > 0, "attacks are simulated per client"),
-        f"train.optimizer={cfg.train.optimizer}": (
-            cfg.train.optimizer != "sgd", "a cohort trains vectorised with SGD only"),
-        "hetero.clock=real": (cfg.hetero.clock == "real", "a cohort replies as one message, "
-                              "so its members cannot arrive at their own times"),
-    }
-    for setting, (on, why) in refused.items():
-        _check(not on, f"sim.cohort_size={k} with {setting}: {why}. Fix: sim.cohort_size=1, "
-               f"or drop {setting}")
-
-
 def _validate_privacy(cfg: FedimgConfig) -> None:
     p, private = cfg.privacy, cfg.privacy.mode != "none"
     _check(p.target_epsilon > 0, f"privacy.target_epsilon={p.target_epsilon} must be > 0 "
@@ -331,7 +277,7 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_training(cfg)
     _validate_federation(cfg)
     validate_personal(cfg)
-    _validate_sim(cfg)
+    validate_sim(cfg)
     _validate_privacy(cfg)
     _validate_attack_and_faults(cfg)
     _validate_hetero(cfg)

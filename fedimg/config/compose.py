@@ -32,7 +32,8 @@ from typing import Any
 
 from fedimg.config.checks import validate
 from fedimg.config.choices import Choice
-from fedimg.config.schema import FedimgConfig, field_types
+from fedimg.config.codec import field_types
+from fedimg.config.schema import FedimgConfig
 from fedimg.errors import ConfigError
 
 SCHEMA_NAME = "fedimg_schema"

@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import math
 
+from fedimg.config.rules import check as _check
 from fedimg.config.schema import FedimgConfig
-from fedimg.errors import ConfigError
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def validate_personal(cfg: FedimgConfig) -> None:

@@ -15,7 +15,8 @@ from fedimg.compare.grid import parse_args, run_grid
 from fedimg.compare.search import search_points
 from fedimg.compare.selection import score_points, select_point, validation_view
 from fedimg.config.checks import check_search
-from fedimg.config.schema import SearchConfig, decode_search
+from fedimg.config.codec import decode_search
+from fedimg.config.schema import SearchConfig
 from fedimg.errors import ConfigError
 from test_compare_grid import SMALL
 

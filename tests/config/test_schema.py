@@ -22,7 +22,7 @@ from fedimg.config import (
     validate,
 )
 from fedimg.config.compose import compose_config
-from fedimg.config.schema import field_types
+from fedimg.config.codec import field_types
 from fedimg.errors import ConfigError
 
 
