@@ -5,20 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, RecordDict
+
+from client_messages import client_message
 
 from fedimg.config.compose import compose_config
 from fedimg.config import to_json
 from fedimg.errors import ConfigError
 from fedimg.clientapp import app as client_app
-from fedimg.data import partition_dataset
-from fedimg.transport.records import (
-    ARRAYS_KEY,
-    PARTITION_KEY,
-    config_record,
-    partitions_record,
-    state_dict_to_record,
-)
+from fedimg.transport.records import ARRAYS_KEY
 from fedimg.clientapp.environment import environment
 
 TINY = ["clients=2", "data.source=synthetic", "data.image_size=32", "data.partitioner=iid",
@@ -29,14 +24,7 @@ STAT = "_bn0.running_mean"  # the stem's BatchNorm statistics
 
 def _round(cfg, global_state: dict[str, torch.Tensor], context: Context,
            server_round: int) -> dict[str, np.ndarray]:
-    env = environment(to_json(cfg), 1)
-    partitions = partition_dataset(env.dataset.train, cfg=cfg.data, num_clients=cfg.clients,
-                                   seed=cfg.seed)  # as the server's messages carry them
-    content = RecordDict({"config": config_record(cfg, server_round=server_round),
-                          ARRAYS_KEY: state_dict_to_record(global_state),
-                          PARTITION_KEY: partitions_record(partitions)})
-    msg = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1)
-    reply = client_app.train(msg, context)
+    reply = client_app.train(client_message(cfg, global_state, server_round), context)
     return {k: v.numpy() for k, v in reply.content[ARRAYS_KEY].items()}
 
 

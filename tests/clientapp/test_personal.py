@@ -11,18 +11,13 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
+from client_messages import client_message
+
 from fedimg.clientapp import app as client_app
 from fedimg.clientapp.environment import environment
 from fedimg.config import to_json
 from fedimg.config.compose import compose_config
-from fedimg.data import partition_dataset
-from fedimg.transport.records import (
-    ARRAYS_KEY,
-    PARTITION_KEY,
-    config_record,
-    partitions_record,
-    state_dict_to_record,
-)
+from fedimg.transport.records import ARRAYS_KEY
 
 TINY = ["clients=2", "data.source=synthetic", "data.image_size=32", "data.partitioner=iid",
         "data.quantity_skew=0", "data.synthetic.train_size=96", "data.min_partition_size=8",
@@ -30,15 +25,7 @@ TINY = ["clients=2", "data.source=synthetic", "data.image_size=32", "data.partit
 HEAD = ("_fc.weight", "_fc.bias")  # efficientnet_lite0's head (the zoo's ModelSpec.head)
 
 
-def _message(cfg, global_state: dict[str, torch.Tensor], server_round: int,
-             kind: str = MessageType.TRAIN) -> Message:
-    env = environment(to_json(cfg), 1)
-    partitions = partition_dataset(env.dataset.train, cfg=cfg.data, num_clients=cfg.clients,
-                                   seed=cfg.seed)  # as the server's messages carry them
-    content = RecordDict({"config": config_record(cfg, server_round=server_round),
-                          ARRAYS_KEY: state_dict_to_record(global_state),
-                          PARTITION_KEY: partitions_record(partitions)})
-    return Message(content=content, message_type=kind, dst_node_id=1)
+_message = client_message
 
 
 def _arrays(reply: Message) -> dict[str, np.ndarray]:
