@@ -168,3 +168,37 @@ def test_a_failed_cohort_fails_each_member_and_the_rest_aggregate():
     assert [(e.partition_id, e.status) for e in exchanges] == [
         (0, "ok"), (1, "ok"), (2, "failed"), (3, "failed"), (4, "ok")]
     assert exchanges[2].reason == exchanges[3].reason == "worker died"
+
+
+class _HostileCohortGrid(_CohortGrid):
+    """Node 1 (clients 0 and 1) answers a forged cohort reply: client 1's records are
+    missing, and junk, a nameless member record and a bogus member error ride along."""
+
+    def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:  # noqa: ANN001
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for i, m in enumerate(messages):
+            if m.metadata.dst_node_id == 1 and cohort_partitions(m.content):
+                forged = cohort_reply([update(np.ones(3, np.float32), num_examples=10)])
+                forged["junk"] = ConfigRecord({"x": "y"})
+                forged[f"{COHORT_KEY}-7-error"] = ConfigRecord({"code": "not an int"})
+                forged[f"{COHORT_KEY}-0-"] = ConfigRecord({})  # a member key with no name
+                replies[i] = answer(m, forged)
+        return replies
+
+
+def test_a_forged_cohort_reply_rejects_its_bad_member_and_the_round_goes_on():
+    # Arrange: cohorts {0, 1}, {2, 3}, {4}; node 1 forges its cohort's reply
+    cfg = FedimgConfig(rounds=1, clients=5, sim=SimConfig(cohort_size=2),
+                       fl=FederationConfig(min_train_clients=5, min_evaluate_clients=0,
+                                           fraction_evaluate=0.0))
+    recording = Recording()
+    loop = offline_loop(cfg, _HostileCohortGrid(), reference=REFERENCE, callbacks=[recording])
+    # Act
+    loop.run()
+    # Assert: client 0's reply picked up the nameless record (an unknown record name) and
+    # client 1 has none: both rejected, never a crash; clients 2, 3, 4 (w + 3, + 4, + 5
+    # with 30, 40, 50 examples) aggregate: (3 x 30 + 4 x 40 + 5 x 50) / 120 = 500 / 120
+    exchanges = recording.results[-1].exchanges
+    assert [e.status for e in exchanges] == ["rejected", "rejected", "ok", "ok", "ok"]
+    assert "reply carries records []" in exchanges[1].reason
+    assert float(loop.state.arrays["w"].numpy()[0]) == pytest.approx(500 / 120)
