@@ -27,7 +27,6 @@ per-client arrays, a real clock) is refused with the config (``fedimg.config.che
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +45,6 @@ from fedimg.seeds import derive_seed
 from fedimg.simulation import fleet
 from fedimg.simulation.attacks import poisoned_update
 from fedimg.simulation.faults import inject_fault
-from fedimg.training import scheduled_lr
 from fedimg.training.vector_rule import train_clients
 from fedimg.training.vectorized import ClientJob, ClientOutcome
 from fedimg.transport.grid import content_bytes
@@ -130,13 +128,8 @@ def _check_shared(message: Any, site: SiteOptions | None) -> None:
 def _member_round(env: TaskEnvironment, pid: int, *, server_round: int) -> _Round:
     """What ``env.train(pid, server_round=...)`` trains, in the order it prepares it."""
     data = env.client(pid)
-    tcfg, cache = env.cfg.train, env.trunk_cache
-    data.train.epoch = (server_round - 1) * env.epochs_per_round(data.train)
-    lr = scheduled_lr(tcfg, server_round=server_round, total_rounds=env.cfg.rounds)
-    model, loader = env.model, data.train
-    cached = cache.train_inputs(pid, data.train, amp=tcfg.amp)
-    if cached is not None:  # the tail on cached trunk features, batched alike
-        (model, loader), tcfg = cached, dataclasses.replace(tcfg, channels_last=False)
+    model, loader, tcfg, lr = env.round_inputs(pid, tcfg=env.cfg.train,
+                                               server_round=server_round)
     job = ClientJob(loader, seed=derive_seed(env.cfg.seed, server_round, pid),
                     class_weights=data.class_weights, logit_scale=data.logit_scale)
     return _Round(pid, model, job, tcfg, lr, data.num_train)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fedimg.simulation.attacks import poisoned_labels
-from fedimg.config import FedimgConfig, from_json
+from fedimg.config import FedimgConfig, TrainConfig, from_json
 from fedimg.data import (
     ClientPartition,
     Dataset,
@@ -259,18 +259,13 @@ class TaskEnvironment:
         data = self.client(partition_id)
         tcfg = self.cfg.train if steps is None else dataclasses.replace(
             self.cfg.train, local_steps=steps)
-        cache = self.trunk_cache  # split before seeding: the split's probe draws nothing
+        _ = self.trunk_cache  # split before seeding: the split's probe draws nothing
         # Seed by (run, round, client), not by call order: which worker serves a client
         # varies between runs, and a resumed run must replay the same batches.
         torch.manual_seed(derive_seed(self.cfg.seed, server_round, partition_id))
-        data.train.epoch = (server_round - 1) * self.epochs_per_round(data.train)
-        if lr is None:
-            lr = scheduled_lr(self.cfg.train, server_round=server_round,
-                              total_rounds=self.cfg.rounds)
-        model, loader = self.model, data.train
-        cached = cache.train_inputs(partition_id, data.train, amp=tcfg.amp)
-        if cached is not None:  # the tail on cached trunk features, batched alike
-            (model, loader), tcfg = cached, dataclasses.replace(tcfg, channels_last=False)
+        model, loader, tcfg, scheduled = self.round_inputs(partition_id, tcfg=tcfg,
+                                                           server_round=server_round)
+        lr = scheduled if lr is None else lr
         offsets = [(p, grad_offset[n]) for n, p in self.model.named_parameters()
                    if grad_offset and n in grad_offset]  # the tail shares these parameters
         anchors = [(p, proximal_anchor[n]) for n, p in self.model.named_parameters()
@@ -280,6 +275,21 @@ class TaskEnvironment:
                              class_weights=data.class_weights, logit_scale=data.logit_scale,
                              grad_offset=offsets, proximal_anchors=anchors)
         return {**result.as_metrics(), "train/lr": lr}, data.num_train
+
+    def round_inputs(self, partition_id: int, *, tcfg: TrainConfig, server_round: int
+                     ) -> tuple[torch.nn.Module, InMemoryLoader, TrainConfig, float]:
+        """What client ``partition_id`` trains in ``server_round``: the module (the model,
+        or the tail on cached trunk features), its loader at the round's epoch, the
+        training settings and the scheduled learning rate. Shared by :meth:`train` and a
+        cohort's members (:mod:`fedimg.clientapp.cohort`)."""
+        data = self.client(partition_id)
+        data.train.epoch = (server_round - 1) * self.epochs_per_round(data.train)
+        lr = scheduled_lr(self.cfg.train, server_round=server_round, total_rounds=self.cfg.rounds)
+        model, loader = self.model, data.train
+        cached = self.trunk_cache.train_inputs(partition_id, data.train, amp=tcfg.amp)
+        if cached is not None:  # the tail on cached trunk features, batched alike
+            (model, loader), tcfg = cached, dataclasses.replace(tcfg, channels_last=False)
+        return model, loader, tcfg, lr
 
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
         """Metrics of the loaded weights on client ``partition_id``'s validation split."""
