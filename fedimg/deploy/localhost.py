@@ -132,9 +132,24 @@ class LocalFederation:
         return proc, self.run_dir(proc.stdout)
 
     def submit(self, overrides: Sequence[str]) -> subprocess.Popen:
-        """Submit a run in the background; ``communicate()`` gives its output."""
+        """Submit a run in the background; ``communicate()`` gives its output.
+
+        It runs in its own session, so :meth:`cancel` can stop it together with the
+        ``flwr run`` child that streams its logs (and holds its output pipe open).
+        """
         return subprocess.Popen(self._run_command(overrides), env=self.env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    @staticmethod
+    def cancel(proc: subprocess.Popen) -> str:
+        """SIGKILL a submitted run and its children; the output it printed."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it already ended
+        out, _ = proc.communicate(timeout=60)
+        return out or ""
 
     @staticmethod
     def run_dir(stdout: str) -> Path:

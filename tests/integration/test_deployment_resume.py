@@ -99,8 +99,7 @@ def test_a_killed_deployed_run_resumes_to_the_metrics_of_an_uninterrupted_one(
     killed_dir = fed.root / "runs" / "killed"
     proc = fed.submit([*RUN, f"output.run_dir={killed_dir}"])
     _kill_server_app_after_round_2(fed, killed_dir)
-    proc.kill()
-    proc.communicate(timeout=60)
+    fed.cancel(proc)
     assert max(r["round"] for r in _rounds(killed_dir)) < 3
     # Act
     resumed, run_dir = fed.run([f"resume={killed_dir}"])
