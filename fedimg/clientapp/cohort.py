@@ -131,7 +131,8 @@ def _member_round(env: TaskEnvironment, pid: int, *, server_round: int) -> _Roun
     model, loader, tcfg, lr = env.round_inputs(pid, tcfg=env.cfg.train,
                                                server_round=server_round)
     job = ClientJob(loader, seed=derive_seed(env.cfg.seed, server_round, pid),
-                    class_weights=data.class_weights, logit_scale=data.logit_scale)
+                    class_weights=data.class_weights, logit_scale=data.logit_scale,
+                    logit_shift=data.logit_shift)
     return _Round(pid, model, job, tcfg, lr, data.num_train)
 
 

@@ -48,6 +48,7 @@ from fedimg.clientapp.site import SiteOptions
 from fedimg.training import (
     TrunkCache,
     balanced_class_weights,
+    calibrated_logit_shift,
     evaluate,
     resolve_device,
     restricted_logit_scale,
@@ -82,6 +83,7 @@ class ClientData:
     num_val: int
     class_weights: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None  # FedRS (train.restricted_softmax)
+    logit_shift: torch.Tensor | None = None  # FedLC (train.calibration_tau)
 
 
 class TaskEnvironment:
@@ -158,7 +160,10 @@ class TaskEnvironment:
                 class_weights=self._class_weights(labels[part.train_indices]),
                 logit_scale=(restricted_logit_scale(labels[part.train_indices],
                                                     self.num_classes, tcfg.restricted_softmax)
-                             if tcfg.restricted_softmax < 1 else None))
+                             if tcfg.restricted_softmax < 1 else None),
+                logit_shift=(calibrated_logit_shift(labels[part.train_indices],
+                                                    self.num_classes, tcfg.calibration_tau)
+                             if tcfg.calibration_tau > 0 else None))
         return self._clients[partition_id]
 
     def _class_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
@@ -273,6 +278,7 @@ class TaskEnvironment:
         result = train_local(model, loader, cfg=tcfg, lr=lr,
                              device=self.device, proximal_mu=proximal_mu,
                              class_weights=data.class_weights, logit_scale=data.logit_scale,
+                             logit_shift=data.logit_shift,
                              grad_offset=offsets, proximal_anchors=anchors)
         return {**result.as_metrics(), "train/lr": lr}, data.num_train
 

@@ -87,6 +87,11 @@ def _validate_training(cfg: FedimgConfig) -> None:
     _check(t.restricted_softmax == 1 or cfg.privacy.mode != "dp_sgd",
            "train.restricted_softmax < 1 with privacy.mode=dp_sgd: the mask of locally "
            "present classes comes from the private labels. Fix: drop one of them")
+    _check(t.calibration_tau >= 0, f"train.calibration_tau={t.calibration_tau} must be "
+           ">= 0 (0 = off; FedLC's paper uses 0.01 to 1)")
+    _check(t.calibration_tau == 0 or cfg.privacy.mode != "dp_sgd",
+           "train.calibration_tau > 0 with privacy.mode=dp_sgd: the calibration comes from "
+           "the private label counts. Fix: drop one of them")
     _check(0 <= t.momentum < 1, f"train.momentum={t.momentum} must be in [0, 1)")
     _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
     _check(t.local_epochs >= 1, f"train.local_epochs={t.local_epochs} must be >= 1")

@@ -111,6 +111,7 @@ class TrainConfig:
     warmup_rounds: int = 0  # linear lr warm-up over the first k rounds, then the schedule
     class_weighting: ClassWeighting = ClassWeighting.none
     restricted_softmax: float = 1.0  # FedRS alpha for locally absent classes' logits; 1 = off
+    calibration_tau: float = 0.0  # FedLC tau: logits - tau * n_c^(-1/4), absent out; 0 = off
     # Steps of a client's round (fedimg.training.budget): epochs = local_epochs passes, or
     # local_steps if set; steps = local_steps each; steps_per_sample = ceil(s x n_i)
     local_budget: LocalBudget = LocalBudget.epochs

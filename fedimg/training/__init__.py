@@ -19,7 +19,11 @@
 
 from fedimg.training.device import resolve_device
 from fedimg.training.feature_cache import TrunkCache
-from fedimg.training.losses import balanced_class_weights, restricted_logit_scale
+from fedimg.training.losses import (
+    balanced_class_weights,
+    calibrated_logit_shift,
+    restricted_logit_scale,
+)
 from fedimg.training.loop import (
     TrainingDiverged,
     TrainResult,
@@ -45,6 +49,7 @@ __all__ = [
     "scores",
     "resolve_device",
     "restricted_logit_scale",
+    "calibrated_logit_shift",
     "scheduled_lr",
     "train_local",
 ]

@@ -63,7 +63,8 @@ class TrainResult:
     A *step* is one optimizer update, on one batch of ``loader`` (which a
     :class:`StepHook` may feed as several micro-batches). A step's loss is the sum of
     its samples' cross-entropies, each times its class weight when ``class_weights``
-    are given (FedRS-scaled logits, no FedProx term), divided by its batch size.
+    are given (on FedRS-scaled, FedLC-shifted logits, no FedProx term), divided by
+    its batch size.
 
     * ``loss``: the per-sample mean of that loss over all steps of the round.
     * ``first_loss`` / ``last_loss``: the same mean over the first / last *window* of
@@ -127,6 +128,7 @@ def train_local(
     optimizer: torch.optim.Optimizer | None = None,
     class_weights: torch.Tensor | None = None,
     logit_scale: torch.Tensor | None = None,
+    logit_shift: torch.Tensor | None = None,
     hook: StepHook | None = None,
     grad_offset: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
     proximal_anchors: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
@@ -143,7 +145,8 @@ def train_local(
     ``logit_scale`` (K,) multiplies the logits before the loss: FedRS (Li & Zhan
     2021, "FedRS: Federated Learning with Restricted Softmax for Label Distribution
     Non-IID Data") scales the classes a client never sees by alpha < 1, so that its
-    few classes do not push the others' scores down as hard.
+    few classes do not push the others' scores down as hard. ``logit_shift`` (K,) is
+    then added: FedLC's calibration (:func:`~fedimg.training.losses.calibrated_logit_shift`).
     ``grad_offset``: (parameter, offset) pairs added to those gradients at every step
     (as the loss term ``<offset, w>``, so mixed precision's loss scaling covers it).
     ``proximal_anchors``: (parameter, centre) pairs of the proximal term, when its
@@ -174,6 +177,7 @@ def train_local(
             weight=class_weights.to(device) if class_weights is not None else None,
             weigh_objective=hook is None,
             scale=logit_scale.to(device) if logit_scale is not None else None,
+            shift=logit_shift.to(device) if logit_shift is not None else None,
             proximal_mu=proximal_mu, params=[p for p, _ in anchored],
             anchors=[a for _, a in anchored] if proximal_mu > 0 else None,
             offsets=tuple((p, o.to(device=p.device, dtype=p.dtype)) for p, o in grad_offset))
@@ -247,6 +251,7 @@ class _Step:
     weight: torch.Tensor | None  # (K,) class weights of the loss
     weigh_objective: bool  # False under a hook: its optimizer weighs the samples
     scale: torch.Tensor | None  # (K,) FedRS logit scale
+    shift: torch.Tensor | None  # (K,) FedLC logit shift, after the scale
     proximal_mu: float
     params: list[torch.nn.Parameter]  # the proximal term's parameters (the trainable ones)
     anchors: list[torch.Tensor] | None  # their global values (FedProx), or None
@@ -258,6 +263,8 @@ class _Step:
             logits = self.net(x)  # (b, K)
             if self.scale is not None:
                 logits = logits * self.scale
+            if self.shift is not None:
+                logits = logits + self.shift
             # sum / b rather than mean: a batch of size 0 (Poisson sampling) gives 0, not NaN
             summed = F.cross_entropy(logits, y, weight=self.weight, reduction="sum")
             loss = summed / max(len(y), 1)

@@ -14,8 +14,8 @@ docs; vmap itself: JAX, Bradbury et al. 2018).
 (``torch.manual_seed(job.seed)`` just before it, as the client environment does),
 to float tolerance: the same batches in the same order (each client iterates its own
 loader, cycling for ``local_steps``), the same loss (``sum of (class-weighted)
-cross-entropies / batch size`` on FedRS-scaled logits, plus the FedProx term
-``mu / 2 * ||w - w_global||^2`` of Li et al. 2020), the same SGD (heavy-ball
+cross-entropies / batch size`` on FedRS-scaled, FedLC-shifted logits, plus the
+FedProx term ``mu / 2 * ||w - w_global||^2`` of Li et al. 2020), the same SGD (heavy-ball
 momentum, L2 weight decay added to the gradient, a fresh buffer each round: a zero
 buffer gives the same first step), and BatchNorm in train mode updating each
 client's own running statistics (stacked buffers, mutated in place under vmap).
@@ -82,6 +82,7 @@ class ClientJob:
     seed: int  # torch.manual_seed before its round (fedimg.seeds.derive_seed)
     class_weights: torch.Tensor | None = None  # (K,)
     logit_scale: torch.Tensor | None = None  # (K,) FedRS
+    logit_shift: torch.Tensor | None = None  # (K,) FedLC
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def train_sequential(model: nn.Module, jobs: Sequence[ClientJob], *, cfg: TrainC
             torch.manual_seed(job.seed)
             result = train_local(model, job.loader, cfg=cfg, lr=lr, device=device,
                                  proximal_mu=proximal_mu, class_weights=job.class_weights,
-                                 logit_scale=job.logit_scale)
+                                 logit_scale=job.logit_scale, logit_shift=job.logit_shift)
             state = model.state_dict()
             outcomes.append(ClientOutcome(result, {k: state[k].detach().clone() for k in keys}))
     finally:
@@ -188,6 +189,7 @@ class _Engine:
     anchors: dict[str, torch.Tensor] | None  # global weights (FedProx), shared
     weights: torch.Tensor | None  # (k, K) class weights
     scales: torch.Tensor | None  # (k, K) FedRS logit scale
+    shifts: torch.Tensor | None  # (k, K) FedLC logit shift
     clients: list[_Client]
     steps: list[int]
     cfg: TrainConfig
@@ -223,6 +225,7 @@ class _Engine:
             anchors=dict(trainable) if mu > 0 else None,
             weights=_stack_optional([j.class_weights for j in jobs], device),
             scales=_stack_optional([j.logit_scale for j in jobs], device),
+            shifts=_stack_optional([j.logit_shift for j in jobs], device),
             clients=clients, steps=steps, cfg=cfg, lr=lr, mu=mu, device=device,
             layers=RandomLayers(model, device, amp_dtype(device, enabled=cfg.amp)))
 
@@ -261,10 +264,11 @@ class _Engine:
         noise = [torch.stack(n) for n in zip(*(fetched[i][2] for i in members))]
         weights = None if self.weights is None else self.weights[index]
         scales = None if self.scales is None else self.scales[index]
+        shifts = None if self.shifts is None else self.shifts[index]
         with autocast(self.device, amp_dtype(self.device, enabled=self.cfg.amp)):
-            dims = (0, 0, 0, 0, 0, None if weights is None else 0, None if scales is None else 0)
+            dims = (0, 0, 0, 0, 0, *(None if t is None else 0 for t in (weights, scales, shifts)))
             grads, (summed, logits) = vmap(grad(self._objective, has_aux=True), in_dims=dims)(
-                params, buffers, x, y, noise, weights, scales)
+                params, buffers, x, y, noise, weights, scales, shifts)
         new_params, new_momenta = _sgd(params, grads, momenta, cfg=self.cfg, lr=self.lr)
         for n in params:
             if whole:
@@ -284,13 +288,16 @@ class _Engine:
 
     def _objective(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                    x: torch.Tensor, y: torch.Tensor, noise: list[torch.Tensor],
-                   weight: torch.Tensor | None, scale: torch.Tensor | None
+                   weight: torch.Tensor | None, scale: torch.Tensor | None,
+                   shift: torch.Tensor | None
                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One client's step objective (vmapped): loss (+ FedProx) and (loss sum, logits)."""
         self.feed.extend(noise)  # type: ignore[union-attr]
         logits = functional_call(self.model, (params, buffers), (x,))  # (b, K)
         if scale is not None:
             logits = logits * scale
+        if shift is not None:
+            logits = logits + shift
         summed = F.cross_entropy(logits, y, weight=weight, reduction="sum")
         objective = summed / max(y.shape[0], 1)
         if self.anchors is not None:

@@ -53,6 +53,8 @@ def test_split_argv_separates_scenario() -> None:
     (["data.nope=1"], r"data.nope"),
     (["train.restricted_softmax=1.5"], r"train.restricted_softmax=1.5 must be in \[0, 1\]"),
     (["train.restricted_softmax=0.5", "privacy=dp_sgd"], r"mask of locally present classes"),
+    (["train.calibration_tau=-1"], r"train.calibration_tau=-1.0 must be >= 0"),
+    (["train.calibration_tau=0.1", "privacy=dp_sgd"], r"calibration comes from the private"),
     (["hetero.availability=1.2"], r"hetero.availability=1.2 is impossible"),
     (["deploy.enabled=true", "hetero.dropout=0.1"], r"hetero.\* simulates unreliable devices"),
 ])

@@ -226,6 +226,30 @@ def test_restricted_softmax_scales_the_logits_of_absent_classes():
     assert fedrs.first_loss == pytest.approx(math.log(1 + 2 * math.e), rel=1e-5)
 
 
+def test_calibrated_logits_shift_present_classes_and_drop_absent_ones():
+    # Arrange: 3 classes; the client holds 16 of class 0 and 1 of class 1, none of 2.
+    # FedLC (Zhang et al. 2022) shifts class c by -tau * n_c^(-1/4): 16^(-1/4) = 0.5.
+    from fedimg.training import calibrated_logit_shift
+
+    labels = torch.tensor([0] * 16 + [1])
+    shift = calibrated_logit_shift(labels, 3, tau=2.0)
+    assert shift[:2].tolist() == [-1.0, -2.0] and shift[2] == float("-inf")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 1.0, 3.0]))
+    bias = model[1].bias.detach().clone()
+    batch = [(torch.zeros(4, 3, 4, 4), torch.tensor([0, 0, 0, 1]))]
+    cfg = TrainConfig(local_steps=1, lr=0.5, momentum=0.0, weight_decay=0.0)
+    # Act
+    fedlc = train_local(model, batch, cfg=cfg, lr=cfg.lr, device=CPU, logit_shift=shift)
+    # Assert: shifted logits (-1, -1, -inf): each of the two classes has p = 1/2, so
+    # the loss is log 2 and the absent class's bias gets no gradient
+    assert fedlc.first_loss == pytest.approx(math.log(2), rel=1e-6)
+    step = model[1].bias.detach() - bias  # -lr * mean(p - onehot): (-0.5*(0.5-0.75), ...)
+    assert step.tolist() == pytest.approx([0.125, -0.125, 0.0], abs=1e-7)
+
+
 class _TwoHalves:
     """A StepHook in plain PyTorch: every batch in two halves, their gradients summed,
     one SGD update per batch (the shape of DP-SGD's micro-batches, without Opacus)."""

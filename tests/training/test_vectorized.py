@@ -60,8 +60,9 @@ def _loader(n: int, seed: int, *, augment: str = "light", size: int = 32) -> InM
 def _jobs(make_loader) -> list[ClientJob]:  # noqa: ANN001
     weights = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.5])
     scale = torch.tensor([1.0, 0.5, 1.0, 0.5, 1.0])
+    shift = torch.tensor([-0.1, -0.3, 0.0, -0.2, -0.5])  # FedLC-like, every class present
     return [ClientJob(make_loader(SIZES[0], 1), seed=101, class_weights=weights),
-            ClientJob(make_loader(SIZES[1], 2), seed=102),
+            ClientJob(make_loader(SIZES[1], 2), seed=102, logit_shift=shift),
             ClientJob(make_loader(SIZES[2], 3), seed=103, logit_scale=scale)]
 
 
@@ -75,7 +76,7 @@ def _reference(model: nn.Module, jobs: list[ClientJob], *, cfg: TrainConfig,
         torch.manual_seed(job.seed)
         result = train_local(model, job.loader, cfg=cfg, lr=cfg.lr, device=CPU,
                              proximal_mu=mu, class_weights=job.class_weights,
-                             logit_scale=job.logit_scale)
+                             logit_scale=job.logit_scale, logit_shift=job.logit_shift)
         out.append((result.as_metrics(), {k: v.clone() for k, v in model.state_dict().items()}))
     model.load_state_dict(initial)
     return out
