@@ -31,7 +31,7 @@ from fedimg.simulation import fleet
 from fedimg.simulation.attacks import poisoned_update
 from fedimg.simulation.faults import inject_fault
 from fedimg.transport.codecs import compress_update
-from fedimg.config import FedimgConfig
+from fedimg.config import FedimgConfig, HeadInit
 from fedimg.errors import DataError
 from fedimg.transport.records import (
     ARRAYS_KEY,
@@ -39,6 +39,8 @@ from fedimg.transport.records import (
     COMPRESSION_KEY,
     CONFIG_KEY,
     DECLINED_KEY,
+    HEAD_STATS_ACTION,
+    HEAD_STATS_KEY,
     LEDGER_KEY,
     METRICS_KEY,
     PARTITION_KEY,
@@ -296,6 +298,25 @@ def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecor
         {k: Array(np.asarray(v, order="C")) for k, v in arrays.items()}))
     content[COMPRESSION_KEY] = ConfigRecord({"codec": comp.kind})
     return content
+
+
+@app.query(HEAD_STATS_ACTION)
+def head_statistics(msg: Message, context: Context) -> Message:
+    """Fed3R's feature sums of the local training images (``fl.head_init=ridge``).
+
+    Only a run whose validated config asks for them gets them: that config has no
+    privacy mode and no secure aggregation (``fedimg.config.checks``), so a site whose
+    policy requires privacy has refused it already in ``_setup``.
+    """
+    env, pid, _, _ = _setup(msg, context)
+    if env.cfg.fl.head_init != HeadInit.ridge:
+        raise DataError(f"head statistics asked for, but fl.head_init={env.cfg.fl.head_init}: "
+                        "this client sends them only to a run configured for them")
+    stats = env.head_statistics(pid)
+    arrays = ArrayRecord({"gram": Array(stats.gram.numpy()),
+                          "moment": Array(stats.moment.numpy())})
+    return Message(RecordDict({HEAD_STATS_KEY: arrays, "metrics": MetricRecord(
+        {"num-examples": stats.count})}), reply_to=msg)
 
 
 @app.evaluate()

@@ -56,6 +56,7 @@ from fedimg.training import (
     train_local,
 )
 from fedimg.training.budget import round_steps
+from fedimg.training.closed_form import HeadStatistics, head_statistics
 from fedimg.training.vector_rule import VectorizeRule
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,17 @@ class TaskEnvironment:
         if cached is not None:  # the tail on cached trunk features, batched alike
             (model, loader), tcfg = cached, dataclasses.replace(tcfg, channels_last=False)
         return model, loader, tcfg, lr
+
+    def head_statistics(self, partition_id: int) -> HeadStatistics:
+        """Fed3R's feature sums of client ``partition_id``'s training images, as the
+        evaluation sees them (no augmentation): ``fl.head_init=ridge``."""
+        part, train = self.partitions[partition_id], self.dataset.train
+        labels = poisoned_labels(self.cfg, partition_id, train.labels, self.num_classes)
+        loader = InMemoryLoader(train.images, labels, indices=part.train_indices,
+                                batch_size=self.cfg.train.eval_batch_size,
+                                transform=self._eval_tf, shuffle=False, seed=0)
+        return head_statistics(self.model, MODELS.get(self.cfg.model).get_head(self.model),
+                               loader, num_classes=self.num_classes, device=self.device)
 
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
         """Metrics of the loaded weights on client ``partition_id``'s validation split."""

@@ -169,6 +169,14 @@ class Personal(Choice):
     ditto = "ditto"  # Li et al. 2021: a personal model kept near the global one
 
 
+class HeadInit(Choice):
+    """``fl.head_init``: none | ridge (fedimg.serverapp.head_init, before round 1)."""
+
+    label = nonmember("head initialisation")
+    none = "none"
+    ridge = "ridge"  # Fani et al. 2024 (Fed3R): the closed-form ridge head of all clients
+
+
 class Clock(Choice):
     """``hetero.clock``: simulated (scaled compute time) | real (slow clients sleep)."""
 
@@ -245,5 +253,5 @@ CHOICES: tuple[type[Choice], ...] = (
     DataSource, Partitioner, Augment, OnCorrupt, TransferMode, BatchNorm, Optimizer,
     Schedule, ClassWeighting, OnTooFew, Clock, Compression, PrivacyKind, Accountant,
     GradSampleMode, Clipping, AttackKind, SecureAggregation, FeatureCache, LocalBudget,
-    Personal,
+    Personal, HeadInit,
 )

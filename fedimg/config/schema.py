@@ -27,6 +27,7 @@ from fedimg.config.choices import (
     DataSource,
     FeatureCache,
     GradSampleMode,
+    HeadInit,
     LocalBudget,
     OnCorrupt,
     OnTooFew,
@@ -97,6 +98,9 @@ class TransferConfig:
     mode: TransferMode = TransferMode.full
     last_k: int = 2  # feature blocks trained in last_k mode (plus the head)
     bn: BatchNorm = BatchNorm.train  # frozen: FrozenBatchNorm2d
+    # false: the head stays as the server set it (FedBABU, Oh et al. 2022; with
+    # fl.head_init=ridge, the clients' closed-form head), only the blocks train
+    train_head: bool = True
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,10 @@ class FederationConfig:
     personal: Personal = Personal.none  # fedper | fedrep: its head; ditto: a whole model
     fedrep_head_steps: int = 0  # FedRep's head phase, body frozen; 0 = the round's steps
     ditto_lambda: float = 0.1  # Ditto's pull lambda/2 ||v - w||^2 towards the global model
+    # Before round 1 (fedimg.serverapp.head_init): ridge = the head that every client's
+    # feature statistics give in closed form (Fed3R), the same as pooled data would
+    head_init: HeadInit = HeadInit.none
+    ridge_lambda: float = 0.1  # ridge penalty, relative to the Gram matrix' mean diagonal
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def apply_transfer(
         frozen = blocks[: len(blocks) - transfer.last_k]
         for block in frozen:
             set_trainable(block.parameters(), trainable=False)
-    set_trainable(head.parameters(), trainable=True)
+    set_trainable(head.parameters(), trainable=transfer.train_head)
     replaced = freeze_batchnorm(model, only_frozen=transfer.bn == "train")
     silence_random_layers(frozen)
     total, trainable = count_parameters(model)
@@ -174,6 +174,12 @@ def _check_transfer(transfer: TransferConfig, *, num_blocks: int, model_name: st
     if transfer.bn not in BN_MODES:
         raise ConfigError(
             f"transfer.bn='{transfer.bn}' is unknown; valid: {', '.join(BN_MODES)}"
+        )
+    if transfer.mode == "head" and not transfer.train_head:
+        raise ConfigError(
+            "transfer.mode=head with transfer.train_head=false leaves nothing to train; "
+            "fix: transfer.mode=last_k (or full) to train blocks under a fixed head, or "
+            "transfer.train_head=true"
         )
     if transfer.mode == "last_k" and not 1 <= transfer.last_k <= num_blocks:
         raise ConfigError(

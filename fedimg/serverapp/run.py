@@ -17,11 +17,13 @@ from typing import Any
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
+from fedimg.config import HeadInit
 from fedimg.build import PreparedRun, build_loop, new_transport, update_checks
 from fedimg.errors import FedimgError, PrivacyBudgetExhausted
 from fedimg.reporting.run_dir import write_json
 from fedimg.serverapp.checkpoint import repair_best, restore_run_state
 from fedimg.serverapp.discovery import assign_partitions, discover_sites
+from fedimg.serverapp.head_init import fit_ridge_head
 from fedimg.serverapp.loop import RoundLoop
 from fedimg.serverapp.results import run_results
 from fedimg.serverapp.validation import UpdateChecks
@@ -41,6 +43,8 @@ def run_federation(grid: Grid, prepared: PreparedRun) -> dict[str, Any]:
     """
     transport, checks = new_transport(prepared, grid), update_checks(prepared)
     _discover(prepared, transport, checks)
+    if prepared.cfg.fl.head_init == HeadInit.ridge and prepared.resume is None:
+        fit_ridge_head(prepared, transport, checks)  # Fed3R: the head before round 1
     startup_s = time.perf_counter() - prepared.started
     loop = build_loop(prepared, transport, checks)
     if prepared.resume is not None:

@@ -40,6 +40,10 @@ LEDGER_KEY = "fedimg-privacy-ledger"  # ConfigRecord {"json": ...}: a client's D
 SECAGG_KEY = "fedimg-secagg"  # ConfigRecord: a SecAgg+ stage's request or reply (fedimg.privacy.secagg)
 SECAGG_VECTOR_KEY = "fedimg-secagg-vector"  # ArrayRecord {"masked": uint}: a masked contribution
 SITE_KEY = "fedimg-site"  # ConfigRecord {"name", "location"}: a deployed site's describe reply
+# fl.head_init=ridge (fedimg.serverapp.head_init): the query's action, and its reply's
+# ArrayRecord {"gram": (D+1, D+1), "moment": (D+1, K)} float64 feature sums
+HEAD_STATS_ACTION = "head_statistics"
+HEAD_STATS_KEY = "fedimg-head-statistics"
 # Simulation only: every client's share of the pooled data ({"sizes", "indices"}) and the
 # address book ({"nodes"}: the node id of each client), sent with every message.
 PARTITION_KEY = "fedimg-partition"

@@ -1,0 +1,135 @@
+"""Before round 1: the global head in closed form from every client's feature sums.
+
+``fl.head_init=ridge`` runs Fed3R (Fanì et al. 2024, "Accelerating Heterogeneous
+Federated Learning with Closed-form Classifiers"; the maths is in
+:mod:`fedimg.training.closed_form`). The server sends the initial model to every
+client in one ``query.head_statistics`` message; each answers with the sums ``G_k``
+and ``M_k`` of its training images' head features. Their sum is what pooled images
+would give, so the ridge head solved from it does not depend on how the images are
+spread: a fleet whose cameras each hold one class gets the head that central
+training of the same head would. The rounds then fine-tune from there.
+
+A reply is checked before it counts: the shapes of the model's head, finite values,
+a symmetric Gram, and counts that agree with each other and with the client's
+known training size (``G[-1, -1] = n``, ``M[-1]`` sums to ``n``: the appended
+constant feature). A reply that fails is left out with a warning naming the
+client, like a rejected update; fewer usable replies than ``fl.min_replies`` stop
+the run before round 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Message, RecordDict
+
+from fedimg.build import PreparedRun
+from fedimg.errors import FedimgError
+from fedimg.models import MODELS
+from fedimg.serverapp.validation import UpdateChecks
+from fedimg.training.closed_form import HeadStatistics, ridge_head
+from fedimg.transport.grid import Exchange, Transport, error_summary
+from fedimg.transport.packing import unpack_content
+from fedimg.transport.records import (
+    ARRAYS_KEY,
+    HEAD_STATS_ACTION,
+    HEAD_STATS_KEY,
+    config_record,
+    state_dict_to_record,
+)
+
+log = logging.getLogger(__name__)
+
+
+def fit_ridge_head(prepared: PreparedRun, transport: Transport, checks: UpdateChecks) -> None:
+    """Replace the head of ``prepared.initial_state`` by the clients' ridge solution."""
+    started, cfg = time.perf_counter(), prepared.cfg
+    head = MODELS.get(cfg.model).head
+    weight_key, bias_key = f"{head}.weight", f"{head}.bias"
+    content = RecordDict({"config": config_record(prepared.client_cfg),
+                          ARRAYS_KEY: state_dict_to_record(prepared.initial_state),
+                          **prepared.context(transport.node_to_partition)})
+    total, used = collect_statistics(
+        transport, content, head_shape=tuple(prepared.initial_state[weight_key].shape),
+        expected_sizes=checks.expected_sizes, timeout=cfg.fl.timeout_s,
+        min_replies=cfg.fl.min_replies)
+    weight, bias = ridge_head(total, relative_lambda=cfg.fl.ridge_lambda)
+    prepared.initial_state[weight_key] = weight
+    prepared.initial_state[bias_key] = bias
+    log.info("ridge head from %d clients (%d images) in %.1fs", used, total.count,
+             time.perf_counter() - started)
+
+
+def collect_statistics(transport: Transport, content: RecordDict, *,
+                       head_shape: tuple[int, ...], expected_sizes: Mapping[int, int],
+                       timeout: float, min_replies: int) -> tuple[HeadStatistics, int]:
+    """Every node's feature sums, added up, and how many replies counted.
+
+    Raises :class:`FedimgError` before round 1 when fewer than ``min_replies`` count.
+    """
+    classes, features = head_shape
+    messages = [Message(content=content, message_type=f"query.{HEAD_STATS_ACTION}",
+                        dst_node_id=node) for node in transport.node_ids()]
+    total: HeadStatistics | None = None
+    used, problems = 0, []
+    for exchange in transport.exchange(messages, timeout=timeout):
+        pid = exchange.partition_id
+        stats = _statistics(exchange, dim=features + 1, classes=classes,
+                            expected=expected_sizes.get(pid))
+        if isinstance(stats, str):
+            problems.append(f"client {pid}: {stats}")
+            log.warning("head statistics of client %d left out: %s", pid, stats)
+            continue
+        total, used = stats if total is None else total + stats, used + 1
+    if total is None or used < min_replies:
+        raise FedimgError(f"fl.head_init=ridge: {used} usable replies of {len(messages)}, "
+                          f"fl.min_replies={min_replies}; " + "; ".join(problems[:5])
+                          + ". Fix the clients, or run with fl.head_init=none")
+    return total, used
+
+
+def _statistics(exchange: Exchange, *, dim: int, classes: int,
+                expected: int | None) -> HeadStatistics | str:
+    """A reply's feature sums, or the line saying why they are unusable."""
+    reply = exchange.reply
+    if reply is None:
+        return "no reply before fl.timeout_s"
+    if reply.has_error():
+        return error_summary(str(reply.error.reason))
+    try:
+        content = unpack_content(reply.content)
+        arrays = content.array_records[HEAD_STATS_KEY]
+        gram = np.asarray(arrays["gram"].numpy(), dtype=np.float64)
+        moment = np.asarray(arrays["moment"].numpy(), dtype=np.float64)
+        count = int(content.metric_records["metrics"]["num-examples"])
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        return f"malformed reply ({type(exc).__name__}: {str(exc)[:200]})"
+    problem = _check(gram, moment, count, dim=dim, classes=classes, expected=expected)
+    if problem:
+        return problem
+    return HeadStatistics(torch.from_numpy(gram.copy()), torch.from_numpy(moment.copy()), count)
+
+
+def _check(gram: np.ndarray, moment: np.ndarray, count: int, *, dim: int, classes: int,
+           expected: int | None) -> str:
+    """What is wrong with these sums ("" if nothing)."""
+    if gram.shape != (dim, dim) or moment.shape != (dim, classes):
+        return (f"shapes {gram.shape} and {moment.shape}, the head needs ({dim}, {dim}) and "
+                f"({dim}, {classes})")
+    if not (np.isfinite(gram).all() and np.isfinite(moment).all()):
+        return "non-finite values"
+    if expected is not None and count != expected:
+        return f"{count} images, the client has {expected}"
+    scale = max(1.0, float(np.abs(gram).max()))
+    if count < 1 or abs(gram[-1, -1] - count) > 1e-6 * count \
+            or abs(moment[-1].sum() - count) > 1e-6 * count \
+            or not np.allclose(moment[-1], np.round(moment[-1]), atol=1e-6) \
+            or (moment[-1] < 0).any():
+        return f"sums inconsistent with {count} images"
+    if np.abs(gram - gram.T).max() > 1e-9 * scale or (np.diagonal(gram) < 0).any():
+        return "a Gram matrix that is not symmetric with a non-negative diagonal"
+    return ""

@@ -1,0 +1,45 @@
+"""fl.head_init=ridge in a real Ray simulation: one class per client, the pooled head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_fault_tolerance import TINY
+
+from fedimg.baselines import union
+from fedimg.build import initial_model
+from fedimg.clientapp.environment import TaskEnvironment
+from fedimg.config.compose import compose_config
+from fedimg.serverapp.evaluation import CentralEvaluator
+from fedimg.simulate import run
+from fedimg.training.closed_form import ridge_head
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+ONE_CLASS = ["data.partitioner=shards", "data.classes_per_client=1", "transfer.mode=head",
+             "fl.head_init=ridge", "rounds=1"]
+
+
+def test_clients_holding_one_class_each_start_from_the_pooled_ridge_head(tmp_path) -> None:
+    # Arrange: the ridge head of every training image at once, computed in-process
+    cfg = compose_config(overrides=[*TINY, *ONE_CLASS])
+    env = TaskEnvironment(cfg)
+    pooled = TaskEnvironment(cfg, partitions=[union(env.partitions)], dataset=env.dataset)
+    state = initial_model(cfg, env.num_classes)[0]
+    pooled.load_state(state)
+    stats = pooled.head_statistics(0)
+    weight, bias = ridge_head(stats, relative_lambda=cfg.fl.ridge_lambda)
+    want = CentralEvaluator(cfg, env.dataset)({**state, "_fc.weight": weight, "_fc.bias": bias})
+    labels = [set(env.dataset.train.labels[p.train_indices].tolist()) for p in env.partitions]
+    # Act: the federation of one-class clients
+    run([*TINY, *ONE_CLASS, f"hydra.run.dir={tmp_path}"])
+    # Assert: each client held one class; round 0 is the pooled head's evaluation
+    assert all(len(held) == 1 for held in labels)
+    assert stats.count == sum(len(p.train_indices) for p in env.partitions)
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["round"] == 0
+    assert first["test/loss"] == pytest.approx(want["test/loss"], rel=1e-5)
+    assert first["test/accuracy"] == pytest.approx(want["test/accuracy"], abs=1e-9)
+    assert torch.isfinite(weight).all()

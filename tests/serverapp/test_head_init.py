@@ -1,0 +1,82 @@
+"""Fed3R's statistics round on the server: honest sums add up, hostile replies are left out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from offline_grid import OfflineGrid, answer
+
+from fedimg.errors import FedimgError
+from fedimg.serverapp.head_init import collect_statistics
+from fedimg.training.closed_form import HeadStatistics
+from fedimg.transport.grid import Transport
+from fedimg.transport.records import HEAD_STATS_KEY
+
+D, K = 3, 2  # head features and classes: sums are (4, 4) and (4, 2)
+
+
+def _sums(node: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Node n's honest sums: n images of class n % 2 with features (n, 1, 0) and 1."""
+    phi = np.tile(np.array([node, 1.0, 0.0, 1.0]), (node, 1))
+    y = np.zeros((node, K))
+    y[:, node % 2] = 1
+    return phi.T @ phi, phi.T @ y, node
+
+
+def _content(gram: np.ndarray, moment: np.ndarray, count: float) -> RecordDict:
+    return RecordDict({HEAD_STATS_KEY: ArrayRecord({"gram": Array(gram), "moment": Array(moment)}),
+                       "metrics": MetricRecord({"num-examples": count})})
+
+
+class _Scripted(OfflineGrid):
+    def __init__(self, replies: dict[int, Callable[[], RecordDict]]) -> None:
+        self.node_ids, self.replies = sorted(replies), replies
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return [answer(m, self.replies[m.metadata.dst_node_id]()) for m in messages]
+
+
+def _collect(replies: dict[int, Callable[[], RecordDict]], *,
+             min_replies: int = 1) -> tuple[HeadStatistics, int]:
+    transport = Transport(_Scripted(replies))
+    transport.node_to_partition = {node: node for node in replies}
+    return collect_statistics(transport, RecordDict(), head_shape=(K, D),
+                              expected_sizes={node: node for node in replies},
+                              timeout=5, min_replies=min_replies)
+
+
+def test_honest_sums_are_added_and_hostile_ones_left_out() -> None:
+    # Arrange: nodes 1 and 2 honest; nodes 3.. each hostile in its own way
+    honest = {n: (lambda n=n: _content(*_sums(n))) for n in (1, 2)}
+    g, m, _ = _sums(3)
+    asymmetric = g.copy()
+    asymmetric[0, 1] += 1
+    hostile = {
+        3: lambda: _content(np.zeros((5, 5)), m, 3),  # wrong shape
+        4: lambda: _content(*_sums(4)[:2], 5),  # more images than the client has
+        5: lambda: _content(np.full((4, 4), np.nan), np.zeros((4, K)), 5),  # NaN
+        6: lambda: _content(asymmetric * 2, m * 2, 6),  # not symmetric
+        7: lambda: RecordDict({"metrics": MetricRecord({"num-examples": 7})}),  # no sums
+        8: lambda: _content(np.diag([-1.0, 1, 1, 8]), np.array([[0, 0]] * 3 + [[8, 0]],
+                                                              dtype=float), 8),  # negative
+    }
+    # Act
+    total, used = _collect({**honest, **hostile})
+    # Assert: exactly the honest sums
+    assert used == 2 and total.count == 3
+    want_g, want_m = _sums(1)[0] + _sums(2)[0], _sums(1)[1] + _sums(2)[1]
+    assert torch.equal(total.gram, torch.from_numpy(want_g))
+    assert torch.equal(total.moment, torch.from_numpy(want_m))
+
+
+def test_too_few_usable_replies_stop_the_run_before_round_1() -> None:
+    replies = {1: lambda: _content(*_sums(1)), 2: lambda: _content(np.zeros((1, 1)),
+                                                                   np.zeros((1, 1)), 2)}
+    with pytest.raises(FedimgError, match=r"fl.head_init=ridge: 1 usable replies of 2, "
+                                          r"fl.min_replies=2; client 2: shapes"):
+        _collect(replies, min_replies=2)
