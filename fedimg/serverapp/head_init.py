@@ -44,6 +44,8 @@ from fedimg.transport.records import (
 
 log = logging.getLogger(__name__)
 
+MAX_REPLY_BYTES = 4 * 2**30  # all replies are held until the last arrives (Transport.exchange)
+
 
 def fit_ridge_head(prepared: PreparedRun, transport: Transport, checks: UpdateChecks) -> None:
     """Replace the head of ``prepared.initial_state`` by the clients' ridge solution."""
@@ -72,6 +74,7 @@ def collect_statistics(transport: Transport, content: RecordDict, *,
     Raises :class:`FedimgError` before round 1 when fewer than ``min_replies`` count.
     """
     classes, features = head_shape
+    _check_memory(len(transport.node_ids()), features + 1, classes)
     messages = [Message(content=content, message_type=f"query.{HEAD_STATS_ACTION}",
                         dst_node_id=node) for node in transport.node_ids()]
     total: HeadStatistics | None = None
@@ -90,6 +93,16 @@ def collect_statistics(transport: Transport, content: RecordDict, *,
                           f"fl.min_replies={min_replies}; " + "; ".join(problems[:5])
                           + ". Fix the clients, or run with fl.head_init=none")
     return total, used
+
+
+def _check_memory(nodes: int, dim: int, classes: int) -> None:
+    """Refuse, before sending, replies that would not fit in the server's memory at once."""
+    needed = nodes * dim * (dim + classes) * 8
+    if needed > MAX_REPLY_BYTES:
+        raise FedimgError(f"fl.head_init=ridge with {nodes} clients: their feature sums "
+                          f"({dim}x{dim} float64 each) need {needed / 2**30:.1f} GiB at the "
+                          f"server at once, over the {MAX_REPLY_BYTES / 2**30:.0f} GiB limit. "
+                          "Fix: fewer clients, or fl.head_init=none")
 
 
 def _statistics(exchange: Exchange, *, dim: int, classes: int,
