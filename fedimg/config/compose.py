@@ -331,8 +331,11 @@ def compose_config(
     if run_dir is not None:
         output = dataclasses.replace(cfg.output, run_dir=str(Path(run_dir).resolve()))
         cfg = dataclasses.replace(cfg, output=output)
-    if cfg.data.path:  # workers and resumes read it from wherever they run
-        data = dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).expanduser()
-                                                      .resolve()))
-        cfg = dataclasses.replace(cfg, data=data)
+    given = Path(cfg.data.path).expanduser() if cfg.data.path else None
+    if given is not None and (given.is_absolute() or given.exists()):
+        # workers and resumes read it from wherever they run; a relative path that is not
+        # here stays relative, for the reader to find under the data root (data.root or
+        # $FEDIMG_DATA: data.path=ham_sites)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                path=str(given.resolve())))
     return validate(cfg)

@@ -38,6 +38,7 @@ from fedimg.data.carve import carve_test, check_classes, group_values, leaked_gr
 from fedimg.data.folders import SPLITS, Items, decode_splits, list_split
 from fedimg.data.hf_sets import PREFIX as HF_PREFIX
 from fedimg.data.hf_sets import read_hf
+from fedimg.data.roots import resolve_data_root
 from fedimg.data.types import ImageSet, RawSplits
 from fedimg.errors import DataError
 
@@ -47,6 +48,17 @@ SHOWN = 5  # bad manifest rows named in an error (the rest are counted)
 Sets = dict[str, ImageSet]
 
 
+def _find(cfg: DataConfig) -> Path:
+    """``data.path`` as given (relative to the working directory), else a relative path
+    under the data root (``data.root`` or ``$FEDIMG_DATA``): ``data.path=ham_sites``."""
+    given = Path(str(cfg.path)).expanduser()
+    if not given.is_absolute() and not given.exists():
+        under_root = resolve_data_root(cfg.root) / given
+        if under_root.exists():
+            return under_root.resolve()
+    return given.resolve()
+
+
 def load_path_dataset(cfg: DataConfig) -> RawSplits:
     """Read your own dataset: ``cfg.path`` with the reader ``cfg.dataset`` names, or a
     Hugging Face dataset ``hf:<name>`` (:mod:`fedimg.data.hf_sets`); see the module doc."""
@@ -54,10 +66,11 @@ def load_path_dataset(cfg: DataConfig) -> RawSplits:
         where = cfg.dataset
         classes, sets, warnings = read_hf(cfg.dataset, image_size=cfg.image_size)
     else:
-        path = Path(str(cfg.path)).expanduser().resolve()
+        path = _find(cfg)
         if not path.exists():
-            raise DataError(f"data.path={cfg.path} does not exist ({path}). Fix: point "
-                            f"data.path at your {cfg.dataset} ({_WHAT[cfg.dataset]}).")
+            raise DataError(f"data.path={cfg.path} does not exist ({path}, nor under the "
+                            f"data root {resolve_data_root(cfg.root)}). Fix: point data.path "
+                            f"at your {cfg.dataset} ({_WHAT[cfg.dataset]}).")
         where = str(path)
         classes, sets, warnings = _READERS[cfg.dataset](path, cfg)
     sets, carved = _with_test_split(sets, cfg, where=where)

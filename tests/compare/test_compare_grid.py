@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 import fedimg.simulate
-from fedimg.compare.grid import cell_name, parse_args, run_grid, site_stats, summarise
+from fedimg.compare.grid import (
+    cell_name,
+    cell_row,
+    parse_args,
+    run_grid,
+    site_stats,
+    summarise,
+)
 from fedimg.errors import ConfigError
 from manifests import ham_manifest
 
@@ -41,6 +48,22 @@ def test_site_stats_and_the_summary_by_hand() -> None:
     [entry] = summarise(rows, ["strategy", "seed"])
     assert entry["seeds"] == 3 and entry["auc"] == pytest.approx(0.8)
     assert entry["auc_std"] == pytest.approx(statistics.stdev([0.7, 0.8, 0.9]))  # 0.1
+
+
+def test_a_row_reports_the_personal_models_beside_the_global_one(tmp_path: Path) -> None:
+    # Arrange: a run's results.json with global and personalised validation figures
+    final = {"test/balanced_accuracy": 0.7, "test/site/a/balanced_accuracy": 0.6,
+             "test/site/b/balanced_accuracy": 0.8, "fair/worst_accuracy": 0.5,
+             "val/personal_accuracy": 0.9, "fair/worst_personal_accuracy": 0.75}
+    (tmp_path / "results.json").write_text(json.dumps({"final": final,
+                                                       "timing": {"total_s": 12.0}}))
+    # Act
+    row = cell_row({"strategy": "fedavg", "seed": 0}, tmp_path)
+    # Assert
+    assert row["balanced_accuracy"] == 0.7 and row["worst_site_balanced_accuracy"] == 0.6
+    assert row["site_spread_balanced_accuracy"] == pytest.approx(0.2)
+    assert (row["worst_client_val_accuracy"], row["personal_val_accuracy"],
+            row["worst_client_personal_val_accuracy"], row["wall_s"]) == (0.5, 0.9, 0.75, 12.0)
 
 
 def test_a_grid_writes_its_tables_and_resumes_without_rerunning(tmp_path: Path,

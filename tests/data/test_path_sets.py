@@ -187,6 +187,22 @@ def test_a_missing_path_and_a_path_without_a_path_dataset_are_one_line(tmp_path:
         compose_config("medical", ["data.dataset=manifest"])
 
 
+def test_a_relative_path_is_found_under_the_data_root(tmp_path: Path, monkeypatch) -> None:
+    # Arrange: a folder dataset under the data root, and a working directory elsewhere
+    for split, n in (("train", 4), ("test", 2)):
+        for label in ("a", "b"):
+            for i in range(n):
+                _image(tmp_path / "root" / "sites" / split / label / f"{i}.png", i)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDIMG_DATA", str(tmp_path / "root"))
+    # Act
+    found = _load("folder", "sites")
+    # Assert: 8 training and 4 test images, read from $FEDIMG_DATA/sites
+    assert (len(found.train), len(found.test)) == (8, 4)
+    with pytest.raises(DataError, match=r"nor under the data root .*root\)"):
+        _load("folder", "elsewhere")
+
+
 def test_shares_round_half_up_and_keep_one_on_each_side() -> None:
     assert [share(n, 0.2) for n in (1, 2, 5, 10, 12, 13)] == [0, 1, 1, 2, 2, 3]
     assert share(3, 0.9) == 2  # never the whole class
