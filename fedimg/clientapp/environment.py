@@ -309,6 +309,27 @@ class TaskEnvironment:
         return head_statistics(self.model, MODELS.get(self.cfg.model).get_head(self.model),
                                loader, num_classes=self.num_classes, device=self.device)
 
+    def site_test(self, partition_id: int) -> InMemoryLoader | None:
+        """The test rows of this client's own site, or None.
+
+        In a natural split by ``data.site_column`` (every training row of the client
+        from one site) these are the site's held-out images, on which a site judges a
+        personalised model; a deployed site's rows carry no site column.
+        """
+        column, train, test = self.cfg.data.site_column, self.dataset.train, self.dataset.test
+        if not column or column not in train.metadata or column not in test.metadata:
+            return None
+        rows = self.partitions[partition_id].train_indices
+        sites = set(np.asarray(train.metadata[column])[rows].astype(str))
+        if len(sites) != 1:
+            return None
+        own = np.flatnonzero(np.asarray(test.metadata[column]).astype(str) == sites.pop())
+        if own.size == 0:
+            return None
+        return InMemoryLoader(test.images, test.labels, indices=own,
+                              batch_size=self.cfg.train.eval_batch_size,
+                              transform=self._eval_tf, shuffle=False, seed=0)
+
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
         """Metrics of the loaded weights on client ``partition_id``'s validation split."""
         data = self.client(partition_id)

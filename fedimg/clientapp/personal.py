@@ -22,7 +22,9 @@ shared part of the update leaves the client.
 
 The personalised model (global body with the kept head, or v) is what
 :func:`personal_metrics` evaluates on the client's own validation split, reported as
-``val/personal_*`` beside the global model's ``val/*``. Plain PyTorch; no flwr here.
+``val/personal_*`` beside the global model's ``val/*``. In a natural split it also
+scores it on the test rows of the client's own site (``test/personal/*``), beside
+the global model's ``test/site/<name>/*``. Plain PyTorch; no flwr here.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from fedimg.clientapp.environment import TaskEnvironment
+from fedimg.training import evaluate
 
 Tensors = dict[str, torch.Tensor]
+SITE_TEST_PREFIX = "test/personal/"  # the personal model on the client's own site's test rows
+SITE_TEST_METRICS = ("accuracy", "balanced_accuracy", "auc")
 
 
 def _copy(env: TaskEnvironment, keys: Iterable[str]) -> Tensors:
@@ -131,4 +136,10 @@ def personal_metrics(env: TaskEnvironment, partition_id: int, *, kept: Tensors |
     if kept:
         env.model.load_state_dict(kept, strict=env.cfg.fl.personal == "ditto")
     metrics, _ = env.evaluate_client(partition_id)
-    return {f"val/personal_{k.split('/', 1)[1]}": v for k, v in metrics.items()}
+    out = {f"val/personal_{k.split('/', 1)[1]}": v for k, v in metrics.items()}
+    own_test = env.site_test(partition_id)
+    if own_test is not None:  # a natural split: also the site's own test rows
+        tested = evaluate(env.model, own_test, device=env.device, num_classes=env.num_classes,
+                          amp=env.cfg.train.amp)
+        out.update({f"{SITE_TEST_PREFIX}{k}": float(tested[k]) for k in SITE_TEST_METRICS})
+    return out

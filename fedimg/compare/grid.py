@@ -13,7 +13,9 @@ spread across sites of ``test/site/<name>/<metric>`` (where the test split names
 sites), the worst client's validation accuracy (``fair/worst_accuracy``: for a local
 run, the worst site's own model), the personalised models' mean and worst validation
 accuracy where a run has them (``fl.personal``: ``val/personal_accuracy``,
-``fair/worst_personal_accuracy``) and the wall time. Per group of
+``fair/worst_personal_accuracy``), the worst site's balanced accuracy of its own
+personalised model on its own test rows (``fair/worst_test_personal_balanced_accuracy``)
+and the wall time. Per group of
 cells that differ only in their seed (``compare.md``, ``compare_summary.csv``): mean
 +- sample std and the number of seeds, the way cross-silo papers report (FLamby, Ogier
 du Terrail et al. 2022).
@@ -122,6 +124,9 @@ def cell_row(cell: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     # fl.personal (or fl.personalize_steps): each client's own model on its validation split
     row["personal_val_accuracy"] = final.get("val/personal_accuracy")
     row["worst_client_personal_val_accuracy"] = final.get("fair/worst_personal_accuracy")
+    # ... and on each site's own test rows (a natural split): the worst site's
+    row["worst_site_personal_balanced_accuracy"] = final.get(
+        "fair/worst_test_personal_balanced_accuracy")
     row["wall_s"] = results.get("timing", {}).get("total_s")
     row["run_dir"] = str(run_dir)
     return row
@@ -129,7 +134,8 @@ def cell_row(cell: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 VALUES = (*METRICS, *(f"{p}_{m}" for m in METRICS[:2] for p in ("worst_site", "site_spread")),
           "worst_client_val_accuracy", "personal_val_accuracy",
-          "worst_client_personal_val_accuracy", "wall_s")
+          "worst_client_personal_val_accuracy", "worst_site_personal_balanced_accuracy",
+          "wall_s")
 
 
 def summarise(rows: list[dict[str, Any]], axes: Sequence[str]) -> list[dict[str, Any]]:

@@ -19,7 +19,8 @@ def fairness(exchanges: list[Exchange], metric: str = "val/accuracy") -> dict[st
     """How evenly the global model serves the clients that evaluated it this round.
 
     Worst client, 10th percentile (linear interpolation), spread (best - worst) and
-    standard deviation of ``metric`` over the clients' own validation splits, the
+    standard deviation of ``metric`` over the clients' own validation splits (or, for
+    ``test/personal/*``, their personalised models on their own site's test rows), the
     client-level view of fairness in federated learning (Li et al. 2020, "Fair
     Resource Allocation in Federated Learning"). Empty if no client evaluated.
     """
@@ -87,6 +88,7 @@ def counts(exchanges: list[Exchange]) -> dict[str, int]:
 def exchange_summary(exchanges: list[Exchange], *, deadline_s: float | None) -> dict[str, Any]:
     """Everything a round record says about its exchanges (``clients`` included)."""
     return {**fairness(exchanges), **fairness(exchanges, "val/personal_accuracy"),
+            **fairness(exchanges, "test/personal/balanced_accuracy"),  # worst site (fl.personal)
             **device_time(exchanges, deadline_s),
             "bytes/down": sum(e.bytes_down for e in exchanges),
             "bytes/up": sum(e.bytes_up for e in exchanges),

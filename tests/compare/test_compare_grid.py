@@ -54,7 +54,8 @@ def test_a_row_reports_the_personal_models_beside_the_global_one(tmp_path: Path)
     # Arrange: a run's results.json with global and personalised validation figures
     final = {"test/balanced_accuracy": 0.7, "test/site/a/balanced_accuracy": 0.6,
              "test/site/b/balanced_accuracy": 0.8, "fair/worst_accuracy": 0.5,
-             "val/personal_accuracy": 0.9, "fair/worst_personal_accuracy": 0.75}
+             "val/personal_accuracy": 0.9, "fair/worst_personal_accuracy": 0.75,
+             "fair/worst_test_personal_balanced_accuracy": 0.55}
     (tmp_path / "results.json").write_text(json.dumps({"final": final,
                                                        "timing": {"total_s": 12.0}}))
     # Act
@@ -64,6 +65,7 @@ def test_a_row_reports_the_personal_models_beside_the_global_one(tmp_path: Path)
     assert row["site_spread_balanced_accuracy"] == pytest.approx(0.2)
     assert (row["worst_client_val_accuracy"], row["personal_val_accuracy"],
             row["worst_client_personal_val_accuracy"], row["wall_s"]) == (0.5, 0.9, 0.75, 12.0)
+    assert row["worst_site_personal_balanced_accuracy"] == 0.55
 
 
 def test_a_grid_writes_its_tables_and_resumes_without_rerunning(tmp_path: Path,
