@@ -19,6 +19,10 @@ and ``test/site/<name>/*`` on each site's rows of it. Under ``local``, ``test/*`
 mean over the sites' models on the pooled test split, ``test/site/<name>/*`` is site
 ``name``'s own model on its own test rows, and each client entry holds its model's
 pooled-test metrics; the summary names the worst site and the spread.
+
+With ``fl.head_init=ridge`` each model starts from the closed-form head of its own
+training images (:mod:`fedimg.training.closed_form`): ``pooled`` from the union's, which
+is the head the federation's summed statistics give, ``local`` from each site's own.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ from fedimg.build import PreparedRun
 from fedimg.clientapp.environment import TaskEnvironment
 from fedimg.data import ClientPartition, Dataset
 from fedimg.errors import ConfigError
+from fedimg.models import MODELS
 from fedimg.reporting import RoundProgress, library_versions
 from fedimg.serverapp.evaluation import CentralEvaluator, site_key
 from fedimg.serverapp.results import data_summary
 from fedimg.serverapp.strategies import STRATEGIES, sampled_clients
+from fedimg.training.closed_form import ridge_head
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +115,21 @@ class BaselineRun:
         self.trainees = trainees(prepared, self.env)
         self.states: dict[str, State] = {t.name: dict(prepared.initial_state)
                                          for t in self.trainees}
+        if cfg.fl.head_init == "ridge":  # each model's head from its own training images
+            for t in self.trainees:
+                self.states[t.name].update(self._ridge_head(t))
         log.info("%s baseline: %s", cfg.strategy, ", ".join(
             f"{t.name} ({self.env.client(t.partition).num_train} images, {t.steps} steps/"
             "round)" for t in self.trainees))
+
+    def _ridge_head(self, trainee: Trainee) -> State:
+        """``fl.head_init=ridge`` in-process: the closed-form head of the trainee's data
+        (pooled: the union, the head a federation's summed statistics give)."""
+        self.env.load_state(self.states[trainee.name])
+        stats = self.env.head_statistics(trainee.partition)
+        weight, bias = ridge_head(stats, relative_lambda=self.prepared.cfg.fl.ridge_lambda)
+        head = MODELS.get(self.prepared.cfg.model).head
+        return {f"{head}.weight": weight, f"{head}.bias": bias}
 
     def train_round(self, server_round: int) -> dict[str, dict[str, Any]]:
         """Each trainee trains its own model from its own last state."""

@@ -86,10 +86,6 @@ def _check_strategy_facts(cfg: FedimgConfig) -> None:
            f"with fl.personal={cfg.fl.personal}: a baseline trains in-process, with no "
            "client state to keep a personal part in (strategy=local is each site's own "
            "model already). Fix: fl.personal=none, or a federated strategy such as fedavg")
-    _check(not (spec.baseline and cfg.fl.head_init != "none"), f"strategy={cfg.strategy} "
-           f"with fl.head_init={cfg.fl.head_init}: a baseline trains in-process from the "
-           "initial model; the federated ridge head equals the one pooled images give. "
-           "Fix: fl.head_init=none for the baseline")
     shared = [name for name in STRATEGIES.names() if not STRATEGIES.get(name).own_messages]
     _check(cfg.sim.cohort_size == 1 or not spec.own_messages, f"sim.cohort_size="
            f"{cfg.sim.cohort_size} with strategy={cfg.strategy}: it sends each client "

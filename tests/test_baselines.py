@@ -74,6 +74,32 @@ def test_local_sites_never_exchange_weights(tmp_path) -> None:
     assert results["final"]["fleet/ok"] == 3 and results["bytes"] == {"down": 0, "up": 0}
 
 
+def test_a_ridge_head_starts_pooled_from_the_union_and_local_from_each_site(tmp_path) -> None:
+    # Arrange: the closed-form head of the union, and of site 0 alone
+    from fedimg.build import initial_model
+    from fedimg.training.closed_form import ridge_head
+
+    pooled = BaselineRun(_prepared(tmp_path, "pooled", "fl.head_init=ridge"))
+    local = BaselineRun(_prepared(tmp_path, "local", "fl.head_init=ridge"))
+    env, cfg = pooled.env, pooled.prepared.cfg
+    env.load_state(initial_model(cfg, env.num_classes)[0])
+    parts = pooled.prepared.partitions
+    union_stats = env.head_statistics(0) + env.head_statistics(1) + env.head_statistics(2)
+    want_union = ridge_head(union_stats, relative_lambda=cfg.fl.ridge_lambda)
+    want_site0 = ridge_head(env.head_statistics(0), relative_lambda=cfg.fl.ridge_lambda)
+    # Act / Assert: the sums of the sites are the union's head; site 0 has its own
+    head = "classifier.3"  # mobilenet_v3_small's last Linear
+    got = pooled.states["pooled"]
+    assert union_stats.count == sum(len(p.train_indices) for p in parts)
+    close = {"rtol": 1e-4, "atol": 0.0}  # the weights are small here: compare relatively
+    torch.testing.assert_close(got[f"{head}.weight"], want_union[0], **close)
+    torch.testing.assert_close(got[f"{head}.bias"], want_union[1], **close)
+    first = local.states[local.trainees[0].name]
+    torch.testing.assert_close(first[f"{head}.weight"], want_site0[0], **close)
+    apart = (first[f"{head}.weight"] - got[f"{head}.weight"]).norm()
+    assert apart > 0.05 * got[f"{head}.weight"].norm()
+
+
 def test_baselines_refuse_dp_and_resume(tmp_path) -> None:
     prepared = _prepared(tmp_path, "pooled")
     with pytest.raises(ConfigError, match="strategy=pooled with resume"):

@@ -2,8 +2,8 @@
 
 ``fl.head_init=ridge`` (Fed3R, :mod:`fedimg.serverapp.head_init`) has every client send
 the sums of its training features in the clear. What that rules out is refused here,
-one line each: the value, why, the fix. The baseline strategies (a registry fact) are
-refused in :mod:`fedimg.resolve`.
+one line each: the value, why, the fix. The baselines (``strategy=pooled|local``) fit
+the same head in-process from their own images (:mod:`fedimg.baselines`).
 """
 
 from __future__ import annotations

@@ -16,8 +16,6 @@ from fedimg.resolve import compose_and_check
     (["fl.head_init=ridge", "privacy.mode=client_dp"], "with privacy.mode=client_dp"),
     (["fl.head_init=ridge", "fl.secure_aggregation=secaggplus"],
      "with fl.secure_aggregation=secaggplus: the feature sums are sent unmasked"),
-    (["fl.head_init=ridge", "strategy=pooled"],
-     "strategy=pooled with fl.head_init=ridge: a baseline trains in-process"),
     (["fl.ridge_lambda=0"], "fl.ridge_lambda=0.0 is impossible"),
     (["fl.ridge_lambda=nan"], "fl.ridge_lambda=nan is impossible"),
 ])
