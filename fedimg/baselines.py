@@ -40,12 +40,11 @@ from fedimg.build import PreparedRun
 from fedimg.clientapp.environment import TaskEnvironment
 from fedimg.data import ClientPartition, Dataset
 from fedimg.errors import ConfigError
-from fedimg.models import MODELS
 from fedimg.reporting import RoundProgress, library_versions
 from fedimg.serverapp.evaluation import CentralEvaluator, site_key
+from fedimg.serverapp.head_init import ridge_head_state
 from fedimg.serverapp.results import data_summary
 from fedimg.serverapp.strategies import STRATEGIES, sampled_clients
-from fedimg.training.closed_form import ridge_head
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +125,7 @@ class BaselineRun:
         """``fl.head_init=ridge`` in-process: the closed-form head of the trainee's data
         (pooled: the union, the head a federation's summed statistics give)."""
         self.env.load_state(self.states[trainee.name])
-        stats = self.env.head_statistics(trainee.partition)
-        weight, bias = ridge_head(stats, relative_lambda=self.prepared.cfg.fl.ridge_lambda)
-        head = MODELS.get(self.prepared.cfg.model).head
-        return {f"{head}.weight": weight, f"{head}.bias": bias}
+        return ridge_head_state(self.prepared.cfg, self.env.head_statistics(trainee.partition))
 
     def train_round(self, server_round: int) -> dict[str, dict[str, Any]]:
         """Each trainee trains its own model from its own last state."""

@@ -43,6 +43,7 @@ from fedimg.transport.records import (
     HEAD_STATS_KEY,
     LEDGER_KEY,
     METRICS_KEY,
+    NUM_EXAMPLES_KEY,
     PARTITION_KEY,
     PROXIMAL_MU_KEY,
     ROUND_KEY,
@@ -315,8 +316,8 @@ def head_statistics(msg: Message, context: Context) -> Message:
     stats = env.head_statistics(pid)
     arrays = ArrayRecord({"gram": Array(stats.gram.numpy()),
                           "moment": Array(stats.moment.numpy())})
-    return Message(RecordDict({HEAD_STATS_KEY: arrays, "metrics": MetricRecord(
-        {"num-examples": stats.count})}), reply_to=msg)
+    return Message(RecordDict({HEAD_STATS_KEY: arrays, METRICS_KEY: MetricRecord(
+        {NUM_EXAMPLES_KEY: stats.count})}), reply_to=msg)
 
 
 @app.evaluate()

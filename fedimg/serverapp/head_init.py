@@ -9,10 +9,11 @@ would give, so the ridge head solved from it does not depend on how the images a
 spread: a fleet whose cameras each hold one class gets the head that central
 training of the same head would. The rounds then fine-tune from there.
 
-A reply is checked before it counts: the shapes of the model's head, finite values,
-a symmetric Gram, and counts that agree with each other and with the client's
-known training size (``G[-1, -1] = n``, ``M[-1]`` sums to ``n``: the appended
-constant feature). A reply that fails is left out with a warning naming the
+A reply is checked before it counts: the shapes of the model's head (before its
+arrays are decoded), finite values below a per-image bound, a symmetric positive
+semi-definite Gram (so the server's solve cannot fail), and counts that agree with each
+other and with the client's known training size (``G[-1, -1] = n``, ``M[-1]`` sums to
+``n``: the appended constant feature). A reply that fails is left out with a warning naming the
 client, like a rejected update; fewer usable replies than ``fl.min_replies`` stop
 the run before round 1.
 """
@@ -28,6 +29,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from fedimg.build import PreparedRun
+from fedimg.config import FedimgConfig
 from fedimg.errors import FedimgError
 from fedimg.models import MODELS
 from fedimg.serverapp.validation import UpdateChecks
@@ -38,6 +40,8 @@ from fedimg.transport.records import (
     ARRAYS_KEY,
     HEAD_STATS_ACTION,
     HEAD_STATS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
     config_record,
     state_dict_to_record,
 )
@@ -45,13 +49,13 @@ from fedimg.transport.records import (
 log = logging.getLogger(__name__)
 
 MAX_REPLY_BYTES = 4 * 2**30  # all replies are held until the last arrives (Transport.exchange)
+MAX_FEATURE_ENERGY = 1e12  # |G|, |M| per image: far above any network's features, finite sums
 
 
 def fit_ridge_head(prepared: PreparedRun, transport: Transport, checks: UpdateChecks) -> None:
     """Replace the head of ``prepared.initial_state`` by the clients' ridge solution."""
     started, cfg = time.perf_counter(), prepared.cfg
-    head = MODELS.get(cfg.model).head
-    weight_key, bias_key = f"{head}.weight", f"{head}.bias"
+    weight_key = f"{MODELS.get(cfg.model).head}.weight"
     content = RecordDict({"config": config_record(prepared.client_cfg),
                           ARRAYS_KEY: state_dict_to_record(prepared.initial_state),
                           **prepared.context(transport.node_to_partition)})
@@ -59,11 +63,17 @@ def fit_ridge_head(prepared: PreparedRun, transport: Transport, checks: UpdateCh
         transport, content, head_shape=tuple(prepared.initial_state[weight_key].shape),
         expected_sizes=checks.expected_sizes, timeout=cfg.fl.timeout_s,
         min_replies=cfg.fl.min_replies)
-    weight, bias = ridge_head(total, relative_lambda=cfg.fl.ridge_lambda)
-    prepared.initial_state[weight_key] = weight
-    prepared.initial_state[bias_key] = bias
+    prepared.initial_state.update(ridge_head_state(cfg, total))
     log.info("ridge head from %d clients (%d images) in %.1fs", used, total.count,
              time.perf_counter() - started)
+
+
+def ridge_head_state(cfg: FedimgConfig, stats: HeadStatistics) -> dict[str, torch.Tensor]:
+    """The head's weight and bias, under the model's state-dict names, solved from ``stats``
+    (also the baselines' in-process head: :mod:`fedimg.baselines`)."""
+    head = MODELS.get(cfg.model).head
+    weight, bias = ridge_head(stats, relative_lambda=cfg.fl.ridge_lambda)
+    return {f"{head}.weight": weight, f"{head}.bias": bias}
 
 
 def collect_statistics(transport: Transport, content: RecordDict, *,
@@ -74,9 +84,10 @@ def collect_statistics(transport: Transport, content: RecordDict, *,
     Raises :class:`FedimgError` before round 1 when fewer than ``min_replies`` count.
     """
     classes, features = head_shape
-    _check_memory(len(transport.node_ids()), features + 1, classes)
+    nodes = transport.node_ids()
+    _check_memory(len(nodes), features + 1, classes)
     messages = [Message(content=content, message_type=f"query.{HEAD_STATS_ACTION}",
-                        dst_node_id=node) for node in transport.node_ids()]
+                        dst_node_id=node) for node in nodes]
     total: HeadStatistics | None = None
     used, problems = 0, []
     for exchange in transport.exchange(messages, timeout=timeout):
@@ -116,9 +127,13 @@ def _statistics(exchange: Exchange, *, dim: int, classes: int,
     try:
         content = unpack_content(reply.content)
         arrays = content.array_records[HEAD_STATS_KEY]
-        gram = np.asarray(arrays["gram"].numpy(), dtype=np.float64)
-        moment = np.asarray(arrays["moment"].numpy(), dtype=np.float64)
-        count = int(content.metric_records["metrics"]["num-examples"])
+        shapes = tuple(arrays[k].shape for k in ("gram", "moment"))
+        if shapes != ((dim, dim), (dim, classes)):  # before decoding a byte of them
+            return (f"shapes {shapes[0]} and {shapes[1]}, the head needs ({dim}, {dim}) "
+                    f"and ({dim}, {classes})")
+        gram = np.asarray(arrays["gram"].numpy(), dtype=np.float64).reshape(dim, dim)
+        moment = np.asarray(arrays["moment"].numpy(), dtype=np.float64).reshape(dim, classes)
+        count = int(content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY])
     except (KeyError, ValueError, TypeError, OverflowError) as exc:
         return f"malformed reply ({type(exc).__name__}: {str(exc)[:200]})"
     problem = _check(gram, moment, count, dim=dim, classes=classes, expected=expected)
@@ -130,11 +145,10 @@ def _statistics(exchange: Exchange, *, dim: int, classes: int,
 def _check(gram: np.ndarray, moment: np.ndarray, count: int, *, dim: int, classes: int,
            expected: int | None) -> str:
     """What is wrong with these sums ("" if nothing)."""
-    if gram.shape != (dim, dim) or moment.shape != (dim, classes):
-        return (f"shapes {gram.shape} and {moment.shape}, the head needs ({dim}, {dim}) and "
-                f"({dim}, {classes})")
     if not (np.isfinite(gram).all() and np.isfinite(moment).all()):
         return "non-finite values"
+    if max(np.abs(gram).max(), np.abs(moment).max()) > MAX_FEATURE_ENERGY * max(count, 1):
+        return f"sums larger than {MAX_FEATURE_ENERGY:.0e} per image"
     if expected is not None and count != expected:
         return f"{count} images, the client has {expected}"
     scale = max(1.0, float(np.abs(gram).max()))
@@ -145,4 +159,10 @@ def _check(gram: np.ndarray, moment: np.ndarray, count: int, *, dim: int, classe
         return f"sums inconsistent with {count} images"
     if np.abs(gram - gram.T).max() > 1e-9 * scale or (np.diagonal(gram) < 0).any():
         return "a Gram matrix that is not symmetric with a non-negative diagonal"
+    # a sum of phi phi^T is positive semi-definite: with a jitter far below the ridge
+    # penalty it factorises, so no reply can make the server's solve fail
+    jitter = 1e-9 * max(float(np.diagonal(gram).mean()), 1e-300)
+    jittered = torch.from_numpy(gram + jitter * np.eye(dim))
+    if int(torch.linalg.cholesky_ex(jittered).info) != 0:
+        return "a Gram matrix that is not positive semi-definite"
     return ""

@@ -50,7 +50,7 @@ def _collect(replies: dict[int, Callable[[], RecordDict]], *,
                               timeout=5, min_replies=min_replies)
 
 
-def test_honest_sums_are_added_and_hostile_ones_left_out() -> None:
+def test_honest_sums_are_added_and_hostile_ones_left_out(caplog) -> None:
     # Arrange: nodes 1 and 2 honest; nodes 3.. each hostile in its own way
     honest = {n: (lambda n=n: _content(*_sums(n))) for n in (1, 2)}
     g, m, _ = _sums(3)
@@ -64,11 +64,21 @@ def test_honest_sums_are_added_and_hostile_ones_left_out() -> None:
         7: lambda: RecordDict({"metrics": MetricRecord({"num-examples": 7})}),  # no sums
         8: lambda: _content(np.diag([-1.0, 1, 1, 8]), np.array([[0, 0]] * 3 + [[8, 0]],
                                                               dtype=float), 8),  # negative
+        # symmetric, counts right, but indefinite: [[1, 5], [5, 1]] has eigenvalue -4
+        9: lambda: _content(np.array([[1.0, 5, 0, 0], [5, 1, 0, 0], [0, 0, 0, 0],
+                                      [0, 0, 0, 9]]), np.array([[0, 0]] * 3 + [[9, 0]],
+                                                               dtype=float), 9),
+        10: lambda: _content(_sums(10)[0] * 1e15, _sums(10)[1], 10),  # finite, but huge
     }
     # Act
     total, used = _collect({**honest, **hostile})
     # Assert: exactly the honest sums
     assert used == 2 and total.count == 3
+    reasons = " | ".join(r.getMessage() for r in caplog.records)
+    for reason in ("shapes", "5 images, the client has 4", "non-finite", "not symmetric",
+                   "malformed reply", "non-negative diagonal", "not positive semi-definite",
+                   "sums larger than"):
+        assert reason in reasons, reason
     want_g, want_m = _sums(1)[0] + _sums(2)[0], _sums(1)[1] + _sums(2)[1]
     assert torch.equal(total.gram, torch.from_numpy(want_g))
     assert torch.equal(total.moment, torch.from_numpy(want_m))
