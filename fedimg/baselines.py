@@ -111,6 +111,8 @@ class BaselineRun:
         self.env = TaskEnvironment(cfg, dataset=prepared.dataset,
                                    partitions=[*prepared.partitions, union(prepared.partitions)])
         self.evaluator = CentralEvaluator(cfg, prepared.dataset)
+        if cfg.train.class_weighting == "federated":  # the union's: pooled training's weights
+            self.env.install_class_counts(self.env.own_class_counts())
         self.trainees = trainees(prepared, self.env)
         self.states: dict[str, State] = {t.name: dict(prepared.initial_state)
                                          for t in self.trainees}

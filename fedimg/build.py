@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
@@ -48,8 +49,10 @@ from fedimg.serverapp.strategies import build_strategy, min_replies
 from fedimg.serverapp.validation import UpdateChecks
 from fedimg.transport.grid import Transport
 from fedimg.transport.records import (
+    CLASS_COUNTS_KEY,
     PARTITION_KEY,
     config_record,
+    counts_record,
     partitions_record,
     state_dict_to_record,
 )
@@ -79,6 +82,7 @@ class PreparedRun:
     started: float = field(default_factory=time.perf_counter)
     sites: dict[int, dict[str, Any]] = field(default_factory=dict)  # deployment: id -> report
     engine_ready: float | None = None  # perf_counter when the simulation engine was up
+    class_counts: np.ndarray | None = None  # train.class_weighting=federated: the union's (K,)
 
     @property
     def client_cfg(self) -> FedimgConfig:
@@ -94,9 +98,13 @@ class PreparedRun:
 
     def context(self, nodes: Mapping[int, int] | None = None) -> dict[str, ArrayRecord]:
         """Run data every message carries: in simulation, every client's partition and
-        the address book ``nodes`` (node id -> client id)."""
-        return ({PARTITION_KEY: partitions_record(self.partitions, nodes)}
-                if self.partitions else {})
+        the address book ``nodes`` (node id -> client id); the federation's class counts
+        under ``train.class_weighting=federated``."""
+        context = ({PARTITION_KEY: partitions_record(self.partitions, nodes)}
+                   if self.partitions else {})
+        if self.class_counts is not None:
+            context[CLASS_COUNTS_KEY] = counts_record(self.class_counts)
+        return context
 
     def checkpoint_meta(self, record: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint needs to be reused: config, classes, seed, round, metrics."""

@@ -119,7 +119,7 @@ def train_shadow(cfg: FedimgConfig, images: torch.Tensor, labels: torch.Tensor,
                             shuffle=True, seed=seed, transform=build_transform(
                                 cfg.data.augment, image_size=cfg.data.image_size, train=True))
     weights = (balanced_class_weights(labels[indices], num_classes)
-               if cfg.train.class_weighting == "balanced" else None)
+               if cfg.train.class_weighting != "none" else None)
     n, book = len(indices), None
     if math.isfinite(epsilon):
         book = new_ledger(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate(cfg, n),

@@ -31,11 +31,12 @@ from fedimg.simulation import fleet
 from fedimg.simulation.attacks import poisoned_update
 from fedimg.simulation.faults import inject_fault
 from fedimg.transport.codecs import compress_update
-from fedimg.config import FedimgConfig, HeadInit
-from fedimg.errors import DataError
+from fedimg.config import ClassWeighting, FedimgConfig, HeadInit
+from fedimg.errors import DataError, UpdateError
 from fedimg.transport.records import (
     ARRAYS_KEY,
     ATTEMPT_KEY,
+    CLASS_COUNTS_KEY,
     COMPRESSION_KEY,
     CONFIG_KEY,
     DECLINED_KEY,
@@ -52,6 +53,8 @@ from fedimg.transport.records import (
     cohort_partitions,
     cohort_reply,
     config_from_record,
+    counts_from_record,
+    counts_record,
     metric_record,
     partitions_from_record,
     record_to_state_dict,
@@ -120,6 +123,12 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
             env.install_partitions(partitions_from_record(content[PARTITION_KEY]))
     else:
         env, pid = _site_environment(str(config[CONFIG_KEY]), site), 0
+    if cfg.train.class_weighting == ClassWeighting.federated \
+            and CLASS_COUNTS_KEY in content.array_records:
+        try:
+            env.install_class_counts(counts_from_record(content, num_classes=env.num_classes))
+        except ValueError as exc:
+            raise UpdateError(f"rejected the server's class counts: {exc}") from exc
     state: dict[str, torch.Tensor] = {}
     if ARRAYS_KEY in content.array_records:
         state = record_to_state_dict(content[ARRAYS_KEY], env.reference)
@@ -199,6 +208,8 @@ def describe(msg: Message, context: Context) -> Message:
         if site.state_dir:
             open_site_ledger(site)  # a missing or corrupt ledger stops the run before round 1
         content[SITE_KEY] = ConfigRecord({"name": site.name})  # no paths leave the site
+        if env.cfg.train.class_weighting == ClassWeighting.federated:  # refused under DP
+            content[CLASS_COUNTS_KEY] = counts_record(env.own_class_counts())
     return Message(content, reply_to=msg)
 
 

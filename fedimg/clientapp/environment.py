@@ -40,7 +40,7 @@ from fedimg.data import (
     partition_dataset,
     read_site_data,
 )
-from fedimg.errors import DataError
+from fedimg.errors import DataError, UpdateError
 from fedimg.seeds import derive_seed
 from fedimg.models import MODELS, batchnorm_state_keys, build_model, frozen_state_keys
 from fedimg.clientapp.policy import site_epsilon
@@ -57,6 +57,7 @@ from fedimg.training import (
 )
 from fedimg.training.budget import round_steps
 from fedimg.training.closed_form import HeadStatistics, head_statistics
+from fedimg.training.losses import balanced_weights_from_counts
 from fedimg.training.vector_rule import VectorizeRule
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class TaskEnvironment:
         self.reference = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         self._clients: dict[int, ClientData] = {}
         self._private: torch.nn.Module | None = None
+        self._class_counts: np.ndarray | None = None  # the server's (class_weighting=federated)
         self._train_tf = build_transform(cfg.data.augment, image_size=cfg.data.image_size,
                                          train=True)
         self._eval_tf = build_transform("none", image_size=cfg.data.image_size, train=False)
@@ -168,9 +170,42 @@ class TaskEnvironment:
         return self._clients[partition_id]
 
     def _class_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
-        if self.cfg.train.class_weighting == "balanced":
+        weighting = self.cfg.train.class_weighting
+        if weighting == "balanced":
             return balanced_class_weights(labels, self.num_classes)
+        if weighting == "federated":
+            if self._class_counts is None:
+                raise DataError("train.class_weighting=federated, but the server sent no "
+                                "class counts (a fedimg server older than this client?). "
+                                "Fix: update the server, or train.class_weighting=balanced")
+            return balanced_weights_from_counts(torch.as_tensor(self._class_counts)).float()
         return None
+
+    def own_class_counts(self) -> np.ndarray:
+        """(K,) counts of the training labels of every client known here (a site: its own)."""
+        indices = np.unique(np.concatenate([np.asarray(p.train_indices, dtype=np.int64)
+                                            for p in self.partitions] or [np.zeros(0, np.int64)]))
+        return np.bincount(np.asarray(self.dataset.train.labels)[indices],
+                           minlength=self.num_classes).astype(np.int64)
+
+    def install_class_counts(self, counts: np.ndarray) -> None:
+        """The federation's class counts (``train.class_weighting=federated``), checked.
+
+        No class may count fewer images in the federation than the clients known here
+        hold, and the counts may not change during a run; UpdateError otherwise.
+        """
+        if self._class_counts is not None:
+            if not np.array_equal(counts, self._class_counts):
+                raise UpdateError("the server's class counts changed during the run "
+                                  f"({self._class_counts.tolist()[:10]} -> "
+                                  f"{counts.tolist()[:10]}): message rejected")
+            return
+        short = np.flatnonzero(counts < self.own_class_counts())
+        if len(short):
+            raise UpdateError(f"the server's class counts {counts.tolist()[:10]} are below "
+                              f"this client's own images for classes {short.tolist()[:10]}: "
+                              "message rejected")
+        self._class_counts = counts
 
     def private_model(self) -> torch.nn.Module:
         """The shared model with in-place ops rewritten, for Opacus' per-sample hooks.

@@ -7,8 +7,8 @@ finished cell there is reused, so a grid resumes. It writes compare.csv,
 compare_summary.csv, compare.md (mean ± std over seeds, worst site and spread) and
 compare.png, sites.png and curves.png (see :mod:`fedimg.compare.grid`).
 
-``compare.lr=[...]``, ``compare.local_steps=[...]`` and ``compare.server_lr=[...]``
-first search each strategy's recipe on ``compare.search_seeds`` (default ``[0]``),
+``compare.lr=[...]``, ``compare.local_steps=[...]``, ``compare.server_lr=[...]`` and
+``compare.ridge_lambda=[...]`` (with ``fl.head_init=ridge``) first search each strategy's recipe on ``compare.search_seeds`` (default ``[0]``),
 chosen on the final round's federated validation metric ``compare.select_metric``
 (default ``output.select_metric``; never a test metric), then report the chosen
 setting's runs on ``compare.seed``; search.csv and selected.csv show the search

@@ -20,8 +20,8 @@ cells that differ only in their seed (``compare.md``, ``compare_summary.csv``): 
 +- sample std and the number of seeds, the way cross-silo papers report (FLamby, Ogier
 du Terrail et al. 2022).
 
-With ``compare.lr``, ``compare.local_steps`` or ``compare.server_lr`` each strategy's
-recipe is first searched on ``compare.search_seeds`` and chosen on federated validation
+With ``compare.lr``, ``compare.local_steps``, ``compare.server_lr`` or
+``compare.ridge_lambda`` each strategy's recipe is first searched on ``compare.search_seeds`` and chosen on federated validation
 only; the chosen setting alone runs on ``compare.seed`` and fills these tables (its
 values in their own columns). See :mod:`fedimg.compare.search`.
 """

@@ -1,8 +1,9 @@
 """A recipe search per strategy before the comparison: chosen on validation, reported on test.
 
-``compare.lr=[...]``, ``compare.local_steps=[...]`` and ``compare.server_lr=[...]``
-(a :class:`~fedimg.config.schema.SearchConfig`) set ``train.lr``, ``train.local_steps``
-and ``fl.server_lr``. For each group of the grid (a strategy, and any other axis but
+``compare.lr=[...]``, ``compare.local_steps=[...]``, ``compare.server_lr=[...]`` and
+``compare.ridge_lambda=[...]`` (a :class:`~fedimg.config.schema.SearchConfig`) set
+``train.lr``, ``train.local_steps``, ``fl.server_lr`` and ``fl.ridge_lambda`` (the
+closed-form head's penalty: it matters only with ``fl.head_init=ridge``). For each group of the grid (a strategy, and any other axis but
 the seed) the search:
 
 1. runs every point of the group's grid, the product of the axes that apply to it
@@ -38,7 +39,8 @@ from fedimg.reporting.tables import write_csv
 log = logging.getLogger(__name__)
 
 SEARCH_AXES = {"lr": "train.lr", "local_steps": "train.local_steps",
-               "server_lr": "fl.server_lr"}  # compare.<name> -> the config key it sets
+               "server_lr": "fl.server_lr",
+               "ridge_lambda": "fl.ridge_lambda"}  # compare.<name> -> the config key it sets
 SERVER_LR = SEARCH_AXES["server_lr"]
 FAILED = "search_failed.txt"  # in a search cell whose run raised (e.g. diverged)
 

@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from fedimg.config.choices import Choice
-from fedimg.config.head_checks import validate_head_init
+from fedimg.config.head_checks import validate_class_weighting, validate_head_init
 from fedimg.config.personal_checks import validate_personal
 from fedimg.config.rules import check as _check
 from fedimg.config.sim_checks import validate_sim
@@ -284,6 +284,7 @@ def _validate_values(cfg: FedimgConfig) -> None:
     _validate_federation(cfg)
     validate_personal(cfg)
     validate_head_init(cfg)
+    validate_class_weighting(cfg)
     validate_sim(cfg)
     _validate_privacy(cfg)
     _validate_attack_and_faults(cfg)

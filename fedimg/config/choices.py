@@ -135,11 +135,17 @@ class LocalBudget(Choice):
 
 
 class ClassWeighting(Choice):
-    """``train.class_weighting``: none | balanced (inverse local class frequency)."""
+    """``train.class_weighting``: none | balanced | federated.
+
+    balanced: inverse class frequency of the client's own images. federated: inverse
+    class frequency of the whole federation's (the weights pooled training's balanced
+    loss uses), from the class counts the server sums before round 1.
+    """
 
     label = nonmember("class weighting")
     none = "none"
     balanced = "balanced"
+    federated = "federated"
 
 
 class OnTooFew(Choice):

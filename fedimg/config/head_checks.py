@@ -1,9 +1,13 @@
-"""Checks of ``fl.head_init`` (a closed-form head before round 1), needing no registry.
+"""Checks of what clients disclose in the clear before round 1, needing no registry.
 
-``fl.head_init=ridge`` (Fed3R, :mod:`fedimg.serverapp.head_init`) has every client send
-the sums of its training features in the clear. What that rules out is refused here,
-one line each: the value, why, the fix. The baselines (``strategy=pooled|local``) fit
-the same head in-process from their own images (:mod:`fedimg.baselines`).
+* ``fl.head_init=ridge`` (Fed3R, :mod:`fedimg.serverapp.head_init`) has every client send
+  the sums of its training features;
+* ``train.class_weighting=federated`` (:mod:`fedimg.serverapp.class_counts`) has the
+  server sum every client's class counts.
+
+What that rules out is refused here, one line each: the value, why, the fix. The
+baselines (``strategy=pooled|local``) fit the same head and weights in-process from
+their own images (:mod:`fedimg.baselines`).
 """
 
 from __future__ import annotations
@@ -28,3 +32,17 @@ def validate_head_init(cfg: FedimgConfig) -> None:
     _check(fl.secure_aggregation == "none", f"fl.head_init={fl.head_init} with "
            f"fl.secure_aggregation={fl.secure_aggregation}: the feature sums are sent "
            "unmasked, which the run asked never to happen. Fix: fl.head_init=none")
+
+
+def validate_class_weighting(cfg: FedimgConfig) -> None:
+    """``federated`` class weights need each client's exact class counts at the server."""
+    weighting = cfg.train.class_weighting
+    if weighting != "federated":
+        return
+    _check(cfg.privacy.mode == "none", f"train.class_weighting={weighting} with privacy."
+           f"mode={cfg.privacy.mode}: each client's exact class counts would leave it outside "
+           "the privacy accounting. Fix: train.class_weighting=balanced (noisy local counts "
+           "under DP), or privacy.mode=none")
+    _check(cfg.fl.secure_aggregation == "none", f"train.class_weighting={weighting} with "
+           f"fl.secure_aggregation={cfg.fl.secure_aggregation}: the class counts are sent "
+           "unmasked, which the run asked never to happen. Fix: train.class_weighting=balanced")

@@ -363,7 +363,8 @@ class SearchConfig:
     """A comparison grid's recipe search: ``compare.lr=[...]`` etc. (fedimg.compare.search).
 
     Not part of a run's config: the grid (``python -m fedimg.compare``) reads it and
-    sets the chosen ``train.lr``, ``train.local_steps`` and ``fl.server_lr`` on its runs.
+    sets the chosen ``train.lr``, ``train.local_steps``, ``fl.server_lr`` and
+    ``fl.ridge_lambda`` on its runs.
     Empty axes search nothing. Each strategy's point is chosen on the mean over
     ``search_seeds`` of the final round's federated validation metric, never on test.
     """
@@ -371,5 +372,6 @@ class SearchConfig:
     lr: list[float] = field(default_factory=list)  # train.lr values; [] = not searched
     local_steps: list[int] = field(default_factory=list)  # train.local_steps values
     server_lr: list[float] = field(default_factory=list)  # fl.server_lr: strategies reading it
+    ridge_lambda: list[float] = field(default_factory=list)  # fl.ridge_lambda (head_init=ridge)
     search_seeds: list[int] = field(default_factory=lambda: [0])  # seeds the search runs on
     select_metric: Optional[str] = None  # a val/ metric; None = output.select_metric

@@ -26,9 +26,10 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedimg.errors import FedimgError
+from fedimg.serverapp.class_counts import site_counts
 from fedimg.serverapp.validation import UpdateChecks, metrics_of
 from fedimg.transport.grid import Transport, error_summary
-from fedimg.transport.records import SITE_KEY
+from fedimg.transport.records import CLASS_COUNTS_KEY, SITE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,14 @@ def _site_report(reply: Message) -> dict[str, Any] | str:
         return f"node {node}: no data-path in its node config (not a site)"
     try:
         metrics, _ = metrics_of(reply.content)
-        return {"name": str(site["name"])[:200],
-                "num_train": int(metrics["num-train"]), "num_val": int(metrics["num-val"]),
-                "num_classes": int(metrics["num-classes"])}
+        report = {"name": str(site["name"])[:200],
+                  "num_train": int(metrics["num-train"]), "num_val": int(metrics["num-val"]),
+                  "num_classes": int(metrics["num-classes"])}
+        if CLASS_COUNTS_KEY in reply.content.array_records:  # class_weighting=federated
+            report["class_counts"] = site_counts(
+                reply.content, num_classes=report["num_classes"],
+                num_train=report["num_train"]).tolist()
+        return report
     except (KeyError, ValueError, TypeError, OverflowError) as exc:
         return f"node {node} ({str(site.get('name', '?'))[:200]}): malformed reply ({exc})"
 

@@ -14,13 +14,15 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
-from fedimg.config import HeadInit
+from fedimg.config import ClassWeighting, HeadInit
 from fedimg.build import PreparedRun, build_loop, new_transport, update_checks
 from fedimg.errors import FedimgError, PrivacyBudgetExhausted
 from fedimg.reporting.run_dir import write_json
+from fedimg.serverapp.class_counts import federation_counts, partition_counts
 from fedimg.serverapp.checkpoint import repair_best, restore_run_state
 from fedimg.serverapp.discovery import assign_partitions, discover_sites
 from fedimg.serverapp.head_init import fit_ridge_head
@@ -115,10 +117,16 @@ def _saved_site_names(prepared: PreparedRun) -> list[str]:
 def _discover(prepared: PreparedRun, transport: Transport, checks: UpdateChecks) -> None:
     """Find every client before round 1 (the sites of a deployment, or the partitions)."""
     cfg = prepared.cfg
+    federated = cfg.train.class_weighting == ClassWeighting.federated
     if not cfg.deploy.enabled:
         assign_partitions(transport, checks, connect_timeout=cfg.fl.connect_timeout_s,
                           sizes=[(len(p.train_indices), len(p.val_indices))
                                  for p in prepared.partitions])
+        if federated:
+            assert prepared.dataset is not None
+            prepared.class_counts = partition_counts(
+                np.asarray(prepared.dataset.train.labels), prepared.partitions,
+                len(prepared.classes))
         return
     content = RecordDict({"config": config_record(prepared.client_cfg)})
     before = _saved_site_names(prepared) if prepared.resume is not None else None
@@ -131,5 +139,7 @@ def _discover(prepared: PreparedRun, transport: Transport, checks: UpdateChecks)
         raise FedimgError(f"cannot resume {prepared.recorder.run_dir}: it ran with sites "
                           f"{before}, now {names} answered. Fix: start the same sites' "
                           "daemons (clients= their number), then resume again")
+    if federated:
+        prepared.class_counts = federation_counts(prepared.sites)
     write_json(prepared.recorder.paths.sites,
                {str(k): v for k, v in prepared.sites.items()})

@@ -44,6 +44,10 @@ SITE_KEY = "fedimg-site"  # ConfigRecord {"name", "location"}: a deployed site's
 # ArrayRecord {"gram": (D+1, D+1), "moment": (D+1, K)} float64 feature sums
 HEAD_STATS_ACTION = "head_statistics"
 HEAD_STATS_KEY = "fedimg-head-statistics"
+# train.class_weighting=federated (fedimg.serverapp.class_counts): the federation's class
+# counts, ArrayRecord {"counts": (K,) int64}, sent with every message; and a deployed
+# site's own counts, the same record in its describe reply.
+CLASS_COUNTS_KEY = "fedimg-class-counts"
 # Simulation only: every client's share of the pooled data ({"sizes", "indices"}) and the
 # address book ({"nodes"}: the node id of each client), sent with every message.
 PARTITION_KEY = "fedimg-partition"
@@ -244,3 +248,24 @@ def partitions_from_record(record: ArrayRecord) -> list[ClientPartition]:
     return [ClientPartition(cid, indices[bounds[2 * cid]:bounds[2 * cid + 1]],
                             indices[bounds[2 * cid + 1]:bounds[2 * cid + 2]])
             for cid in range(len(sizes))]
+
+
+def counts_record(counts: np.ndarray) -> ArrayRecord:
+    """The run-context record of ``counts`` (also a site's own, in its describe reply)."""
+    return ArrayRecord({"counts": Array(np.asarray(counts, dtype=np.int64))})
+
+
+def counts_from_record(content: RecordDict, *, num_classes: int) -> np.ndarray:
+    """The (K,) counts in ``content[CLASS_COUNTS_KEY]``; ValueError naming what is wrong."""
+    if CLASS_COUNTS_KEY not in content.array_records:
+        raise ValueError(f"no '{CLASS_COUNTS_KEY}' record")
+    try:
+        raw = content.array_records[CLASS_COUNTS_KEY]["counts"].numpy()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed '{CLASS_COUNTS_KEY}' record ({exc})") from exc
+    if raw.shape != (num_classes,) or raw.dtype.kind not in "iu":
+        raise ValueError(f"class counts of shape {raw.shape} and dtype {raw.dtype}; the run "
+                         f"has {num_classes} classes (int64 counts)")
+    if (raw < 0).any() or raw.sum() <= 0:
+        raise ValueError(f"class counts {raw.tolist()[:10]} are negative or all zero")
+    return raw.astype(np.int64)

@@ -114,6 +114,10 @@ def test_search_arguments_and_the_points_of_each_strategy() -> None:
     assert search_points(grid.search, reads_server_lr=True)[:2] == [
         {"train.lr": 0.1, "fl.server_lr": 1.0}, {"train.lr": 0.1, "fl.server_lr": 0.5}]
     assert parse_args([])[0].search == SearchConfig()  # no axis: no search
+    # The closed-form head's penalty is an axis of every strategy, searched last
+    ridge = parse_args(["compare.lr=[0.1]", "compare.ridge_lambda=[0.1,1]"])[0].search
+    assert search_points(ridge, reads_server_lr=False) == [
+        {"train.lr": 0.1, "fl.ridge_lambda": 0.1}, {"train.lr": 0.1, "fl.ridge_lambda": 1.0}]
 
 
 def fake_run(argv: list[str]) -> dict[str, Any]:

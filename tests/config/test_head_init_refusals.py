@@ -1,4 +1,4 @@
-"""``fl.head_init`` and ``transfer.train_head``: ranges and refusals, one line each."""
+"""``fl.head_init``, ``transfer.train_head`` and federated class weights: refusals, one line each."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def test_both_are_off_by_default():
     cfg = compose_and_check("medical", [])
     assert (cfg.fl.head_init, cfg.fl.ridge_lambda, cfg.transfer.train_head) == \
         ("none", 0.1, True)
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["train.class_weighting=federated", "privacy.mode=dp_sgd"],
+     "train.class_weighting=federated with privacy.mode=dp_sgd: each client's exact class"),
+    (["train.class_weighting=federated", "privacy.mode=client_dp"], "privacy.mode=client_dp"),
+    (["train.class_weighting=federated", "fl.secure_aggregation=secaggplus"],
+     "the class counts are sent unmasked"),
+])
+def test_federated_class_weights_refuse_what_exact_counts_would_break(overrides, says):
+    assert_refused_in_one_line(overrides, says)

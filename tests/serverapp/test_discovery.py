@@ -19,7 +19,9 @@ from fedimg.serverapp.validation import UpdateChecks
 from fedimg.transport.grid import Transport
 from fedimg.clientapp.site import SiteOptions, site_options
 from fedimg.transport.records import (
+    CLASS_COUNTS_KEY,
     SITE_KEY,
+    counts_record,
     client_of_node,
     partitions_from_record,
     partitions_record,
@@ -27,7 +29,8 @@ from fedimg.transport.records import (
 
 
 class _Sites(OfflineGrid):
-    """Nodes answering the describe query as deployed sites: node id -> (name, train, classes).
+    """Nodes answering the describe query as deployed sites: node id -> (name, train, classes)
+    or (name, train, classes, class counts).
 
     A train size of None leaves ``num-train`` out of the reply (a malformed one).
     """
@@ -43,13 +46,15 @@ class _Sites(OfflineGrid):
             if isinstance(site, str):  # the site's ClientApp raised
                 reply = Message(Error(code=0, reason=f"DataError: {site}"), reply_to=m)
             else:
-                name, n_train, classes = site
+                name, n_train, classes, *counts = site
                 sizes = {"num-train": n_train} if n_train is not None else {}
-                reply = Message(RecordDict({
+                content = RecordDict({
                     "metrics": MetricRecord({"partition-id": 0, **sizes,
                                              "num-val": 2, "num-classes": classes}),
-                    SITE_KEY: ConfigRecord({"name": name})}),
-                    reply_to=m)
+                    SITE_KEY: ConfigRecord({"name": name})})
+                if counts:  # train.class_weighting=federated: its class counts too
+                    content[CLASS_COUNTS_KEY] = counts_record(np.array(counts[0]))
+                reply = Message(content, reply_to=m)
             reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
             replies.append(reply)
         return replies
@@ -89,6 +94,17 @@ def test_sites_are_numbered_by_name_and_held_to_their_reported_sizes() -> None:
 def test_a_site_that_does_not_fit_stops_the_run_before_round_one(sites, message) -> None:
     with pytest.raises(FedimgError, match=message):
         _discover(sites)
+
+
+def test_each_sites_class_counts_are_kept_when_it_sends_them() -> None:
+    transport, _, found = _discover({5: ("b", 4, 3, [1, 0, 3]), 6: ("a", 2, 3, [2, 0, 0])})
+    assert [found[i]["class_counts"] for i in range(2)] == [[2, 0, 0], [1, 0, 3]]
+
+
+def test_counts_that_do_not_add_up_stop_the_run_naming_the_site() -> None:
+    with pytest.raises(FedimgError, match=r"node 6 \(a\): malformed reply \(class counts add "
+                                          "up to 3, but the site reports 2"):
+        _discover({5: ("b", 4, 3, [1, 0, 3]), 6: ("a", 2, 3, [2, 1, 0])})
 
 
 def test_too_few_sites_connected_names_the_fix() -> None:
