@@ -173,11 +173,7 @@ class TaskEnvironment:
         weighting = self.cfg.train.class_weighting
         if weighting == "balanced":
             return balanced_class_weights(labels, self.num_classes)
-        if weighting == "federated":
-            if self._class_counts is None:
-                raise DataError("train.class_weighting=federated, but the server sent no "
-                                "class counts (a fedimg server older than this client?). "
-                                "Fix: update the server, or train.class_weighting=balanced")
+        if weighting == "federated" and self._class_counts is not None:  # else: not yet
             return balanced_weights_from_counts(torch.as_tensor(self._class_counts)).float()
         return None
 
@@ -205,7 +201,10 @@ class TaskEnvironment:
             raise UpdateError(f"the server's class counts {counts.tolist()[:10]} are below "
                               f"this client's own images for classes {short.tolist()[:10]}: "
                               "message rejected")
-        self._class_counts = counts
+        self._class_counts = counts  # clients built before (a site's describe) get them too
+        weights = balanced_weights_from_counts(torch.as_tensor(counts)).float()
+        self._clients = {pid: dataclasses.replace(data, class_weights=weights)
+                         for pid, data in self._clients.items()}
 
     def private_model(self) -> torch.nn.Module:
         """The shared model with in-place ops rewritten, for Opacus' per-sample hooks.
@@ -324,6 +323,10 @@ class TaskEnvironment:
         or the tail on cached trunk features), its loader at the round's epoch, the
         training settings and the scheduled learning rate. Shared by :meth:`train` and a
         cohort's members (:mod:`fedimg.clientapp.cohort`)."""
+        if self.cfg.train.class_weighting == "federated" and self._class_counts is None:
+            raise DataError("train.class_weighting=federated, but the server sent no class "
+                            "counts (a fedimg server older than this client?). Fix: update "
+                            "the server, or train.class_weighting=balanced")
         data = self.client(partition_id)
         data.train.epoch = (server_round - 1) * self.epochs_per_round(data.train)
         lr = scheduled_lr(self.cfg.train, server_round=server_round, total_rounds=self.cfg.rounds)

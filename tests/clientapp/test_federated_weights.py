@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
 
 from client_messages import client_message
 
@@ -16,7 +16,12 @@ from fedimg.config.compose import compose_config
 from fedimg.data import partition_dataset
 from fedimg.errors import DataError, UpdateError
 from fedimg.training.losses import balanced_weights_from_counts
-from fedimg.transport.records import CLASS_COUNTS_KEY, counts_record
+from fedimg.transport.records import (
+    CLASS_COUNTS_KEY,
+    config_record,
+    counts_from_record,
+    counts_record,
+)
 
 TINY = ["clients=2", "data.source=synthetic", "data.image_size=32", "data.partitioner=iid",
         "data.quantity_skew=0", "data.synthetic.train_size=96", "data.min_partition_size=8",
@@ -94,3 +99,32 @@ def test_no_counts_from_the_server_names_the_fix() -> None:
     env = environment(to_json(cfg), 1)
     with pytest.raises(DataError, match="sent no class counts.*Fix: "):
         client_app.train(_message(cfg, env, None), _context())
+
+
+def test_a_deployed_site_reports_its_class_counts_only_when_asked(tmp_path) -> None:
+    # Arrange: a site with 5 images of one class and 9 of the other
+    from PIL import Image
+
+    for name, n in (("benign", 5), ("malignant", 9)):
+        (tmp_path / "site" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (12, 12), (40 * i, len(name), 0)).save(
+                tmp_path / "site" / name / f"{i}.png")
+    node = {"site": "hospital_a", "data-path": str(tmp_path / "site"), "device": "cpu",
+            "min-samples": 4}
+    run = ["deploy.enabled=true", "data.dataset=folder", f"data.path={tmp_path / 'c'}",
+           "data.classes=[benign,malignant]", "data.image_size=16", "weights=none"]
+    replies = {}
+    for weighting in ("balanced", "federated"):
+        cfg = compose_config("medical", [*run, f"train.class_weighting={weighting}"])
+        query = Message(RecordDict({"config": config_record(cfg)}),
+                        message_type=MessageType.QUERY, dst_node_id=1)
+        # Act
+        replies[weighting] = client_app.describe(query, Context(
+            run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})).content
+    # Assert: counts of its training split only, adding up to its reported size
+    assert CLASS_COUNTS_KEY not in replies["balanced"].array_records
+    reply = replies["federated"]
+    counts = counts_from_record(reply, num_classes=2)
+    assert counts.sum() == reply["metrics"]["num-train"] and counts.sum() < 14
+    assert (counts > 0).all()

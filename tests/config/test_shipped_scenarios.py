@@ -22,7 +22,10 @@ def test_hospitals_is_the_natural_split_of_ham_sites_with_the_closed_form_head()
     cfg = compose_and_check("hospitals", [])
     assert (cfg.data.dataset, cfg.data.path, cfg.data.partitioner, cfg.data.natural_column,
             cfg.clients) == ("folder", "ham_sites", "natural", "site", 4)
-    assert cfg.fl.head_init == "ridge" and cfg.transfer.mode == "full"
+    assert (cfg.fl.head_init, cfg.fl.ridge_lambda, cfg.train.class_weighting) == \
+        ("ridge", 1.0, "federated")
+    assert (cfg.transfer.mode, cfg.transfer.bn, cfg.transfer.train_head) == \
+        ("last_k", "frozen", False)
 
 
 def test_cameras_fits_the_head_in_closed_form_and_tunes_blocks_under_it() -> None:
