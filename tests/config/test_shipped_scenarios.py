@@ -23,7 +23,7 @@ def test_hospitals_is_the_natural_split_of_ham_sites_with_the_closed_form_head()
     assert (cfg.data.dataset, cfg.data.path, cfg.data.partitioner, cfg.data.natural_column,
             cfg.clients) == ("folder", "ham_sites", "natural", "site", 4)
     assert (cfg.fl.head_init, cfg.fl.ridge_lambda, cfg.train.class_weighting) == \
-        ("ridge", 1.0, "federated")
+        ("ridge", 0.1, "federated")
     assert (cfg.transfer.mode, cfg.transfer.bn, cfg.transfer.train_head) == \
         ("last_k", "frozen", False)
 
