@@ -44,7 +44,10 @@ from fedimg.reporting import RoundProgress, library_versions
 from fedimg.serverapp.evaluation import CentralEvaluator, site_key
 from fedimg.serverapp.head_init import ridge_head_state
 from fedimg.serverapp.results import data_summary
+from fedimg.serverapp.round_record import POOLED_METRIC
 from fedimg.serverapp.strategies import STRATEGIES, sampled_clients
+from fedimg.training.metrics import pooled_balanced_accuracy
+from fedimg.transport.records import COUNT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,9 @@ class BaselineRun:
             metrics, _ = self.env.train(t.partition, server_round=server_round, steps=t.steps)
             self.states[t.name] = self.env.state()
             val, _ = self.env.evaluate_client(t.partition)
-            entries[t.name] = {"train": metrics, "val": val}
+            counts = {k.removeprefix("val/"): v for k, v in val.items() if COUNT_KEY in k}
+            entries[t.name] = {"train": metrics, "counts": counts,
+                               "val": {k: v for k, v in val.items() if COUNT_KEY not in k}}
         return entries
 
     def evaluate(self, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -162,6 +167,7 @@ class BaselineRun:
         if trained:
             record.update(_mean([e["train"] for e in trained]))
             record.update(_mean([e["val"] for e in trained]))
+            record[POOLED_METRIC] = pooled_balanced_accuracy([e.pop("counts") for e in trained])
             accuracies = [e["val"].get("val/accuracy", float("nan")) for e in trained]
             record.update({"fair/worst_accuracy": float(np.nanmin(accuracies)),
                            "fair/spread_accuracy": float(np.nanmax(accuracies)

@@ -39,6 +39,7 @@ from fedimg.transport.records import (
     CLASS_COUNTS_KEY,
     COMPRESSION_KEY,
     CONFIG_KEY,
+    COUNT_KEY,
     DECLINED_KEY,
     HEAD_STATS_ACTION,
     HEAD_STATS_KEY,
@@ -351,7 +352,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         # the base learning rate: a cosine schedule is near 0 by the last round
         env.train(pid, server_round=int(config[ROUND_KEY]), steps=steps, lr=env.cfg.train.lr)
         tuned, _ = env.evaluate_client(pid)
-        metrics.update({f"val/personal_{k.split('/', 1)[1]}": v for k, v in tuned.items()})
+        metrics.update({f"val/personal_{k.split('/', 1)[1]}": v for k, v in tuned.items()
+                        if COUNT_KEY not in k})
     if env.cfg.fl.personal != "none":  # its own head over the global body, or Ditto's v
         metrics.update(personal_metrics(env, pid, kept=_kept_personal(context)))
     return _reply(msg, reply_content(metrics=metric_record(metrics, num_examples=num_examples)))

@@ -375,8 +375,8 @@ class TaskEnvironment:
         cached = self.trunk_cache.eval_inputs(partition_id, data.val, amp=self.cfg.train.amp)
         if cached is not None:
             model, loader = cached
-        metrics = evaluate(model, loader, device=self.device,
-                           num_classes=self.num_classes, amp=self.cfg.train.amp)
+        metrics = evaluate(model, loader, device=self.device, num_classes=self.num_classes,
+                           amp=self.cfg.train.amp, per_class=True)  # for the pooled score
         return {f"val/{k}": v for k, v in metrics.items() if k != "num_examples"}, data.num_val
 
 

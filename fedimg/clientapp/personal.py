@@ -36,6 +36,7 @@ import torch
 
 from fedimg.clientapp.environment import TaskEnvironment
 from fedimg.training import evaluate
+from fedimg.training.metrics import COUNT_PREFIX
 
 Tensors = dict[str, torch.Tensor]
 SITE_TEST_PREFIX = "test/personal/"  # the personal model on the client's own site's test rows
@@ -136,7 +137,8 @@ def personal_metrics(env: TaskEnvironment, partition_id: int, *, kept: Tensors |
     if kept:
         env.model.load_state_dict(kept, strict=env.cfg.fl.personal == "ditto")
     metrics, _ = env.evaluate_client(partition_id)
-    out = {f"val/personal_{k.split('/', 1)[1]}": v for k, v in metrics.items()}
+    out = {f"val/personal_{k.split('/', 1)[1]}": v for k, v in metrics.items()
+           if f"/{COUNT_PREFIX}" not in k}
     own_test = env.site_test(partition_id)
     if own_test is not None:  # a natural split: also the site's own test rows
         tested = evaluate(env.model, own_test, device=env.device, num_classes=env.num_classes,

@@ -1,4 +1,5 @@
-"""What a round record says about the clients: fairness, device time, bytes, statuses.
+"""What a round record says about the clients: fairness, pooled validation, device time,
+bytes, statuses.
 
 Pure functions over a round's :class:`~fedimg.transport.grid.Exchange` list. The
 aggregated metrics (``train/*``, ``val/*``) are not recomputed here: they are the
@@ -7,12 +8,17 @@ strategy's own aggregates (Flower's), computed once.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 from flwr.app import MessageType
 
+from fedimg.training.metrics import pooled_balanced_accuracy
 from fedimg.transport.grid import Exchange
+from fedimg.transport.records import COUNT_KEY
+
+log = logging.getLogger(__name__)
 
 
 def fairness(exchanges: list[Exchange], metric: str = "val/accuracy") -> dict[str, float]:
@@ -40,6 +46,45 @@ def fairness(exchanges: list[Exchange], metric: str = "val/accuracy") -> dict[st
             f"fair/std_{name}": float(values.std())}
 
 
+POOLED_METRIC = "val/pooled_balanced_accuracy"
+
+
+def pooled_validation(exchanges: list[Exchange]) -> dict[str, float]:
+    """``val/pooled_balanced_accuracy``: the evaluating clients' per-class counts summed.
+
+    The strategy's ``val/balanced_accuracy`` is the example-weighted mean of each
+    client's own balanced accuracy. A site holding one image of a class swings its own
+    score by half with that image; summed counts weigh it as one image among all. A
+    client's counts are used only if they are whole, non-negative, hits within support,
+    and add up to its validation size; otherwise they are left out with a warning.
+    Empty when no client sent usable counts.
+    """
+    usable = []
+    for e in sorted(exchanges, key=lambda e: e.partition_id):
+        if e.phase != MessageType.EVALUATE or e.status != "ok":
+            continue
+        counts = {k.removeprefix("val/"): float(v) for k, v in e.metrics.items()
+                  if k.startswith("val" + COUNT_KEY)}
+        if counts and _counts_ok(counts, e.num_examples):
+            usable.append(counts)
+        elif counts:
+            log.warning("client %s: its per-class validation counts do not add up; left "
+                        "out of %s", e.partition_id, POOLED_METRIC)
+    return {POOLED_METRIC: pooled_balanced_accuracy(usable)} if usable else {}
+
+
+def _counts_ok(counts: dict[str, float], num_examples: int) -> bool:
+    values = np.array(list(counts.values()), dtype=np.float64)
+    if not (np.isfinite(values).all() and (values >= 0).all()
+            and (values == np.round(values)).all()):
+        return False
+    support = {k.rsplit("/", 1)[1]: v for k, v in counts.items() if "/support/" in k}
+    hits = {k.rsplit("/", 1)[1]: v for k, v in counts.items() if "/hits/" in k}
+    return (set(hits) <= set(support) and len(hits) + len(support) == len(counts)
+            and all(hits[c] <= support[c] for c in hits)
+            and sum(support.values()) == num_examples)
+
+
 def device_time(exchanges: list[Exchange], deadline_s: float | None) -> dict[str, float]:
     """The round's length on the simulated devices (``hetero.*``): its slowest used reply.
 
@@ -63,7 +108,8 @@ def clients(exchanges: list[Exchange]) -> dict[str, dict[str, Any]]:
         entry["bytes/down"] += e.bytes_down
         entry["bytes/up"] += e.bytes_up
         phase = "train" if e.phase == MessageType.TRAIN else "val"
-        entry[phase] = {**e.metrics, "num_examples": e.num_examples}
+        entry[phase] = {**{k: v for k, v in e.metrics.items() if COUNT_KEY not in k},
+                        "num_examples": e.num_examples}
         if e.update_norm == e.update_norm:
             entry["update_norm"] = e.update_norm
         if e.status != "ok":
@@ -88,6 +134,7 @@ def counts(exchanges: list[Exchange]) -> dict[str, int]:
 def exchange_summary(exchanges: list[Exchange], *, deadline_s: float | None) -> dict[str, Any]:
     """Everything a round record says about its exchanges (``clients`` included)."""
     return {**fairness(exchanges), **fairness(exchanges, "val/personal_accuracy"),
+            **pooled_validation(exchanges),
             **fairness(exchanges, "test/personal/balanced_accuracy"),  # worst site (fl.personal)
             **device_time(exchanges, deadline_s),
             "bytes/down": sum(e.bytes_down for e in exchanges),

@@ -45,7 +45,7 @@ from fedimg.config import TrainConfig
 from fedimg.errors import DataError, TrainingDiverged
 from fedimg.training.budget import round_steps
 from fedimg.training.device import amp_dtype, autocast, use_channels_last
-from fedimg.training.metrics import classification_metrics
+from fedimg.training.metrics import class_counts, classification_metrics
 from fedimg.training.optim import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -224,8 +224,10 @@ def evaluate(
     device: torch.device,
     num_classes: int,
     amp: bool = False,
+    per_class: bool = False,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``loader``: classification metrics, "loss", "num_examples".
+    """Metrics of ``model`` on ``loader``: classification metrics, "loss", "num_examples",
+    and with ``per_class`` each present class's support and hits (``count/*``).
 
     An empty loader gives ``{"num_examples": 0}`` only. The model's train/eval
     mode is restored afterwards.
@@ -233,7 +235,8 @@ def evaluate(
     predicted = predict(model, loader, device=device, amp=amp)
     if predicted is None:
         return {"num_examples": 0}
-    return scores(*predicted, num_classes=num_classes)
+    metrics = scores(*predicted, num_classes=num_classes)
+    return {**metrics, **class_counts(*predicted)} if per_class else metrics
 
 
 # --- helpers -------------------------------------------------------------------------

@@ -102,3 +102,39 @@ def _check_shapes(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: in
             f"labels span {int(labels.min())}..{int(labels.max())}, outside the valid "
             f"range 0..{num_classes - 1}; fix: remap the labels or set num_classes"
         )
+
+
+COUNT_PREFIX = "count/"  # per-class counts: summed across clients, never averaged
+
+
+def class_counts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``count/support/<c>`` (images of class c) and ``count/hits/<c>`` (of them, predicted
+    c), for the classes present in ``labels``: what :func:`pooled_balanced_accuracy`
+    sums across clients."""
+    y_pred = logits.detach().argmax(dim=1).cpu()
+    y_true = labels.detach().cpu()
+    out: dict[str, float] = {}
+    for c in torch.unique(y_true).tolist():
+        mask = y_true == c
+        out[f"{COUNT_PREFIX}support/{c}"] = float(mask.sum())
+        out[f"{COUNT_PREFIX}hits/{c}"] = float((y_pred[mask] == c).sum())
+    return out
+
+
+def pooled_balanced_accuracy(counts: list[dict[str, float]]) -> float:
+    """Balanced accuracy of several clients' predictions as if pooled: per class, the sum
+    of hits over the sum of support, averaged over the classes any client holds.
+
+    Unlike the mean of each client's own balanced accuracy, a client holding one image
+    of a class moves it by that one image's share, not by half its score. NaN if no
+    client sent counts.
+    """
+    support: dict[str, float] = {}
+    hits: dict[str, float] = {}
+    for one in counts:
+        for key, value in one.items():
+            kind, _, c = key.removeprefix(COUNT_PREFIX).partition("/")
+            (support if kind == "support" else hits)[c] = \
+                (support if kind == "support" else hits).get(c, 0.0) + value
+    recalls = [hits.get(c, 0.0) / n for c, n in support.items() if n > 0]
+    return float(np.mean(recalls)) if recalls else float("nan")

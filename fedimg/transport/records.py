@@ -48,6 +48,9 @@ HEAD_STATS_KEY = "fedimg-head-statistics"
 # counts, ArrayRecord {"counts": (K,) int64}, sent with every message; and a deployed
 # site's own counts, the same record in its describe reply.
 CLASS_COUNTS_KEY = "fedimg-class-counts"
+# A client's per-class validation counts ("val/count/support/<c>", "val/count/hits/<c>"):
+# summed across clients (fedimg.serverapp.round_record), never averaged.
+COUNT_KEY = "/count/"  # fedimg.training.metrics.COUNT_PREFIX under "val/"
 # Simulation only: every client's share of the pooled data ({"sizes", "indices"}) and the
 # address book ({"nodes"}: the node id of each client), sent with every message.
 PARTITION_KEY = "fedimg-partition"
@@ -194,7 +197,8 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
     """
     metric_records = [next(iter(r.metric_records.values())) for r in records]
     weights = [float(m[weighting_key]) for m in metric_records]
-    keys = [k for k in metric_records[0] if k != weighting_key] if metric_records else []
+    keys = [k for k in metric_records[0] if k != weighting_key and COUNT_KEY not in k
+            ] if metric_records else []  # per-class counts: summed in round_record instead
     return MetricRecord({
         key: nan_weighted_mean([float(m[key]) for m in metric_records], weights)
         for key in keys
