@@ -14,7 +14,8 @@ over its images, so FedAvg's ``sum_k (n_k / n) L_k`` is exactly pooled training'
 balanced loss ``(1/n) sum_i w_{y_i} l_i``, however the labels are spread.
 
 * In simulation the server partitioned the data, so it counts the union's training
-  labels itself (:func:`partition_counts`): no message, no start-up cost.
+  labels itself (``fedimg.data.label_distribution`` summed over clients): no message,
+  no start-up cost.
 * In a deployment each site adds its class counts to its describe reply
   (:func:`site_counts` reads and checks one); the server sums them.
 
@@ -27,29 +28,20 @@ privacy mode or SecAgg+.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flwr.app import RecordDict
 
-from fedimg.data import ClientPartition
 from fedimg.errors import FedimgError
 from fedimg.transport.records import counts_from_record
-
-
-def partition_counts(labels: np.ndarray, partitions: Sequence[ClientPartition],
-                     num_classes: int) -> np.ndarray:
-    """(K,) int64 counts of the training labels of every partition together."""
-    train = [np.asarray(p.train_indices, dtype=np.int64) for p in partitions]
-    union = np.concatenate(train) if train else np.zeros(0, dtype=np.int64)
-    return np.bincount(np.asarray(labels)[union], minlength=num_classes).astype(np.int64)
 
 
 def site_counts(content: RecordDict, *, num_classes: int, num_train: int) -> np.ndarray:
     """A site's reported counts, checked to add up to its reported training size."""
     counts = counts_from_record(content, num_classes=num_classes)
-    if int(counts.sum()) != num_train:
+    if (counts > num_train).any() or int(counts.sum()) != num_train:  # no int64 wrap-around
         raise ValueError(f"class counts add up to {int(counts.sum())}, but the site "
                          f"reports {num_train} training images")
     return counts

@@ -14,15 +14,15 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedimg.config import ClassWeighting, HeadInit
 from fedimg.build import PreparedRun, build_loop, new_transport, update_checks
+from fedimg.data import label_distribution
 from fedimg.errors import FedimgError, PrivacyBudgetExhausted
 from fedimg.reporting.run_dir import write_json
-from fedimg.serverapp.class_counts import federation_counts, partition_counts
+from fedimg.serverapp.class_counts import federation_counts
 from fedimg.serverapp.checkpoint import repair_best, restore_run_state
 from fedimg.serverapp.discovery import assign_partitions, discover_sites
 from fedimg.serverapp.head_init import fit_ridge_head
@@ -124,9 +124,9 @@ def _discover(prepared: PreparedRun, transport: Transport, checks: UpdateChecks)
                                  for p in prepared.partitions])
         if federated:
             assert prepared.dataset is not None
-            prepared.class_counts = partition_counts(
-                np.asarray(prepared.dataset.train.labels), prepared.partitions,
-                len(prepared.classes))
+            prepared.class_counts = label_distribution(
+                prepared.dataset.train.labels, prepared.partitions,
+                len(prepared.classes)).sum(axis=0)
         return
     content = RecordDict({"config": config_record(prepared.client_cfg)})
     before = _saved_site_names(prepared) if prepared.resume is not None else None

@@ -9,7 +9,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedimg.data import ClientPartition
 from fedimg.errors import FedimgError
-from fedimg.serverapp.class_counts import federation_counts, partition_counts, site_counts
+from fedimg.data import label_distribution
+from fedimg.serverapp.class_counts import federation_counts, site_counts
 from fedimg.training.losses import balanced_weights_from_counts
 from fedimg.transport.records import CLASS_COUNTS_KEY, counts_from_record, counts_record
 
@@ -19,7 +20,8 @@ def test_the_union_of_the_partitions_is_counted_once_per_training_image() -> Non
     parts = [ClientPartition(0, np.array([0, 1, 2]), np.array([7])),
              ClientPartition(1, np.array([3, 4, 5]), np.array([6]))]
     # Training labels 0,0,1 and 1,1,2; validation rows 6 and 7 do not count.
-    assert partition_counts(labels, parts, 4).tolist() == [2, 3, 1, 0]
+    # (the server's federated counts in simulation: fedimg.serverapp.run._discover)
+    assert label_distribution(labels, parts, 4).sum(axis=0).tolist() == [2, 3, 1, 0]
 
 
 def test_federated_weights_make_fedavgs_objective_the_pooled_balanced_loss() -> None:
@@ -44,6 +46,12 @@ def test_a_sites_counts_must_add_up_to_its_training_size() -> None:
     assert site_counts(content, num_classes=2, num_train=7).tolist() == [3, 4]
     with pytest.raises(ValueError, match="add up to 7, but the site reports 8"):
         site_counts(content, num_classes=2, num_train=8)
+    # Counts that wrap around int64 to the right sum are still refused
+    wrapped = np.array([2**62, 2**62, 2**62, 2**62 + 7], dtype=np.int64)
+    assert int(wrapped.sum()) == 7
+    with pytest.raises(ValueError, match="add up to"):
+        site_counts(RecordDict({CLASS_COUNTS_KEY: counts_record(wrapped)}), num_classes=4,
+                    num_train=7)
 
 
 @pytest.mark.parametrize(("array", "says"), [
