@@ -381,7 +381,7 @@ def check_search(search: SearchConfig, *, output_metric: str) -> str:
     The metric is ``compare.select_metric``, else ``output.select_metric``; it must be
     a federated validation (``val/``) metric: the test split never selects a recipe.
     """
-    for key in ("lr", "local_steps", "server_lr"):
+    for key in ("lr", "local_steps", "server_lr", "ridge_lambda"):
         values = getattr(search, key)
         _check(all(v > 0 and math.isfinite(v) for v in values), f"compare.{key}={values} "
                f"is impossible: every value must be > 0. Fix: e.g. compare.{key}="

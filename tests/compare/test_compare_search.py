@@ -96,7 +96,8 @@ def test_a_test_metric_is_refused_as_the_select_metric(tmp_path: Path, monkeypat
         run_grid([*SMALL, "compare.strategy=[local]", "compare.lr=[0.1,0.01]",
                   "compare.select_metric=test/balanced_accuracy", f"compare.dir={tmp_path}"])
     for bad, why in (({"lr": [0.1, 0.1]}, "repeats a value"), ({"local_steps": [0]},
-                     "must be > 0"), ({"search_seeds": []}, "at least one seed")):
+                     "must be > 0"), ({"search_seeds": []}, "at least one seed"),
+                     ({"ridge_lambda": [1.0, -1.0]}, r"compare.ridge_lambda=\[1.0, -1.0\] is")):
         with pytest.raises(ConfigError, match=why):
             check_search(decode_search(bad), output_metric="val/auc")
     with pytest.raises(ConfigError, match="not a val/ metric"):
