@@ -1,4 +1,9 @@
-"""Shared pytest fixtures: Flower's task identity, the real-data root, tiny run overrides."""
+"""Shared pytest fixtures: Flower's task identity, the real-data root, tiny run overrides.
+
+Tests marked ``slow`` (the real Ray engine, deployments, the zoo's largest models) run
+when ``FEDIMG_SLOW=1`` is set, as ``.ci/run`` does; otherwise they are skipped with a
+line saying how to run them, so that ``python -m pytest`` stays a check of minutes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,19 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # offline_grid
+
+
+SLOW_ENV = "FEDIMG_SLOW"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``slow`` tests unless ``FEDIMG_SLOW=1`` (CI sets it) or ``-m slow`` asks."""
+    if os.environ.get(SLOW_ENV) == "1" or "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason=f"slow: run with {SLOW_ENV}=1 (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -22,9 +22,9 @@ from fedimg.privacy.dp_sgd import (
     train_round,
 )
 from fedimg.clientapp.environment import TaskEnvironment
+from tests.support.private_models import zoo_params
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-HEAVY = {"resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_large"}
 
 
 def _env(tmp_path, tiny_overrides, *extra: str) -> TaskEnvironment:
@@ -105,8 +105,7 @@ def test_client_declines_when_its_budget_runs_out(tmp_path, tiny_overrides) -> N
     assert third.metrics["dp/epsilon"] == pytest.approx(first.metrics["dp/epsilon"])
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY
-                                  else n for n in MODELS.names()])
+@pytest.mark.parametrize("name", zoo_params(MODELS.names()))
 def test_every_zoo_model_trains_one_dp_step(tmp_path, tiny_overrides, name) -> None:
     env = _env(tmp_path, tiny_overrides, f"model={name}", "train.local_steps=1",
                "train.batch_size=8")

@@ -17,13 +17,14 @@ from torch import nn
 import fedimg.privacy.grad_samplers  # noqa: F401 - the Conv2d rule DP-SGD uses
 from fedimg.config import TransferConfig
 from fedimg.models import MODELS, build_model, list_models
-from tests.support.private_models import private_model
+from tests.support.private_models import private_model, zoo_params
 
 LABELS = torch.tensor([0, 1, 2])
 # per-sample gradients (hooks, functorch); ghost_mixed forms only their norms, checked
 # against these in tests/privacy/test_norm_samplers.py
-CASES = [(name, "hooks") for name in list_models()] + [
-    ("resnet18", "functorch"), ("efficientnet_lite0", "functorch"),
+CASES = zoo_params([(name, "hooks") for name in list_models()]) + [
+    ("resnet18", "functorch"),  # functorch through Lite0 takes 40 s: with the slow tests
+    pytest.param("efficientnet_lite0", "functorch", marks=pytest.mark.slow),
 ]
 
 

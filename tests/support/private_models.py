@@ -11,12 +11,27 @@ to 1% of its tensor's largest entry; in float64 two methods agree to ~1e-14.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import pytest
 import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
 from fedimg.config import TransferConfig
 from fedimg.models import MODELS, apply_transfer, build_model, make_inplace_free
+
+
+# The zoo's largest models: each check on them takes 10-40 s on 2 CPU cores. They run
+# with the slow tests (FEDIMG_SLOW=1, as CI does); the others run every time.
+HEAVY_MODELS = frozenset({"resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_large"})
+
+
+def zoo_params(cases: Iterable) -> list:
+    """``cases`` (model names, or tuples starting with one) for ``parametrize``, the
+    heavy models' marked ``slow``."""
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
+            if (c[0] if isinstance(c, tuple) else c) in HEAVY_MODELS else c for c in cases]
 
 
 def private_model(name: str) -> nn.Module:
