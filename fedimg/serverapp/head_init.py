@@ -16,6 +16,13 @@ other and with the client's known training size (``G[-1, -1] = n``, ``M[-1]`` su
 ``n``: the appended constant feature). A reply that fails is left out with a warning naming the
 client, like a rejected update; fewer usable replies than ``fl.min_replies`` stop
 the run before round 1.
+
+The server holds a batch of replies at once (:meth:`Transport.exchange` returns them
+together), so the query goes to the nodes in batches whose replies fit in
+``MAX_REPLY_BYTES`` and each batch is added up before the next is sent: for a fleet of
+1000 cameras with Lite0's head (13 MB of sums each) the server holds 20 replies at a
+time, not 13 GB of them. Batches follow the client order, so the float sums are the
+same as in one batch.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from fedimg.transport.records import (
 
 log = logging.getLogger(__name__)
 
-MAX_REPLY_BYTES = 4 * 2**30  # all replies are held until the last arrives (Transport.exchange)
+MAX_REPLY_BYTES = 2**28  # the replies of one batch, held until its last arrives
 MAX_FEATURE_ENERGY = 1e12  # |G|, |M| per image: far above any network's features, finite sums
 
 
@@ -85,35 +92,42 @@ def collect_statistics(transport: Transport, content: RecordDict, *,
     """
     classes, features = head_shape
     nodes = transport.node_ids()
-    _check_memory(len(nodes), features + 1, classes)
-    messages = [Message(content=content, message_type=f"query.{HEAD_STATS_ACTION}",
-                        dst_node_id=node) for node in nodes]
     total: HeadStatistics | None = None
     used, problems = 0, []
-    for exchange in transport.exchange(messages, timeout=timeout):
-        pid = exchange.partition_id
-        stats = _statistics(exchange, dim=features + 1, classes=classes,
-                            expected=expected_sizes.get(pid))
-        if isinstance(stats, str):
-            problems.append(f"client {pid}: {stats}")
-            log.warning("head statistics of client %d left out: %s", pid, stats)
-            continue
-        total, used = stats if total is None else total + stats, used + 1
+    for batch in reply_batches(nodes, dim=features + 1, classes=classes):
+        messages = [Message(content=content, message_type=f"query.{HEAD_STATS_ACTION}",
+                            dst_node_id=node) for node in batch]
+        for exchange in transport.exchange(messages, timeout=timeout):
+            pid = exchange.partition_id
+            stats = _statistics(exchange, dim=features + 1, classes=classes,
+                                expected=expected_sizes.get(pid))
+            if isinstance(stats, str):
+                problems.append(f"client {pid}: {stats}")
+                log.warning("head statistics of client %d left out: %s", pid, stats)
+                continue
+            total, used = stats if total is None else total + stats, used + 1
     if total is None or used < min_replies:
-        raise FedimgError(f"fl.head_init=ridge: {used} usable replies of {len(messages)}, "
+        raise FedimgError(f"fl.head_init=ridge: {used} usable replies of {len(nodes)}, "
                           f"fl.min_replies={min_replies}; " + "; ".join(problems[:5])
                           + ". Fix the clients, or run with fl.head_init=none")
     return total, used
 
 
-def _check_memory(nodes: int, dim: int, classes: int) -> None:
-    """Refuse, before sending, replies that would not fit in the server's memory at once."""
-    needed = nodes * dim * (dim + classes) * 8
-    if needed > MAX_REPLY_BYTES:
-        raise FedimgError(f"fl.head_init=ridge with {nodes} clients: their feature sums "
-                          f"({dim}x{dim} float64 each) need {needed / 2**30:.1f} GiB at the "
-                          f"server at once, over the {MAX_REPLY_BYTES / 2**30:.0f} GiB limit. "
-                          "Fix: fewer clients, or fl.head_init=none")
+def reply_batches(nodes: list[int], *, dim: int, classes: int,
+                  limit: int | None = None) -> list[list[int]]:
+    """``nodes`` in order, cut into batches whose float64 sums fit in ``limit`` bytes
+    (default ``MAX_REPLY_BYTES``). Refuses, before sending, a head whose single reply
+    would not fit.
+    """
+    limit = MAX_REPLY_BYTES if limit is None else limit
+    per_reply = dim * (dim + classes) * 8
+    if per_reply > limit:
+        raise FedimgError(f"fl.head_init=ridge: one client's feature sums ({dim}x{dim} "
+                          f"float64) need {per_reply / 2**30:.1f} GiB at the server, over "
+                          f"the {limit / 2**30:.2f} GiB limit. Fix: a model with a smaller "
+                          "head input, or fl.head_init=none")
+    size = limit // per_reply
+    return [nodes[i:i + size] for i in range(0, len(nodes), size)]
 
 
 def _statistics(exchange: Exchange, *, dim: int, classes: int,

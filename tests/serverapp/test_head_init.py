@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from offline_grid import OfflineGrid, answer
 
 from fedimg.errors import FedimgError
+from fedimg.serverapp import head_init
 from fedimg.serverapp.head_init import collect_statistics
 from fedimg.training.closed_form import HeadStatistics
 from fedimg.transport.grid import Transport
@@ -90,3 +91,34 @@ def test_too_few_usable_replies_stop_the_run_before_round_1() -> None:
     with pytest.raises(FedimgError, match=r"fl.head_init=ridge: 1 usable replies of 2, "
                                           r"fl.min_replies=2; client 2: shapes"):
         _collect(replies, min_replies=2)
+
+
+def test_a_large_fleet_is_queried_in_batches_that_fit_and_sums_the_same(monkeypatch) -> None:
+    # Arrange: one reply is 4 x 6 float64 = 192 bytes; a 400-byte limit holds 2 of them
+    monkeypatch.setattr(head_init, "MAX_REPLY_BYTES", 400)
+    replies = {n: (lambda n=n: _content(*_sums(n))) for n in range(1, 6)}
+    sent: list[list[int]] = []
+
+    class _Counting(_Scripted):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            sent.append([m.metadata.dst_node_id for m in messages])
+            return super().send_and_receive(messages, timeout=timeout)
+
+    transport = Transport(_Counting(replies))
+    transport.node_to_partition = {node: node for node in replies}
+    # Act
+    total, used = collect_statistics(transport, RecordDict(), head_shape=(K, D),
+                                     expected_sizes={n: n for n in replies}, timeout=5,
+                                     min_replies=1)
+    # Assert: three batches in client order, and the sums of all five, to the bit
+    assert sent == [[1, 2], [3, 4], [5]]
+    assert used == 5 and total.count == 15
+    assert torch.equal(total.gram, torch.from_numpy(sum(_sums(n)[0] for n in replies)))
+    assert torch.equal(total.moment, torch.from_numpy(sum(_sums(n)[1] for n in replies)))
+
+
+def test_a_head_whose_single_reply_cannot_fit_is_refused_before_sending() -> None:
+    with pytest.raises(FedimgError, match=r"one client's feature sums \(20001x20001 float64\) "
+                                          r"need 3.0 GiB .* Fix: a model with a smaller"):
+        head_init.reply_batches([1, 2], dim=20001, classes=2)
