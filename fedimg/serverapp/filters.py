@@ -39,6 +39,7 @@ from fedimg.transport.packing import unpack_content
 from fedimg.transport.records import (
     ARRAYS_KEY,
     COMPRESSION_KEY,
+    COUNT_KEY,
     DECLINED_KEY,
     LEDGER_KEY,
     METRICS_KEY,
@@ -228,10 +229,13 @@ def norm_outliers(exchanges: list[Exchange], ctx: FilterContext) -> None:
 
 def same_metric_keys(exchanges: list[Exchange], ctx: FilterContext) -> None:
     """Set aside replies whose metric keys differ from most of the round's (Flower would
-    refuse to aggregate them all); ties go to the first client's keys."""
+    refuse to aggregate them all); ties go to the first client's keys. The per-class
+    validation counts (``val/count/*``) name the classes each client holds, so they
+    differ under label skew by design: they are summed, not averaged
+    (:func:`fedimg.serverapp.round_record.pooled_validation`), and not compared here."""
     for phase in {e.phase for e in exchanges}:
         usable = [e for e in exchanges if e.usable and e.phase == phase]
-        keys = [frozenset(e.metrics) for e in usable]
+        keys = [frozenset(k for k in e.metrics if COUNT_KEY not in k) for e in usable]
         if len(set(keys)) <= 1:
             continue
         common = max(dict.fromkeys(keys), key=keys.count)

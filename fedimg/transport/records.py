@@ -17,7 +17,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedimg.config import FedimgConfig, from_json, to_json
@@ -203,6 +203,18 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
         key: nan_weighted_mean([float(m[key]) for m in metric_records], weights)
         for key in keys
     })
+
+
+def without_counts(message: Message) -> Message:
+    """``message`` with the per-class validation counts (``val/count/*``) taken out of
+    its metric records, in place. They name the classes a client holds, so under label
+    skew they differ between clients, and Flower's aggregation refuses replies whose
+    keys differ; the round record sums them from the metrics read before
+    (:func:`fedimg.serverapp.round_record.pooled_validation`)."""
+    for record in message.content.metric_records.values():
+        for key in [k for k in record if COUNT_KEY in k]:
+            del record[key]
+    return message
 
 
 def partitions_record(partitions: list[ClientPartition],

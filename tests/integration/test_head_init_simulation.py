@@ -57,6 +57,13 @@ def test_clients_holding_one_class_each_start_from_the_pooled_ridge_head(tmp_pat
         assert w != pytest.approx(1.0)
         assert clients[str(pid)]["train"]["train/first_loss"] == \
             pytest.approx(w * unweighted[pid], rel=1e-4)
+    # Clients holding different classes report different per-class validation counts;
+    # none is rejected for it, and the pooled figure sums every client's
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rejected_updates"] == {}
+    assert all("val" in clients[str(pid)] for pid in range(len(labels)))
+    second = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+    assert 0.0 <= second["val/pooled_balanced_accuracy"] <= 1.0
 
 
 def _first_losses(env: TaskEnvironment, state: dict[str, torch.Tensor]) -> list[float]:

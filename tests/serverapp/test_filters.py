@@ -396,3 +396,28 @@ def test_a_reply_above_the_size_cap_is_refused_before_decoding() -> None:
     assert default.max_reply_bytes == 4 * 16 + 1_000_000 and tight.max_reply_bytes == 10
     assert big.status == "rejected" and "exceeds the 0.0 MB" in big.reason
     assert big.arrays is None  # nothing was decoded
+
+
+def test_clients_holding_different_classes_are_not_rejected_for_their_count_keys() -> None:
+    # Arrange: three evaluation replies whose per-class counts name different classes
+    # (label skew), and one with an extra averaged metric
+    def reply(pid: int, metrics: dict[str, float]) -> Exchange:
+        sent = _sent(MessageType.EVALUATE, node=pid + 1)
+        return Exchange(phase=MessageType.EVALUATE, partition_id=pid, node_id=pid + 1,
+                        sent=sent, bytes_down=0, reply=answer(sent, reply_content(
+                            metrics=metric_record(metrics, num_examples=4))))
+
+    exchanges = [reply(0, {"val/accuracy": 0.5, "val/count/support/0": 4.0,
+                           "val/count/hits/0": 2.0}),
+                 reply(1, {"val/accuracy": 1.0, "val/count/support/3": 4.0,
+                           "val/count/hits/3": 4.0}),
+                 reply(2, {"val/accuracy": 0.75, "val/count/support/1": 2.0,
+                           "val/count/hits/1": 1.0, "val/count/support/2": 2.0,
+                           "val/count/hits/2": 2.0}),
+                 reply(3, {"val/accuracy": 0.25, "val/extra": 1.0})]
+    ctx = _ctx()
+    # Act
+    apply_filters(exchanges, ctx)
+    # Assert: the count keys do not matter; the extra averaged metric does
+    assert [e.usable for e in exchanges] == [True, True, True, False]
+    assert "['val/extra']" in exchanges[3].reason and dict(ctx.state.rejections) == {3: 1}
