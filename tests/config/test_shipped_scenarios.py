@@ -24,8 +24,9 @@ def test_hospitals_is_the_natural_split_of_ham_sites_with_the_closed_form_head()
             cfg.clients) == ("folder", "ham_sites", "natural", "site", 4)
     assert (cfg.fl.head_init, cfg.fl.ridge_lambda, cfg.train.class_weighting) == \
         ("ridge", 0.1, "federated")
-    assert (cfg.transfer.mode, cfg.transfer.bn, cfg.transfer.train_head) == \
-        ("last_k", "frozen", False)
+    assert (cfg.transfer.mode, cfg.transfer.bn, cfg.transfer.train_head, cfg.train.lr) == \
+        ("full", "frozen", False, 0.0003)
+    assert cfg.output.select_metric == "val/pooled_balanced_accuracy"
 
 
 def test_cameras_fits_the_head_in_closed_form_and_tunes_blocks_under_it() -> None:
