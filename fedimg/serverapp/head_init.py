@@ -10,11 +10,13 @@ spread: a fleet whose cameras each hold one class gets the head that central
 training of the same head would. The rounds then fine-tune from there.
 
 A reply is checked before it counts: the shapes of the model's head (before its
-arrays are decoded), finite values below a per-image bound, a symmetric positive
-semi-definite Gram (so the server's solve cannot fail), and counts that agree with each
-other and with the client's known training size (``G[-1, -1] = n``, ``M[-1]`` sums to
-``n``: the appended constant feature). A reply that fails is left out with a warning naming the
-client, like a rejected update; fewer usable replies than ``fl.min_replies`` stop
+arrays are decoded), finite values below a per-image bound, a symmetric Gram with a
+non-negative diagonal, and counts that agree with each other and with the client's
+known training size (``G[-1, -1] = n``, ``M[-1]`` sums to ``n``: the appended constant
+feature). Then each batch's Grams must add up to a positive semi-definite sum, so the
+server's solve cannot fail; where they do not, each is factorised and those that are
+not semi-definite are left out. A reply that fails is left out with a warning naming
+the client, like a rejected update; fewer usable replies than ``fl.min_replies`` stop
 the run before round 1.
 
 The server holds a batch of replies at once (:meth:`Transport.exchange` returns them
@@ -97,14 +99,16 @@ def collect_statistics(transport: Transport, content: RecordDict, *,
     for batch in reply_batches(nodes, dim=features + 1, classes=classes):
         messages = [Message(content=content, message_type=f"query.{HEAD_STATS_ACTION}",
                             dst_node_id=node) for node in batch]
+        kept = []
         for exchange in transport.exchange(messages, timeout=timeout):
             pid = exchange.partition_id
             stats = _statistics(exchange, dim=features + 1, classes=classes,
                                 expected=expected_sizes.get(pid))
             if isinstance(stats, str):
-                problems.append(f"client {pid}: {stats}")
-                log.warning("head statistics of client %d left out: %s", pid, stats)
-                continue
+                _leave_out(pid, stats, problems)
+            else:
+                kept.append((pid, stats))
+        for _, stats in _semidefinite(kept, problems):
             total, used = stats if total is None else total + stats, used + 1
     if total is None or used < min_replies:
         raise FedimgError(f"fl.head_init=ridge: {used} usable replies of {len(nodes)}, "
@@ -173,10 +177,36 @@ def _check(gram: np.ndarray, moment: np.ndarray, count: int, *, dim: int, classe
         return f"sums inconsistent with {count} images"
     if np.abs(gram - gram.T).max() > 1e-9 * scale or (np.diagonal(gram) < 0).any():
         return "a Gram matrix that is not symmetric with a non-negative diagonal"
-    # a sum of phi phi^T is positive semi-definite: with a jitter far below the ridge
-    # penalty it factorises, so no reply can make the server's solve fail
-    jitter = 1e-9 * max(float(np.diagonal(gram).mean()), 1e-300)
-    jittered = torch.from_numpy(gram + jitter * np.eye(dim))
-    if int(torch.linalg.cholesky_ex(jittered).info) != 0:
-        return "a Gram matrix that is not positive semi-definite"
     return ""
+
+
+def _semidefinite(kept: list[tuple[int, HeadStatistics]], problems: list[str]
+                  ) -> list[tuple[int, HeadStatistics]]:
+    """The replies of a batch whose Grams add up to a positive semi-definite sum.
+
+    A sum of ``phi phi^T`` is positive semi-definite, and so is a sum of such sums: the
+    server's ridge solve then cannot fail. One factorisation of the batch's sum checks
+    that (one per batch of replies, not one per reply: 0.09 s each for Lite0's head).
+    Only when it fails is each reply factorised, and those that fail are left out.
+    """
+    if not kept or _factorises(sum((s.gram for _, s in kept[1:]), kept[0][1].gram)):
+        return kept
+    good = []
+    for pid, stats in kept:
+        if _factorises(stats.gram):
+            good.append((pid, stats))
+        else:
+            _leave_out(pid, "a Gram matrix that is not positive semi-definite", problems)
+    return good
+
+
+def _factorises(gram: torch.Tensor) -> bool:
+    """Whether ``gram`` plus a jitter far below the ridge penalty has a Cholesky factor."""
+    jitter = 1e-9 * max(float(torch.diagonal(gram).mean()), 1e-300)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return int(torch.linalg.cholesky_ex(gram + jitter * eye).info) == 0
+
+
+def _leave_out(pid: int, reason: str, problems: list[str]) -> None:
+    problems.append(f"client {pid}: {reason}")
+    log.warning("head statistics of client %d left out: %s", pid, reason)

@@ -122,3 +122,15 @@ def test_a_head_whose_single_reply_cannot_fit_is_refused_before_sending() -> Non
     with pytest.raises(FedimgError, match=r"one client's feature sums \(20001x20001 float64\) "
                                           r"need 3.0 GiB .* Fix: a model with a smaller"):
         head_init.reply_batches([1, 2], dim=20001, classes=2)
+
+
+def test_a_batch_of_honest_sums_is_factorised_once_not_once_per_reply(monkeypatch) -> None:
+    # Arrange: five honest replies in one batch; count the Cholesky checks
+    calls: list[int] = []
+    factorises = head_init._factorises
+    monkeypatch.setattr(head_init, "_factorises",
+                        lambda gram: calls.append(1) or factorises(gram))
+    # Act
+    total, used = _collect({n: (lambda n=n: _content(*_sums(n))) for n in range(1, 6)})
+    # Assert
+    assert used == 5 and total.count == 15 and len(calls) == 1
