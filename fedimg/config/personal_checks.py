@@ -48,6 +48,10 @@ def validate_personal(cfg: FedimgConfig) -> None:
             head_only and cfg.transfer.mode == "head", "only the head trains, and the "
             "head stays with each client: nothing would be federated",
             "transfer.mode=full|last_k"),
+        "transfer.train_head=false": (
+            head_only and not cfg.transfer.train_head, "the personal part is the head, and "
+            "a head that does not train never becomes the client's own (FedRep's head "
+            "phase would have nothing to optimise)", "transfer.train_head=true"),
     }
     for setting, (on, why, fix) in refused.items():
         _check(not on, f"{p} with {setting}: {why}. Fix: {fix}, or fl.personal=none")

@@ -21,6 +21,8 @@ from refusals import assert_refused_in_one_line
     (["fl.personal=ditto", "fl.personalize_steps=5"],
      "with fl.personalize_steps=5: both report val/personal_"),
     (["fl.personal=fedper", "transfer.mode=head"], "with transfer.mode=head: only the head"),
+    (["fl.personal=fedrep", "transfer.train_head=false"],
+     "fl.personal=fedrep with transfer.train_head=false: the personal part is the head"),
     (["fl.personal=fedrep", "strategy=scaffold"],
      "strategy=scaffold with fl.personal=fedrep: it reads each client's update"),
     (["fl.personal=ditto", "strategy=local"], "strategy=local with fl.personal=ditto: a "
@@ -35,6 +37,7 @@ def test_a_personal_mode_refuses_with_one_line_naming_value_reason_and_fix(overr
     ["fl.personal=ditto", "transfer.mode=head"],  # a personal linear probe: fine
     ["fl.personal=ditto", "strategy=scaffold"],  # w trains as the strategy says
     ["fl.personal=fedrep", "strategy=fedadam", "transfer.mode=last_k"],
+    ["fl.personal=ditto", "transfer.train_head=false"],  # Ditto keeps a whole model
 ])
 def test_what_a_personal_mode_allows_composes(overrides):
     assert compose_and_check("medical", overrides).fl.personal == overrides[0].split("=")[1]
