@@ -39,11 +39,11 @@ from fedimg.transport.packing import unpack_content
 from fedimg.transport.records import (
     ARRAYS_KEY,
     COMPRESSION_KEY,
-    COUNT_KEY,
     DECLINED_KEY,
     LEDGER_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    split_counts,
 )
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,15 @@ def read_metrics(e: Exchange, ctx: FilterContext) -> None:
 
     An evaluation reply is held to the validation size its client reported at start-up
     (its weight in the federated metrics), as a training reply is to its partition size.
+    Its per-class validation counts (``val/count/*``) go to ``e.class_counts`` and out
+    of the reply: nothing downstream averages or compares them.
     """
     assert e.reply is not None
     record = e.reply.content[METRICS_KEY]
     count = record.get(NUM_EXAMPLES_KEY)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise UpdateError(f"reply's '{NUM_EXAMPLES_KEY}' is {count!r}, not a count")
+    e.class_counts = {k: float(v) for k, v in split_counts(e.reply).items()}
     e.metrics, e.num_examples = metrics_of(e.reply.content)
     infinite = [k for k, v in e.metrics.items() if math.isinf(v)]
     if infinite:  # NaN is a value (no AUC on a one-class split); infinity is not
@@ -230,12 +233,11 @@ def norm_outliers(exchanges: list[Exchange], ctx: FilterContext) -> None:
 def same_metric_keys(exchanges: list[Exchange], ctx: FilterContext) -> None:
     """Set aside replies whose metric keys differ from most of the round's (Flower would
     refuse to aggregate them all); ties go to the first client's keys. The per-class
-    validation counts (``val/count/*``) name the classes each client holds, so they
-    differ under label skew by design: they are summed, not averaged
-    (:func:`fedimg.serverapp.round_record.pooled_validation`), and not compared here."""
+    validation counts, which differ under label skew by design, are not metrics here
+    (:func:`read_metrics` set them apart)."""
     for phase in {e.phase for e in exchanges}:
         usable = [e for e in exchanges if e.usable and e.phase == phase]
-        keys = [frozenset(k for k in e.metrics if COUNT_KEY not in k) for e in usable]
+        keys = [frozenset(e.metrics) for e in usable]
         if len(set(keys)) <= 1:
             continue
         common = max(dict.fromkeys(keys), key=keys.count)

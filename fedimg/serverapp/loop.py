@@ -44,7 +44,7 @@ from fedimg.serverapp.state import RunState, Sampler
 from fedimg.serverapp.validation import UpdateChecks
 from fedimg.simulation import fleet
 from fedimg.transport.grid import Exchange, NodeView, Transport
-from fedimg.transport.records import ATTEMPT_KEY, LEDGER_KEY, record_to_state_dict, without_counts
+from fedimg.transport.records import ATTEMPT_KEY, LEDGER_KEY, record_to_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class RoundLoop:
                         server_round)
             return []
         exchanges = self._send(MessageType.EVALUATE, server_round, rng)
-        usable = [without_counts(e.reply) for e in exchanges if e.usable]
+        usable = [e.reply for e in exchanges if e.usable]
         if usable:
             metrics = self.state.strategy.aggregate_evaluate(server_round, usable)
             result.evaluate_metrics = dict(metrics or {})

@@ -63,7 +63,7 @@ def pooled_validation(exchanges: list[Exchange]) -> dict[str, float]:
     for e in sorted(exchanges, key=lambda e: e.partition_id):
         if e.phase != MessageType.EVALUATE or e.status != "ok":
             continue
-        counts = {k.removeprefix("val/"): float(v) for k, v in e.metrics.items()
+        counts = {k.removeprefix("val/"): v for k, v in e.class_counts.items()
                   if k.startswith("val" + COUNT_KEY)}
         if counts and _counts_ok(counts, e.num_examples):
             usable.append(counts)
@@ -108,8 +108,7 @@ def clients(exchanges: list[Exchange]) -> dict[str, dict[str, Any]]:
         entry["bytes/down"] += e.bytes_down
         entry["bytes/up"] += e.bytes_up
         phase = "train" if e.phase == MessageType.TRAIN else "val"
-        entry[phase] = {**{k: v for k, v in e.metrics.items() if COUNT_KEY not in k},
-                        "num_examples": e.num_examples}
+        entry[phase] = {**e.metrics, "num_examples": e.num_examples}
         if e.update_norm == e.update_norm:
             entry["update_norm"] = e.update_norm
         if e.status != "ok":

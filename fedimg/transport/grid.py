@@ -41,6 +41,7 @@ class Exchange:
     reply: Message | None = None
     bytes_up: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    class_counts: dict[str, float] = field(default_factory=dict)  # val/count/*: summed only
     num_examples: int = 0
     # ok | failed | rejected | timeout | declined | discarded | offline | dropped |
     # straggler (the last three: simulated devices, fedimg.simulation.fleet)

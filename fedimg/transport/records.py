@@ -197,24 +197,29 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
     """
     metric_records = [next(iter(r.metric_records.values())) for r in records]
     weights = [float(m[weighting_key]) for m in metric_records]
-    keys = [k for k in metric_records[0] if k != weighting_key and COUNT_KEY not in k
-            ] if metric_records else []  # per-class counts: summed in round_record instead
+    keys = [k for k in metric_records[0] if k != weighting_key] if metric_records else []
     return MetricRecord({
         key: nan_weighted_mean([float(m[key]) for m in metric_records], weights)
         for key in keys
     })
 
 
-def without_counts(message: Message) -> Message:
-    """``message`` with the per-class validation counts (``val/count/*``) taken out of
-    its metric records, in place. They name the classes a client holds, so under label
-    skew they differ between clients, and Flower's aggregation refuses replies whose
-    keys differ; the round record sums them from the metrics read before
-    (:func:`fedimg.serverapp.round_record.pooled_validation`)."""
+def split_counts(message: Message) -> dict[str, float]:
+    """Take the per-class validation counts (``val/count/*``) out of ``message``'s metric
+    records, in place, and return them.
+
+    They name the classes a client holds, so under label skew they differ between
+    clients: averaged, compared or handed to Flower's aggregation (which refuses replies
+    whose keys differ) they would be wrong. The server reads them once, where a reply's
+    metrics are read (:func:`fedimg.serverapp.filters.read_metrics`), and only the round
+    record sums them (:func:`fedimg.serverapp.round_record.pooled_validation`).
+    """
+    counts: dict[str, float] = {}
     for record in message.content.metric_records.values():
-        for key in [k for k in record if COUNT_KEY in k]:
-            del record[key]
-    return message
+        for key in [k for k in record if isinstance(k, str) and COUNT_KEY in k]:
+            value = record.pop(key)
+            counts[key] = value  # type: ignore[assignment]  # checked where summed
+    return counts
 
 
 def partitions_record(partitions: list[ClientPartition],

@@ -26,6 +26,7 @@ from fedimg.config import FedimgConfig, FederationConfig, HeterogeneityConfig
 from fedimg.errors import UpdateError
 from fedimg.serverapp import filters
 from fedimg.serverapp.filters import FilterContext, SetAside, apply_filters
+from fedimg.serverapp.round_record import pooled_validation
 from fedimg.serverapp.state import RunState, Sampler
 from fedimg.serverapp.validation import UpdateChecks
 from fedimg.simulation import fleet
@@ -35,6 +36,7 @@ from fedimg.transport.records import (
     COMPRESSION_KEY,
     DECLINED_KEY,
     LEDGER_KEY,
+    METRICS_KEY,
     metric_record,
     reply_content,
 )
@@ -421,3 +423,10 @@ def test_clients_holding_different_classes_are_not_rejected_for_their_count_keys
     # Assert: the count keys do not matter; the extra averaged metric does
     assert [e.usable for e in exchanges] == [True, True, True, False]
     assert "['val/extra']" in exchanges[3].reason and dict(ctx.state.rejections) == {3: 1}
+    # ... and they were read once, set apart from the metrics and out of the replies
+    assert exchanges[1].class_counts == {"val/count/support/3": 4.0, "val/count/hits/3": 4.0}
+    assert exchanges[1].metrics == {"val/accuracy": 1.0}
+    assert all("count" not in k for e in exchanges[:3]
+               for k in e.reply.content[METRICS_KEY])  # type: ignore[union-attr]
+    # recall per class, summed over clients: 2/4, 4/4, 1/2, 2/2 -> mean 0.75
+    assert pooled_validation(exchanges) == {"val/pooled_balanced_accuracy": 0.75}

@@ -9,7 +9,7 @@ from flwr.app import Message, MessageType, RecordDict
 from fedimg.serverapp.round_record import POOLED_METRIC, clients, exchange_summary
 from fedimg.training.metrics import class_counts, pooled_balanced_accuracy
 from fedimg.transport.grid import Exchange
-from fedimg.transport.records import aggregate_metrics, metric_record
+from fedimg.transport.records import aggregate_metrics, metric_record, split_counts
 
 
 def _logits(predicted: list[int], classes: int = 2) -> torch.Tensor:
@@ -24,7 +24,8 @@ B = class_counts(_logits([0, 1]), torch.tensor([1, 1]))
 def _eval(pid: int, counts: dict[str, float], num_examples: int) -> Exchange:
     sent = Message(content=RecordDict(), message_type=MessageType.EVALUATE, dst_node_id=pid + 1)
     return Exchange(phase=MessageType.EVALUATE, partition_id=pid, node_id=pid + 1, sent=sent,
-                    metrics={"val/accuracy": 0.5, **{f"val/{k}": v for k, v in counts.items()}},
+                    metrics={"val/accuracy": 0.5},
+                    class_counts={f"val/{k}": v for k, v in counts.items()},
                     bytes_down=0, bytes_up=0, num_examples=num_examples)
 
 
@@ -44,10 +45,16 @@ def test_the_round_record_sums_the_counts_and_keeps_them_out_of_the_means() -> N
     assert summary[POOLED_METRIC] == pytest.approx(2 / 3)
     assert all("count" not in k for entry in clients(exchanges).values()
                for k in entry["val"])
-    mean = aggregate_metrics([RecordDict({"metrics": metric_record(
-        {f"val/{k}": v for k, v in c.items()} | {"val/accuracy": 0.5}, num_examples=n)})
-        for c, n in ((A, 4), (B, 2))], "num-examples")
-    assert set(mean) == {"val/accuracy"}
+
+
+def test_the_counts_leave_a_reply_before_its_metrics_are_averaged() -> None:
+    replies = [Message(RecordDict({"metrics": metric_record(
+        {f"val/{k}": v for k, v in c.items()} | {"val/accuracy": 0.5}, num_examples=n)}),
+        dst_node_id=1, message_type=MessageType.EVALUATE) for c, n in ((A, 4), (B, 2))]
+    counts = [split_counts(reply) for reply in replies]
+    assert counts == [{f"val/{k}": v for k, v in c.items()} for c in (A, B)]
+    mean = aggregate_metrics([reply.content for reply in replies], "num-examples")
+    assert dict(mean) == {"val/accuracy": 0.5}
 
 
 @pytest.mark.parametrize("bad", [

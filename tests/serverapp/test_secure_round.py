@@ -128,7 +128,9 @@ def test_the_server_never_holds_both_secrets_of_a_client() -> None:
     stripped = (vectors[1].astype(np.uint64) - mask(own, plan)) & np.uint64(plan.modulus - 1)
     delta = (updates[1][0]["b"] - start["b"]) * updates[1][1] / 50  # (n / W) update, b first
     signed = stripped.astype(np.float64)[HEADER:HEADER + 25]
-    assert abs(np.corrcoef(signed, delta)[0, 1]) < 0.5
+    # uncorrelated: the masks come from fresh keys each run, so this is a statistical
+    # bound; for 25 values |r| > 0.75 has probability 2e-5 (|r| > 0.5 had 1%, and failed)
+    assert abs(np.corrcoef(signed, delta)[0, 1]) < 0.75
     assert stripped[0] != updates[1][1]  # not even the example count shows
 
 
