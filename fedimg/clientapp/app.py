@@ -42,10 +42,8 @@ from fedimg.transport.records import (
     COUNT_KEY,
     DECLINED_KEY,
     HEAD_STATS_ACTION,
-    HEAD_STATS_KEY,
     LEDGER_KEY,
     METRICS_KEY,
-    NUM_EXAMPLES_KEY,
     PARTITION_KEY,
     PROXIMAL_MU_KEY,
     ROUND_KEY,
@@ -56,6 +54,7 @@ from fedimg.transport.records import (
     config_from_record,
     counts_from_record,
     counts_record,
+    head_stats_content,
     metric_record,
     partitions_from_record,
     record_to_state_dict,
@@ -73,7 +72,7 @@ from fedimg.clientapp.environment import TaskEnvironment, environment, site_envi
 from fedimg.clientapp.secure import secure_aggregation_mod
 from fedimg.clientapp.drift import grad_offset
 from fedimg.clientapp.conditions import device_conditions, pace
-from fedimg.clientapp.cohort import train_cohort
+from fedimg.clientapp.cohort import statistics_cohort, train_cohort
 from fedimg.clientapp.personal import PersonalRound, personal_metrics
 
 # The error-feedback residual of update compression lives in the client's Flower
@@ -325,11 +324,13 @@ def head_statistics(msg: Message, context: Context) -> Message:
     if env.cfg.fl.head_init != HeadInit.ridge:
         raise DataError(f"head statistics asked for, but fl.head_init={env.cfg.fl.head_init}: "
                         "this client sends them only to a run configured for them")
+    members = cohort_partitions(msg.content)
+    if members is not None:  # several small simulated clients in one message
+        return Message(cohort_reply(statistics_cohort(
+            env, members, message=msg.content, site=site_options(context.node_config))),
+            reply_to=msg)
     stats = env.head_statistics(pid)
-    arrays = ArrayRecord({"gram": Array(stats.gram.numpy()),
-                          "moment": Array(stats.moment.numpy())})
-    return Message(RecordDict({HEAD_STATS_KEY: arrays, METRICS_KEY: MetricRecord(
-        {NUM_EXAMPLES_KEY: stats.count})}), reply_to=msg)
+    return Message(head_stats_content(stats.gram, stats.moment, stats.count), reply_to=msg)
 
 
 @app.evaluate()

@@ -59,6 +59,7 @@ from fedimg.transport.records import (
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     MemberReply,
+    head_stats_content,
     metric_record,
     reply_content,
     state_dict_to_record,
@@ -111,6 +112,21 @@ def train_cohort(env: TaskEnvironment, partitions: Sequence[int], *,
                    for r in replies]
     assert all(r is not None for r in replies)  # every member answered or failed
     return replies  # type: ignore[return-value]
+
+
+def statistics_cohort(env: TaskEnvironment, partitions: Sequence[int], *, message: Any,
+                      site: SiteOptions | None) -> list[MemberReply]:
+    """Each member's Fed3R feature sums (the ridge head's query before round 1), as a
+    lone client's reply; a member that raises fails alone."""
+    _check_shared(message, site)
+    replies: list[MemberReply] = []
+    for pid in partitions:
+        try:
+            stats = env.head_statistics(pid)
+            replies.append(head_stats_content(stats.gram, stats.moment, stats.count))
+        except Exception as exc:  # noqa: BLE001 - a member's failure is its own
+            replies.append((MEMBER_RAISED, f"{type(exc).__name__}: {exc}"))
+    return replies
 
 
 def _check_shared(message: Any, site: SiteOptions | None) -> None:

@@ -25,7 +25,9 @@ Only messages that share one content object are merged (a strategy configures ev
 client with the same content); a message with content of its own (a DP ledger handed
 back, a per-client correction) stays a message of its own. Evaluation is never
 grouped (the round loop passes ``size=1``); ``size=1`` returns the messages and the
-exchanges untouched.
+exchanges untouched. The ridge head's statistics query before round 1
+(:mod:`fedimg.serverapp.head_init`) is grouped the same way: each member's sums come
+back as a lone client's reply, checked alone.
 """
 
 from __future__ import annotations
@@ -67,9 +69,10 @@ class Grouping:
         return [c.message for c in self.cohorts]
 
 
-def group(messages: Sequence[Message], size: int, *,
-          partition_of: Callable[[int], int]) -> Grouping:
-    """``messages`` merged into cohorts of up to ``size`` members, in client order."""
+def group(messages: Sequence[Message], size: int, *, partition_of: Callable[[int], int],
+          kinds: tuple[str, ...] = (MessageType.TRAIN,)) -> Grouping:
+    """``messages`` merged into cohorts of up to ``size`` members, in client order; only
+    messages of a type in ``kinds`` are merged (training, or the ridge head's query)."""
     def single(m: Message) -> Cohort:
         return Cohort(m, (Member(m, partition_of(m.metadata.dst_node_id)),))
 
@@ -82,7 +85,7 @@ def group(messages: Sequence[Message], size: int, *,
         shared.setdefault(id(m.content), []).append(m)
     cohorts: list[Cohort] = []
     for run in shared.values():
-        if len(run) == 1 or run[0].metadata.message_type != MessageType.TRAIN:
+        if len(run) == 1 or run[0].metadata.message_type not in kinds:
             cohorts.extend(single(m) for m in run)
             continue
         for lo in range(0, len(run), size):

@@ -24,7 +24,9 @@ together), so the query goes to the nodes in batches whose replies fit in
 ``MAX_REPLY_BYTES`` and each batch is added up before the next is sent: for a fleet of
 1000 cameras with Lite0's head (13 MB of sums each) the server holds 20 replies at a
 time, not 13 GB of them. Batches follow the client order, so the float sums are the
-same as in one batch.
+same as in one batch. In simulation with ``sim.cohort_size`` > 1, a batch's queries go
+out as cohorts (:mod:`fedimg.serverapp.cohorts`): one message, one model load and one
+worker call for several small clients, each member's sums still a reply of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fedimg.build import PreparedRun
 from fedimg.config import FedimgConfig
 from fedimg.errors import FedimgError
 from fedimg.models import MODELS
+from fedimg.serverapp.cohorts import group, split
 from fedimg.serverapp.validation import UpdateChecks
 from fedimg.training.closed_form import HeadStatistics, ridge_head
 from fedimg.transport.grid import Exchange, Transport, error_summary
@@ -71,7 +74,8 @@ def fit_ridge_head(prepared: PreparedRun, transport: Transport, checks: UpdateCh
     total, used = collect_statistics(
         transport, content, head_shape=tuple(prepared.initial_state[weight_key].shape),
         expected_sizes=checks.expected_sizes, timeout=cfg.fl.timeout_s,
-        min_replies=cfg.fl.min_replies)
+        min_replies=cfg.fl.min_replies,
+        cohort_size=cfg.sim.cohort_size if prepared.partitions else 1)
     prepared.initial_state.update(ridge_head_state(cfg, total))
     log.info("ridge head from %d clients (%d images) in %.1fs", used, total.count,
              time.perf_counter() - started)
@@ -87,8 +91,10 @@ def ridge_head_state(cfg: FedimgConfig, stats: HeadStatistics) -> dict[str, torc
 
 def collect_statistics(transport: Transport, content: RecordDict, *,
                        head_shape: tuple[int, ...], expected_sizes: Mapping[int, int],
-                       timeout: float, min_replies: int) -> tuple[HeadStatistics, int]:
-    """Every node's feature sums, added up, and how many replies counted.
+                       timeout: float, min_replies: int, cohort_size: int = 1
+                       ) -> tuple[HeadStatistics, int]:
+    """Every node's feature sums, added up, and how many replies counted (queries merged
+    into cohorts of ``cohort_size`` clients; 1: one message each).
 
     Raises :class:`FedimgError` before round 1 when fewer than ``min_replies`` count.
     """
@@ -99,8 +105,10 @@ def collect_statistics(transport: Transport, content: RecordDict, *,
     for batch in reply_batches(nodes, dim=features + 1, classes=classes):
         messages = [Message(content=content, message_type=f"query.{HEAD_STATS_ACTION}",
                             dst_node_id=node) for node in batch]
+        sent = group(messages, cohort_size, partition_of=transport.partition_of,
+                     kinds=(f"query.{HEAD_STATS_ACTION}",))
         kept = []
-        for exchange in transport.exchange(messages, timeout=timeout):
+        for exchange in split(transport.exchange(sent.messages, timeout=timeout), sent):
             pid = exchange.partition_id
             stats = _statistics(exchange, dim=features + 1, classes=classes,
                                 expected=expected_sizes.get(pid))

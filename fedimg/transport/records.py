@@ -105,6 +105,14 @@ def cohort_reply(replies: Sequence[MemberReply]) -> RecordDict:
     return content
 
 
+def head_stats_content(gram: torch.Tensor, moment: torch.Tensor, count: int) -> RecordDict:
+    """A client's reply to the ridge head's query: its feature sums and image count
+    (read back, and checked, by :mod:`fedimg.serverapp.head_init`)."""
+    arrays = ArrayRecord({"gram": Array(gram.numpy()), "moment": Array(moment.numpy())})
+    return RecordDict({HEAD_STATS_KEY: arrays,
+                       METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: int(count)})})
+
+
 def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Model weights (parameters and buffers) as a Flower ArrayRecord."""
     return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})

@@ -24,9 +24,13 @@ ONE_CLASS = ["data.partitioner=shards", "data.classes_per_client=1", "transfer.m
 WEIGHTED = ["train.class_weighting=federated", "train.local_steps=1"]
 
 
-def test_clients_holding_one_class_each_start_from_the_pooled_ridge_head(tmp_path) -> None:
+@pytest.mark.parametrize("cohort", ["sim.cohort_size=1", "sim.cohort_size=3"],
+                         ids=["lone", "cohort"])
+def test_clients_holding_one_class_each_start_from_the_pooled_ridge_head(tmp_path,
+                                                                        cohort) -> None:
     """Also federated class weights: each one-class client weighs its loss by the
-    union's n / (K n_c), where its own counts would give 1."""
+    union's n / (K n_c), where its own counts would give 1. With ``sim.cohort_size=3``
+    the query (and training) goes to the three clients in one message."""
     # Arrange: the ridge head of every training image at once, computed in-process
     cfg = compose_config(overrides=[*TINY, *ONE_CLASS, *WEIGHTED])
     env = TaskEnvironment(cfg)
@@ -40,7 +44,7 @@ def test_clients_holding_one_class_each_start_from_the_pooled_ridge_head(tmp_pat
     unweighted = _first_losses(env, {**state, "_fc.weight": weight, "_fc.bias": bias})
     counts = torch.bincount(env.dataset.train.labels[union(env.partitions).train_indices])
     # Act: the federation of one-class clients
-    run([*TINY, *ONE_CLASS, *WEIGHTED, f"hydra.run.dir={tmp_path}"])
+    run([*TINY, *ONE_CLASS, *WEIGHTED, cohort, f"hydra.run.dir={tmp_path}"])
     # Assert: each client held one class; round 0 is the pooled head's evaluation
     assert all(len(held) == 1 for held in labels)
     assert stats.count == sum(len(p.train_indices) for p in env.partitions)

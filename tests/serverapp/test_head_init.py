@@ -15,7 +15,7 @@ from fedimg.serverapp import head_init
 from fedimg.serverapp.head_init import collect_statistics
 from fedimg.training.closed_form import HeadStatistics
 from fedimg.transport.grid import Transport
-from fedimg.transport.records import HEAD_STATS_KEY
+from fedimg.transport.records import HEAD_STATS_KEY, cohort_partitions, cohort_reply
 
 D, K = 3, 2  # head features and classes: sums are (4, 4) and (4, 2)
 
@@ -134,3 +134,33 @@ def test_a_batch_of_honest_sums_is_factorised_once_not_once_per_reply(monkeypatc
     total, used = _collect({n: (lambda n=n: _content(*_sums(n))) for n in range(1, 6)})
     # Assert
     assert used == 5 and total.count == 15 and len(calls) == 1
+
+
+def test_cohorts_of_queries_sum_the_same_and_still_check_each_member(caplog) -> None:
+    # Arrange: 5 nodes, node 4 hostile; the grid answers a cohort message for each member
+    replies = {n: (lambda n=n: _content(*_sums(n))) for n in (1, 2, 3, 5)}
+    replies[4] = lambda: _content(*_sums(4)[:2], 5)  # more images than it has
+    sent: list[list[int]] = []
+
+    class _Cohorts(_Scripted):
+        def send_and_receive(self, messages, *, timeout=None):
+            out = []
+            for m in messages:
+                members = cohort_partitions(m.content) or [m.metadata.dst_node_id]
+                sent.append(members)
+                out.append(answer(m, cohort_reply([self.replies[p]() for p in members])
+                                  if len(members) > 1 else self.replies[members[0]]()))
+            return out
+
+    transport = Transport(_Cohorts(replies))
+    transport.node_to_partition = {node: node for node in replies}
+    # Act
+    total, used = collect_statistics(transport, RecordDict(), head_shape=(K, D),
+                                     expected_sizes={n: n for n in replies}, timeout=5,
+                                     min_replies=1, cohort_size=2)
+    # Assert: three messages for five clients; node 4 alone left out; the others' sums
+    assert sent == [[1, 2], [3, 4], [5]]
+    assert used == 4 and total.count == 11
+    assert "of client 4 left out: 5 images, the client has 4" in caplog.text
+    assert torch.equal(total.gram, torch.from_numpy(sum(_sums(n)[0] for n in (1, 2, 3, 5))))
+    assert torch.equal(total.moment, torch.from_numpy(sum(_sums(n)[1] for n in (1, 2, 3, 5))))
