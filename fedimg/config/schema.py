@@ -191,7 +191,8 @@ class SimConfig:
     ray_num_gpus: Optional[int] = None
     max_worker_restarts: int = -1  # Ray restarts a dead worker actor; -1 = always, 0 = never
     # Training clients per message (fedimg.serverapp.cohorts): 1 = one each (off); k > 1
-    # sends up to k sampled clients to one node, which trains them together
+    # sends up to k sampled clients to one node, which trains them together (and asks
+    # up to k clients for the ridge head's sums in one message: fl.head_init=ridge)
     cohort_size: int = 1
 
 
