@@ -49,8 +49,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fedimg.deploy.client import (
-    executable,
+from fedimg.deploy.client import executable
+from fedimg.deploy.processes import (
     private_dir,
     start,
     stop_group,

@@ -28,15 +28,14 @@ from fedimg.deploy.certs import create_dev_pki
 from fedimg.deploy.client import (
     EXIT_GAVE_UP,
     EXIT_UNREGISTERED,
-    private_dir,
     supernode_command,
     supervise,
     warn_if_key_exposed,
-    write_secret,
 )
 from fedimg.deploy.client import (
     main as client_main,
 )
+from fedimg.deploy.processes import private_dir, write_secret
 from fedimg.deploy.flwr_cli import app_dir, register_key, run_config, write_connection
 from fedimg.deploy.server import (
     ServerConfig,

@@ -22,7 +22,7 @@ import pytest
 
 from fedimg.deploy import proxy
 from fedimg.deploy.certs import DevPki, create_dev_pki
-from fedimg.deploy.client import private_dir
+from fedimg.deploy.processes import private_dir
 from fedimg.deploy.localhost import free_port
 from fedimg.deploy.proxy import (
     ProxySettings,
