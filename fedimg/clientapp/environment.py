@@ -30,15 +30,14 @@ from fedimg.config import FedimgConfig, TrainConfig, from_json
 from fedimg.data import (
     ClientPartition,
     Dataset,
-    ImageSet,
     InMemoryLoader,
-    Provenance,
     SiteData,
     build_transform,
     federation_classes,
     load_dataset,
     partition_dataset,
     read_site_data,
+    site_dataset,
 )
 from fedimg.errors import DataError, UpdateError
 from fedimg.seeds import derive_seed
@@ -61,19 +60,6 @@ from fedimg.training.losses import balanced_weights_from_counts
 from fedimg.training.vector_rule import VectorizeRule
 
 log = logging.getLogger(__name__)
-
-def site_as_dataset(cfg: FedimgConfig, site: SiteData) -> tuple[Dataset, list[ClientPartition]]:
-    """A site's images as a one-client dataset: train then val rows, one partition."""
-    n_train, n_val = len(site.train.labels), len(site.val.labels)
-    pooled = ImageSet(images=torch.cat([site.train.images, site.val.images]),
-                      labels=torch.cat([site.train.labels, site.val.labels]))
-    dataset = Dataset(name=cfg.data.dataset, classes=site.classes,
-                      channels=int(pooled.images.shape[1]), train=pooled, test=site.val,
-                      val=None, provenance=Provenance(source="real", location=site.location,
-                                                      warnings=site.warnings))
-    part = ClientPartition(0, np.arange(n_train), np.arange(n_train, n_train + n_val))
-    return dataset, [part]
-
 
 @dataclass
 class ClientData:
@@ -109,7 +95,7 @@ class TaskEnvironment:
                 partition_dataset(self.dataset.train, cfg=cfg.data, num_clients=cfg.clients,
                                   seed=cfg.seed)
         else:  # a deployed site: its own images are the only client
-            self.dataset, self.partitions = site_as_dataset(cfg, site)
+            self.dataset, self.partitions = site_dataset(site, name=cfg.data.dataset)
         self.device = resolve_device(cfg.train.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, num_classes=self.dataset.num_classes,

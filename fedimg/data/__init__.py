@@ -31,7 +31,7 @@ from fedimg.data.partition import (
 )
 from fedimg.data.partitioners import PARTITIONERS
 from fedimg.data.roots import resolve_data_root
-from fedimg.data.site import SiteData, read_site_data, site_fingerprint
+from fedimg.data.site import SiteData, read_site_data, site_dataset, site_fingerprint
 from fedimg.data.sources import DATASETS, federation_classes, load_dataset
 from fedimg.data.transforms import AUGMENTATIONS, build_transform
 from fedimg.data.types import Dataset, ImageSet, Provenance
@@ -53,6 +53,7 @@ __all__ = [
     "load_partitions",
     "partition_dataset",
     "read_site_data",
+    "site_dataset",
     "resolve_data_root",
     "save_partitions",
     "site_fingerprint",

@@ -37,8 +37,8 @@ import torch
 
 from fedimg.data.decode import ON_CORRUPT, apply_corrupt_policy, decode_files, resize_batch, to_nchw
 from fedimg.data.folders import IMAGE_EXTENSIONS, read_class_names, read_metadata
-from fedimg.data.partition import val_count
-from fedimg.data.types import ImageSet
+from fedimg.data.partition import ClientPartition, val_count
+from fedimg.data.types import Dataset, ImageSet, Provenance
 from fedimg.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -352,3 +352,17 @@ def site_fingerprint(data_path: str | Path) -> str:
         rel = path.name if path == root else path.relative_to(root).as_posix()
         listing.append((rel, stat.st_size, stat.st_mtime_ns))
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def site_dataset(site: SiteData, *, name: str) -> tuple[Dataset, list[ClientPartition]]:
+    """A site's images as a one-client dataset: train then val rows, one partition
+    (what a deployed site's task environment trains and validates on)."""
+    n_train, n_val = len(site.train.labels), len(site.val.labels)
+    pooled = ImageSet(images=torch.cat([site.train.images, site.val.images]),
+                      labels=torch.cat([site.train.labels, site.val.labels]))
+    dataset = Dataset(name=name, classes=site.classes,
+                      channels=int(pooled.images.shape[1]), train=pooled, test=site.val,
+                      val=None, provenance=Provenance(source="real", location=site.location,
+                                                      warnings=site.warnings))
+    part = ClientPartition(0, np.arange(n_train), np.arange(n_train, n_train + n_val))
+    return dataset, [part]

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fedimg.data.site import SiteData, read_site_data, site_fingerprint
+from fedimg.data.site import SiteData, read_site_data, site_dataset, site_fingerprint
+from fedimg.data.types import ImageSet
 from fedimg.errors import ConfigError, DataError
 
 # Federation order differs from the alphabetical folder order on purpose.
@@ -330,3 +331,19 @@ def test_npz_labels_of_another_length_than_the_images_are_refused(tmp_path: Path
              train_labels=np.zeros((5, 1), np.int64))
     with pytest.raises(DataError, match=r"train_labels is int64 \(5, 1\) for 6 images"):
         read(path)
+
+
+def test_a_site_is_a_one_client_dataset_train_rows_then_val_rows() -> None:
+    # Arrange: 5 training and 2 validation images of a 2-class federation
+    train = ImageSet(images=torch.zeros(5, 3, 8, 8, dtype=torch.uint8),
+                     labels=torch.tensor([0, 1, 1, 0, 1]))
+    val = ImageSet(images=torch.ones(2, 3, 8, 8, dtype=torch.uint8), labels=torch.tensor([1, 0]))
+    site = SiteData(train=train, val=val, classes=("a", "b"), location="/site", warnings=("w",))
+    # Act
+    dataset, (part,) = site_dataset(site, name="folder")
+    # Assert
+    assert dataset.train.labels.tolist() == [0, 1, 1, 0, 1, 1, 0]
+    assert part.train_indices.tolist() == [0, 1, 2, 3, 4] and part.val_indices.tolist() == [5, 6]
+    assert float(dataset.train.images[5:].min()) == 1.0  # the val rows come last
+    assert dataset.test is val and dataset.classes == ("a", "b") and dataset.channels == 3
+    assert dataset.provenance.location == "/site" and dataset.provenance.warnings == ("w",)
