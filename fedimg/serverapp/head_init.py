@@ -171,21 +171,34 @@ def _statistics(exchange: Exchange, *, dim: int, classes: int,
 def _check(gram: np.ndarray, moment: np.ndarray, count: int, *, dim: int, classes: int,
            expected: int | None) -> str:
     """What is wrong with these sums ("" if nothing)."""
-    if not (np.isfinite(gram).all() and np.isfinite(moment).all()):
+    lo = np.minimum(gram.min(), moment.min())  # NaN if any value is NaN
+    hi = np.maximum(gram.max(), moment.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         return "non-finite values"
-    if max(np.abs(gram).max(), np.abs(moment).max()) > MAX_FEATURE_ENERGY * max(count, 1):
+    if max(hi, -lo) > MAX_FEATURE_ENERGY * max(count, 1):
         return f"sums larger than {MAX_FEATURE_ENERGY:.0e} per image"
     if expected is not None and count != expected:
         return f"{count} images, the client has {expected}"
-    scale = max(1.0, float(np.abs(gram).max()))
+    scale = max(1.0, float(np.maximum(gram.max(), -gram.min())))
     if count < 1 or abs(gram[-1, -1] - count) > 1e-6 * count \
             or abs(moment[-1].sum() - count) > 1e-6 * count \
             or not np.allclose(moment[-1], np.round(moment[-1]), atol=1e-6) \
             or (moment[-1] < 0).any():
         return f"sums inconsistent with {count} images"
-    if np.abs(gram - gram.T).max() > 1e-9 * scale or (np.diagonal(gram) < 0).any():
+    if _asymmetry(gram) > 1e-9 * scale or (np.diagonal(gram) < 0).any():
         return "a Gram matrix that is not symmetric with a non-negative diagonal"
     return ""
+
+
+def _asymmetry(gram: np.ndarray, block: int = 128) -> float:
+    """``max |G - G^T|``, block by block: ``gram - gram.T`` reads one operand column-wise
+    (17 ms for Lite0's 1282x1282 Gram, against 4 ms in 128x128 blocks)."""
+    worst, n = 0.0, gram.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            worst = max(worst, float(np.abs(gram[i:i + block, j:j + block]
+                                            - gram[j:j + block, i:i + block].T).max()))
+    return worst
 
 
 def _semidefinite(kept: list[tuple[int, HeadStatistics]], problems: list[str]

@@ -164,3 +164,16 @@ def test_cohorts_of_queries_sum_the_same_and_still_check_each_member(caplog) -> 
     assert "of client 4 left out: 5 images, the client has 4" in caplog.text
     assert torch.equal(total.gram, torch.from_numpy(sum(_sums(n)[0] for n in (1, 2, 3, 5))))
     assert torch.equal(total.moment, torch.from_numpy(sum(_sums(n)[1] for n in (1, 2, 3, 5))))
+
+
+@pytest.mark.parametrize("where", [(0, 1), (299, 3), (130, 257)])
+def test_the_blocked_asymmetry_is_the_plain_one(where) -> None:
+    # 300 is not a multiple of the 128 block: the last, partial blocks count too
+    rng = np.random.default_rng(0)
+    phi = rng.normal(size=(7, 300))
+    gram = phi.T @ phi
+    gram = (gram + gram.T) / 2  # exactly symmetric
+    assert head_init._asymmetry(gram) == 0.0
+    gram[where] += 0.5
+    assert head_init._asymmetry(gram) == np.abs(gram - gram.T).max()  # the same float
+    assert head_init._asymmetry(gram) == pytest.approx(0.5)
