@@ -29,19 +29,21 @@ def _rounds(run_dir: Path) -> list[dict]:
 def test_a_raising_client_and_a_killed_worker_do_not_stop_the_run(tmp_path) -> None:
     # Arrange: client 0 raises in round 1; client 1's worker process is SIGKILLed in round 2.
     run_dir = tmp_path / "run"
-    argv = [*TINY, "rounds=3", f"hydra.run.dir={run_dir}", "faults.raise_at=[[1,0]]",
+    argv = [*TINY, "rounds=4", f"hydra.run.dir={run_dir}", "faults.raise_at=[[1,0]]",
             "faults.kill_at=[[2,1]]"]
     # Act
     results = run(argv)
     # Assert: every round ran; the failed clients are recorded with their reasons ...
     rounds = _rounds(run_dir)
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3] and results["final"]["round"] == 3
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4] and results["final"]["round"] == 4
     assert rounds[1]["fleet/ok"] == 2
     assert "injected fault" in rounds[1]["clients"]["0"]["train_status"]
     assert rounds[2]["fleet/ok"] == 2
     assert rounds[2]["clients"]["1"]["train_status"].startswith("failed")
-    # ... and the dead worker was replaced: round 3 has all three clients again.
-    assert rounds[3]["fleet/ok"] == 3 and rounds[3]["fleet/failed"] == 0
+    # ... and the dead worker was replaced: all three clients train again. Ray restarts
+    # the actor while the run goes on; on a loaded machine round 3 can still find it
+    # restarting (ActorUnavailableError, one failed client), so round 4 must have all.
+    assert rounds[4]["fleet/ok"] == 3 and rounds[4]["fleet/failed"] == 0
     assert not any(r["skipped"] for r in rounds)
 
 
