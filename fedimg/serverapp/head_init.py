@@ -171,15 +171,16 @@ def _statistics(exchange: Exchange, *, dim: int, classes: int,
 def _check(gram: np.ndarray, moment: np.ndarray, count: int, *, dim: int, classes: int,
            expected: int | None) -> str:
     """What is wrong with these sums ("" if nothing)."""
-    lo = np.minimum(gram.min(), moment.min())  # NaN if any value is NaN
-    hi = np.maximum(gram.max(), moment.max())
+    g_lo, g_hi = gram.min(), gram.max()
+    lo = np.minimum(g_lo, moment.min())  # NaN if any value is NaN
+    hi = np.maximum(g_hi, moment.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return "non-finite values"
     if max(hi, -lo) > MAX_FEATURE_ENERGY * max(count, 1):
         return f"sums larger than {MAX_FEATURE_ENERGY:.0e} per image"
     if expected is not None and count != expected:
         return f"{count} images, the client has {expected}"
-    scale = max(1.0, float(np.maximum(gram.max(), -gram.min())))
+    scale = max(1.0, float(np.maximum(g_hi, -g_lo)))
     if count < 1 or abs(gram[-1, -1] - count) > 1e-6 * count \
             or abs(moment[-1].sum() - count) > 1e-6 * count \
             or not np.allclose(moment[-1], np.round(moment[-1]), atol=1e-6) \

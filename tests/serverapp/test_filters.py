@@ -416,13 +416,19 @@ def test_clients_holding_different_classes_are_not_rejected_for_their_count_keys
                  reply(2, {"val/accuracy": 0.75, "val/count/support/1": 2.0,
                            "val/count/hits/1": 1.0, "val/count/support/2": 2.0,
                            "val/count/hits/2": 2.0}),
-                 reply(3, {"val/accuracy": 0.25, "val/extra": 1.0})]
+                 reply(3, {"val/accuracy": 0.25, "val/extra": 1.0}),
+                 reply(4, {"val/accuracy": 0.5})]
+    hostile = exchanges[4].reply.content[METRICS_KEY]  # type: ignore[union-attr]
+    hostile["val/count/support/0"] = [4.0, 1.0]  # a list, where a count belongs
     ctx = _ctx()
     # Act
     apply_filters(exchanges, ctx)
     # Assert: the count keys do not matter; the extra averaged metric does
-    assert [e.usable for e in exchanges] == [True, True, True, False]
-    assert "['val/extra']" in exchanges[3].reason and dict(ctx.state.rejections) == {3: 1}
+    # (and a count that is not a number is a rejected reply, not a crash)
+    assert [e.usable for e in exchanges] == [True, True, True, False, False]
+    assert "['val/extra']" in exchanges[3].reason
+    assert exchanges[4].status == "rejected"
+    assert dict(ctx.state.rejections) == {3: 1, 4: 1}
     # ... and they were read once, set apart from the metrics and out of the replies
     assert exchanges[1].class_counts == {"val/count/support/3": 4.0, "val/count/hits/3": 4.0}
     assert exchanges[1].metrics == {"val/accuracy": 1.0}
