@@ -77,7 +77,7 @@ def _time(fn) -> float:
 def measure(model: str, name: str, repeats: int, out: Path) -> tuple[float, float, int, int]:
     cfg = FedimgConfig(model=model, strategy=name, clients=3,
                        fl=FederationConfig(min_train_clients=3))
-    state, fixed, _ = initial_model(cfg, num_classes=2)
+    state, fixed, _, _ = initial_model(cfg, num_classes=2)
     strategy = build_strategy(cfg, buffer_keys=fixed)
     arrays = _rounds(strategy, state)
     recorder = RunRecorder(out / name)

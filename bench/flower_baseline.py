@@ -1,8 +1,12 @@
 """fedimg against a textbook Flower simulation of the same workload, as wall-time ratios.
 
-Usage (any scenario overrides may follow; ``--fresh-decode`` is optional)::
+Usage (any scenario overrides may follow; ``--fresh-decode`` and ``--elision`` are
+optional)::
 
     FEDIMG_DATA=../shared/data python bench/flower_baseline.py scenario=cameras rounds=5
+
+``--elision`` also runs fedimg with ``fl.elide_frozen=false`` (every array in every
+message, as before :mod:`fedimg.transport.elision`), first, and reports both.
 
 It runs, one after the other in one invocation:
 
@@ -54,6 +58,7 @@ from fedimg.reporting import setup_logging  # noqa: E402
 log = logging.getLogger("fedimg.bench")
 
 FRESH_FLAG = "--fresh-decode"
+ELISION_FLAG = "--elision"
 # Off on both sides: what the textbook does not do, or what changes the work done.
 NEUTRAL = {"output.checkpoints": "false", "output.plots": "false",
            "output.progress": "false", "fl.central_eval": "false",
@@ -151,7 +156,7 @@ def _neutral_overrides() -> list[str]:
             if hasattr(getattr(default, k.split(".")[0], None), k.split(".")[1])]
 
 
-def _report(cfg: FedimgConfig, fed: Side, book: Side, sums: dict[str, float],
+def _report(cfg: FedimgConfig, feds: dict[str, Side], book: Side, sums: dict[str, float],
             fresh: bool) -> None:
     def steady(values: list[float]) -> float:  # mean over rounds 2+ (round 1 if alone)
         return sum(values[1:] or values) / len(values[1:] or values)
@@ -164,34 +169,40 @@ def _report(cfg: FedimgConfig, fed: Side, book: Side, sums: dict[str, float],
                 f"(2+ {steady(s.train_local_s):.2f}s/round) | final federated val "
                 f"accuracy {s.val_accuracy:.4f}")
 
-    rounds_ratio = sum(book.rounds) / sum(fed.rounds)
     lines = [
         (f"scenario={cfg.name} model={cfg.model} clients={cfg.clients} rounds={cfg.rounds} "
         f"fraction_train={cfg.fl.fraction_train} fraction_evaluate={cfg.fl.fraction_evaluate}"
         f" image_size={cfg.data.image_size} cpus/client={cfg.sim.num_cpus_per_client} "
         f"decode={'fresh every call' if fresh else 'fedimg decode cache'}"),
-        line("fedimg:  ", fed), line("textbook:", book),
+        *(line(f"fedimg{name}:", fed) for name, fed in feds.items()),
+        line("textbook:", book),
         f"textbook, summed over its {sums.pop('bench/calls', 0):.0f} handler calls: "
-        + ", ".join(f"{k.removeprefix('bench/')} {v:.1f}" for k, v in sorted(sums.items())),
-        f"ratio textbook / fedimg, all rounds        = {rounds_ratio:.3f}",
-        (f"ratio textbook / fedimg, rounds 2+ (warm)  = "
-        f"{steady(book.rounds) / steady(fed.rounds):.3f}"),
-        f"ratio textbook / fedimg, end to end        = {book.total_s / fed.total_s:.3f}",
-    ]
+        + ", ".join(f"{k.removeprefix('bench/')} {v:.1f}" for k, v in sorted(sums.items()))]
+    for name, fed in feds.items():
+        lines += [
+            f"ratio textbook / fedimg{name}, all rounds        = "
+            f"{sum(book.rounds) / sum(fed.rounds):.3f}",
+            f"ratio textbook / fedimg{name}, rounds 2+ (warm)  = "
+            f"{steady(book.rounds) / steady(fed.rounds):.3f}",
+            f"ratio textbook / fedimg{name}, end to end        = "
+            f"{book.total_s / fed.total_s:.3f}"]
     log.info("textbook Flower baseline\n%s", "\n".join(lines))
 
 
 def main(argv: list[str]) -> None:
     setup_logging()
-    fresh = FRESH_FLAG in argv
-    scenario, overrides = split_argv([a for a in argv if a != FRESH_FLAG])
-    run_dir = Path(tempfile.mkdtemp(prefix="fedimg-bench-"))
-    cfg = compose_and_check(scenario, [*overrides, *_neutral_overrides(),
-                                    f"hydra.run.dir={run_dir}"])
-    check_supported(cfg)
-    fed, client_cfg, num_classes = run_fedimg(cfg)
+    fresh, elision = FRESH_FLAG in argv, ELISION_FLAG in argv
+    scenario, overrides = split_argv([a for a in argv if a not in (FRESH_FLAG, ELISION_FLAG)])
+    variants = {" (every array)": ["fl.elide_frozen=false"], "": []} if elision else {"": []}
+    feds: dict[str, Side] = {}
+    for name, extra in variants.items():
+        run_dir = Path(tempfile.mkdtemp(prefix="fedimg-bench-"))
+        cfg = compose_and_check(scenario, [*overrides, *extra, *_neutral_overrides(),
+                                        f"hydra.run.dir={run_dir}"])
+        check_supported(cfg)
+        feds[name], client_cfg, num_classes = run_fedimg(cfg)
     book, sums = run_textbook(client_cfg, num_classes=num_classes, fresh_decode=fresh)
-    _report(cfg, fed, book, sums, fresh)
+    _report(cfg, feds, book, sums, fresh)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from fedimg.serverapp.loop import LoopSetup, RoundLoop
 from fedimg.serverapp.state import RunState, Sampler
 from fedimg.serverapp.strategies import build_strategy, min_replies
 from fedimg.serverapp.validation import UpdateChecks
+from fedimg.transport.elision import Elision
 from fedimg.transport.grid import Transport
 from fedimg.transport.records import (
     CLASS_COUNTS_KEY,
@@ -78,6 +79,7 @@ class PreparedRun:
     strategy: Strategy
     fixed_keys: frozenset[str] = frozenset()  # buffers and frozen parameters
     frozen_keys: frozenset[str] = frozenset()  # frozen parameters and frozen-BN statistics
+    model_frozen_keys: frozenset[str] = frozenset()  # those the model freezes (not FedPer's head)
     resume: SavedRun | None = None
     started: float = field(default_factory=time.perf_counter)
     sites: dict[int, dict[str, Any]] = field(default_factory=dict)  # deployment: id -> report
@@ -122,9 +124,12 @@ def _sizes_line(sizes: list[int]) -> str:
     return f"min {ordered[0]} / median {ordered[len(ordered) // 2]} / max {ordered[-1]}"
 
 
-def initial_model(cfg: FedimgConfig, num_classes: int) -> tuple[dict[str, torch.Tensor],
-                                                                frozenset[str], frozenset[str]]:
-    """The starting global weights; the arrays clients do not train; those they never change.
+def initial_model(cfg: FedimgConfig, num_classes: int
+                  ) -> tuple[dict[str, torch.Tensor], frozenset[str], frozenset[str],
+                             frozenset[str]]:
+    """The starting global weights; the arrays clients do not train; those they never
+    change; and those the model itself freezes (every client has them: they may stay home,
+    :mod:`fedimg.transport.elision`).
 
     The first set is the buffers (BatchNorm statistics) and any frozen parameters:
     server optimisers average them instead of stepping them, and client-level DP
@@ -136,11 +141,11 @@ def initial_model(cfg: FedimgConfig, num_classes: int) -> tuple[dict[str, torch.
     model = build_model(cfg.model, num_classes=num_classes, weights=cfg.weights,
                         transfer=cfg.transfer)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    frozen = frozen_state_keys(model)
+    own = frozen = frozen_state_keys(model)
     if cfg.fl.personal in ("fedper", "fedrep"):  # each client keeps its own head and
         frozen |= MODELS.get(cfg.model).head_keys(model)  # returns the global one as sent
     fixed = {name for name, _ in model.named_buffers()} | frozen
-    return state, frozenset(fixed), frozen
+    return state, frozenset(fixed), frozen, own
 
 
 def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:
@@ -161,13 +166,13 @@ def prepare_run(cfg: FedimgConfig, *, resume: bool = False) -> PreparedRun:
         partitions, classes = _partition(cfg, dataset, recorder), dataset.classes
     # Model and strategy errors (bad weights file, krum too few clients) surface here,
     # before any worker starts.
-    state, fixed, frozen = initial_model(cfg, len(classes))
+    state, fixed, frozen, own = initial_model(cfg, len(classes))
     saved = load_resume_state(recorder.run_dir, cfg, list(classes)) if resume else None
     if resume:
         recorder.write_config(cfg, keep_metrics=True)  # it may have extended rounds
     return PreparedRun(cfg=cfg, dataset=dataset, partitions=partitions, recorder=recorder,
                        classes=classes, initial_state=state, fixed_keys=fixed,
-                       frozen_keys=frozen, resume=saved,
+                       frozen_keys=frozen, model_frozen_keys=own, resume=saved,
                        strategy=build_strategy(cfg, buffer_keys=fixed))
 
 
@@ -246,5 +251,9 @@ def build_loop(prepared: PreparedRun, transport: Transport, checks: UpdateChecks
 
 
 def new_transport(prepared: PreparedRun, grid: Grid) -> Transport:
-    """The transport of a run over Flower's ``grid``."""
-    return Transport(grid, pack=prepared.cfg.fl.pack_arrays)
+    """The transport of a run over Flower's ``grid``: frozen arrays stay home unless
+    ``fl.elide_frozen=false``."""
+    elision = Elision({k: prepared.initial_state[k].numpy()
+                       for k in prepared.model_frozen_keys}) \
+        if prepared.cfg.fl.elide_frozen and prepared.model_frozen_keys else None
+    return Transport(grid, pack=prepared.cfg.fl.pack_arrays, elision=elision)

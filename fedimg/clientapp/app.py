@@ -57,10 +57,12 @@ from fedimg.transport.records import (
     head_stats_content,
     metric_record,
     partitions_from_record,
-    record_to_state_dict,
+    arrays_to_state_dict,
     reply_content,
     state_dict_to_record,
 )
+from fedimg.transport.elision import restore
+from fedimg.clientapp.frozen_home import frozen_candidates, home_keys
 from fedimg.transport.packing import PACKED_ARRAYS_KEY, pack_content, unpack_content
 from fedimg.privacy import PRIVACY_MODES
 from fedimg.resolve import check_registries
@@ -130,8 +132,10 @@ def _setup(msg: Message, context: Context) -> tuple[TaskEnvironment, int, Record
         except ValueError as exc:
             raise UpdateError(f"rejected the server's class counts: {exc}") from exc
     state: dict[str, torch.Tensor] = {}
-    if ARRAYS_KEY in content.array_records:
-        state = record_to_state_dict(content[ARRAYS_KEY], env.reference)
+    arrays = restore(content, lambda keys: frozen_candidates(env, keys, site=site is not None),
+                     allowed=env.frozen_keys)  # frozen arrays may stay home (elision)
+    if arrays is not None:
+        state = arrays_to_state_dict(arrays, env.reference)
         env.load_state(state)
     return env, pid, config, state
 
@@ -294,8 +298,9 @@ def _update_content(env: TaskEnvironment, context: Context, metrics: MetricRecor
     client), to be added to the next round's delta.
     """
     comp = env.cfg.compression
-    if comp.kind == "none":
-        return reply_content(metrics=metrics, arrays=state_dict_to_record(sent))
+    if comp.kind == "none":  # frozen arrays stay home: the server has them (transport.elision)
+        return reply_content(metrics=metrics,
+                             arrays=state_dict_to_record(sent, omit=home_keys(env)))
     residual = None
     if comp.error_feedback:
         kept = context.state.array_records.get(RESIDUAL_KEY)

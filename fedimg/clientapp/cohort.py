@@ -37,6 +37,7 @@ from torch import nn
 
 from fedimg.clientapp.conditions import device_conditions, pace
 from fedimg.clientapp.environment import TaskEnvironment
+from fedimg.clientapp.frozen_home import home_keys
 from fedimg.clientapp.site import SiteOptions
 from fedimg.config import TrainConfig
 from fedimg.data import InMemoryLoader
@@ -188,7 +189,7 @@ def _member_reply(env: TaskEnvironment, member: _Round, outcome: ClientOutcome, 
                            env.trained_keys())
     metrics = {**outcome.result.as_metrics(), "train/lr": member.lr}
     reply = reply_content(metrics=metric_record(metrics, num_examples=member.num_examples),
-                          arrays=state_dict_to_record(sent))
+                          arrays=state_dict_to_record(sent, omit=home_keys(env)))
     if cond is not None:
         pace(env, cond, metrics=reply[METRICS_KEY], bytes_down=bytes_down,
              bytes_up=content_bytes(reply), compute_s=outcome.result.seconds,

@@ -36,6 +36,7 @@ from fedimg.data import (
     federation_classes,
     load_dataset,
     partition_dataset,
+    own_site_rows,
     read_site_data,
     site_dataset,
 )
@@ -251,6 +252,16 @@ class TaskEnvironment:
         """State-dict names local training never changes (frozen weights and BatchNorm)."""
         return frozen_state_keys(self.model)
 
+    @functools.cached_property
+    def built_state(self) -> dict[str, torch.Tensor]:
+        """The model as the server builds its start (``weights`` as configured), once;
+        the global random state is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            model = build_model(self.cfg.model, num_classes=self.num_classes,
+                                weights=self.cfg.weights, transfer=self.cfg.transfer)
+        return {k: v.detach() for k, v in model.state_dict().items()}
+
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of the model's state dict on the CPU (never aliasing the live model)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -334,25 +345,13 @@ class TaskEnvironment:
                                loader, num_classes=self.num_classes, device=self.device)
 
     def site_test(self, partition_id: int) -> InMemoryLoader | None:
-        """The test rows of this client's own site, or None.
-
-        In a natural split by ``data.site_column`` (every training row of the client
-        from one site) these are the site's held-out images, on which a site judges a
-        personalised model; a deployed site's rows carry no site column.
-        """
-        column, train, test = self.cfg.data.site_column, self.dataset.train, self.dataset.test
-        if not column or column not in train.metadata or column not in test.metadata:
-            return None
-        rows = self.partitions[partition_id].train_indices
-        sites = set(np.asarray(train.metadata[column])[rows].astype(str))
-        if len(sites) != 1:
-            return None
-        own = np.flatnonzero(np.asarray(test.metadata[column]).astype(str) == sites.pop())
-        if own.size == 0:
-            return None
-        return InMemoryLoader(test.images, test.labels, indices=own,
-                              batch_size=self.cfg.train.eval_batch_size,
-                              transform=self._eval_tf, shuffle=False, seed=0)
+        """The test rows of this client's own site (:func:`own_site_rows`), or None."""
+        own = own_site_rows(self.dataset, self.partitions[partition_id].train_indices,
+                            column=self.cfg.data.site_column)
+        return None if own is None else InMemoryLoader(
+            self.dataset.test.images, self.dataset.test.labels, indices=own,
+            batch_size=self.cfg.train.eval_batch_size, transform=self._eval_tf,
+            shuffle=False, seed=0)
 
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
         """Metrics of the loaded weights on client ``partition_id``'s validation split."""

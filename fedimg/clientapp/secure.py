@@ -197,7 +197,8 @@ def _summed_keys(names: list[str], start: dict[str, np.ndarray], local: dict[str
     if len(set(names)) != len(names) or not set(names) <= set(start) or \
             sum(int(start[k].size) for k in names) != plan.dim:
         raise SecAggError("secure aggregation: the summed arrays do not match the model")
-    left_out = [k for k in start if k not in names and not np.array_equal(start[k], local[k])]
+    left_out = [k for k in start if k not in names and k in local  # frozen ones stay home
+                and not np.array_equal(start[k], local[k])]
     if left_out:
         log.warning("secure aggregation: %d changed arrays are not summed (e.g. %s)",
                     len(left_out), left_out[0])

@@ -167,6 +167,7 @@ class FederationConfig:
     round_retries: int = 2  # re-samples of a short round before it is skipped
     max_skipped_rounds: int = 3  # this many skipped rounds in a row end the run
     pack_arrays: bool = True  # model arrays travel as one buffer (fedimg.transport.packing)
+    elide_frozen: bool = True  # frozen arrays stay home, named by digest (transport.elision)
     local_bn: bool = False  # FedBN (Li et al. 2021): each client keeps its own BatchNorm
     personalize_steps: int = 0  # >0: clients also report val accuracy after k local steps
     secure_aggregation: SecureAggregation = SecureAggregation.none  # secaggplus: sum only

@@ -31,7 +31,13 @@ from fedimg.data.partition import (
 )
 from fedimg.data.partitioners import PARTITIONERS
 from fedimg.data.roots import resolve_data_root
-from fedimg.data.site import SiteData, read_site_data, site_dataset, site_fingerprint
+from fedimg.data.site import (
+    SiteData,
+    own_site_rows,
+    read_site_data,
+    site_dataset,
+    site_fingerprint,
+)
 from fedimg.data.sources import DATASETS, federation_classes, load_dataset
 from fedimg.data.transforms import AUGMENTATIONS, build_transform
 from fedimg.data.types import Dataset, ImageSet, Provenance
@@ -54,6 +60,7 @@ __all__ = [
     "partition_dataset",
     "read_site_data",
     "site_dataset",
+    "own_site_rows",
     "resolve_data_root",
     "save_partitions",
     "site_fingerprint",

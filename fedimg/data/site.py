@@ -366,3 +366,21 @@ def site_dataset(site: SiteData, *, name: str) -> tuple[Dataset, list[ClientPart
                                                       warnings=site.warnings))
     part = ClientPartition(0, np.arange(n_train), np.arange(n_train, n_train + n_val))
     return dataset, [part]
+
+
+def own_site_rows(dataset: Dataset, rows: np.ndarray, *, column: str | None
+                  ) -> np.ndarray | None:
+    """The test rows of the one site training ``rows`` come from, or None.
+
+    In a natural split by ``data.site_column`` (every training row of a client from
+    one site) these are the site's held-out images, on which a site judges a
+    personalised model; a deployed site's rows carry no site column.
+    """
+    train, test = dataset.train, dataset.test
+    if not column or column not in train.metadata or column not in test.metadata:
+        return None
+    sites = set(np.asarray(train.metadata[column])[rows].astype(str))
+    if len(sites) != 1:
+        return None
+    own = np.flatnonzero(np.asarray(test.metadata[column]).astype(str) == sites.pop())
+    return own if own.size else None

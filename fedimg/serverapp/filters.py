@@ -201,6 +201,22 @@ def decompress(e: Exchange, ctx: FilterContext) -> None:
     e.arrays = arrays
 
 
+def frozen_home(e: Exchange, ctx: FilterContext) -> None:
+    """A training reply leaves its frozen arrays out (:mod:`fedimg.transport.elision`):
+    they are the ones sent, put back here before any check or strategy reads the reply."""
+    start = ctx.global_arrays(e.sent.content) if e.phase == MessageType.TRAIN else None
+    if start is None:
+        return
+    missing = [k for k in ctx.checks.immutable_keys if k not in e.arrays and k in start]
+    if not missing:
+        return
+    sent, reply = e.sent.content[ARRAYS_KEY], e.reply.content[ARRAYS_KEY]  # type: ignore[union-attr]
+    order = [*sent.keys(), *(k for k in reply.keys() if k not in sent)]
+    e.reply.content[ARRAYS_KEY] = ArrayRecord(  # type: ignore[union-attr]
+        {k: reply[k] if k in reply else sent[k] for k in order if k in reply or k in missing})
+    e.arrays.update({k: start[k] for k in missing})
+
+
 def check_update(e: Exchange, ctx: FilterContext) -> None:
     """A training update must match the model and be plausible (see UpdateChecks)."""
     if e.phase == MessageType.TRAIN:
@@ -219,7 +235,7 @@ def strategy_needs(e: Exchange, ctx: FilterContext) -> None:
 
 REPLY_FILTERS: tuple[ReplyFilter, ...] = (
     missing_reply, error_reply, reply_size, unpack, record_names, read_metrics, keep_ledger, declined,
-    straggler, decompress, check_update, strategy_needs)
+    straggler, decompress, frozen_home, check_update, strategy_needs)
 
 
 def norm_outliers(exchanges: list[Exchange], ctx: FilterContext) -> None:

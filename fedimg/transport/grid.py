@@ -1,8 +1,8 @@
 """The transport: push messages, pull replies, pack arrays, count bytes. Nothing else.
 
 :class:`Transport` wraps Flower's Grid for the round loop. One :meth:`Transport.exchange`
-sends a batch of messages (their model arrays packed into one buffer when
-``fl.pack_arrays``), polls for the replies until a deadline, and returns one
+sends a batch of messages (their frozen arrays left out when ``fl.elide_frozen``, their
+model arrays packed into one buffer when ``fl.pack_arrays``), polls for the replies until a deadline, and returns one
 :class:`Exchange` per message: what was sent, what came back (or nothing), and the
 bytes each way. What a reply *means* (a failure, an absence, a straggler, a
 malformed update) is decided by the server's reply filters
@@ -23,6 +23,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedimg.transport.elision import Elision
 from fedimg.transport.packing import pack_content
 from fedimg.transport.records import ARRAYS_KEY, PARTITION_KEY, record_bytes
 
@@ -77,9 +78,11 @@ def content_bytes(content: RecordDict) -> int:
 class Transport:
     """Flower's Grid as the round loop uses it: exchanges with a deadline."""
 
-    def __init__(self, grid: Grid, *, pack: bool = False) -> None:
+    def __init__(self, grid: Grid, *, pack: bool = False, elision: Elision | None = None
+                 ) -> None:
         self.grid = grid
         self.pack = pack  # send model arrays as one buffer (fedimg.transport.packing)
+        self.elision = elision  # frozen arrays stay home (fedimg.transport.elision)
         self.node_to_partition: dict[int, int] = {}
         self.first_push: float | None = None  # perf_counter of the run's first message out
 
@@ -101,7 +104,7 @@ class Transport:
         the clients' (the initial model's evaluation, during round 1).
         """
         messages = list(messages)
-        wire = self._packed(messages)
+        wire = self._wire(messages)
         pending = {m.metadata.dst_node_id: Exchange(
             phase=m.metadata.message_type, partition_id=self.partition_of(
                 m.metadata.dst_node_id), node_id=m.metadata.dst_node_id, sent=m,
@@ -139,16 +142,21 @@ class Transport:
             time.sleep(POLL_S)
         return replies
 
-    def _packed(self, messages: list[Message]) -> list[Message]:
-        """``messages`` with their model arrays packed, once per shared content."""
-        if not self.pack:
+    def _wire(self, messages: list[Message]) -> list[Message]:
+        """``messages`` as they travel, once per shared content: frozen arrays left out
+        (``fl.elide_frozen``), then the model arrays packed (``fl.pack_arrays``)."""
+        if not self.pack and self.elision is None:
             return messages
-        packed: dict[int, RecordDict] = {}
+        wire: dict[int, RecordDict] = {}
         out = []
         for m in messages:
-            if id(m.content) not in packed:
-                packed[id(m.content)] = pack_content(m.content, ARRAYS_KEY)
-            content = packed[id(m.content)]
+            if id(m.content) not in wire:
+                content = m.content
+                if self.elision is not None:
+                    content = self.elision.elide(content, ARRAYS_KEY)
+                wire[id(m.content)] = pack_content(content, ARRAYS_KEY) if self.pack \
+                    else content
+            content = wire[id(m.content)]
             out.append(m if content is m.content else Message(
                 content=content, message_type=m.metadata.message_type,
                 dst_node_id=m.metadata.dst_node_id, group_id=m.metadata.group_id,

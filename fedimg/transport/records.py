@@ -113,9 +113,10 @@ def head_stats_content(gram: torch.Tensor, moment: torch.Tensor, count: int) -> 
                        METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: int(count)})})
 
 
-def state_dict_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Model weights (parameters and buffers) as a Flower ArrayRecord."""
-    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+def state_dict_to_record(state: Mapping[str, torch.Tensor], *,
+                         omit: frozenset[str] = frozenset()) -> ArrayRecord:
+    """Model weights (parameters and buffers) as a Flower ArrayRecord, without ``omit``."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items() if k not in omit})
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -152,7 +153,12 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, torch
 def record_to_state_dict(record: ArrayRecord,
                          reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Validated state dict from ``record``, cast to the dtypes of ``reference``."""
-    arrays = {k: v.numpy() for k, v in record.items()}
+    return arrays_to_state_dict({k: v.numpy() for k, v in record.items()}, reference)
+
+
+def arrays_to_state_dict(arrays: Mapping[str, np.ndarray],
+                         reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Validated state dict from ``arrays``, cast to the dtypes of ``reference``."""
     check_arrays(arrays, reference)
     return {k: torch.from_numpy(np.asarray(arrays[k])).to(reference[k].dtype)
             for k in reference}

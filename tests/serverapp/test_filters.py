@@ -141,6 +141,33 @@ def test_decompress_rebuilds_the_update_from_the_global_model() -> None:
         filters.decompress(_exchange(content, model=False), _ctx())
 
 
+def test_frozen_arrays_left_out_of_a_reply_are_the_ones_sent() -> None:
+    # Arrange: "f" is frozen and stays home; "w" is trained (ones)
+    sent = Message(content=RecordDict({"arrays": ArrayRecord(
+        {"f": Array(np.full(3, 2.0, np.float32)), "w": Array(ZEROS)})}),
+        message_type=MessageType.TRAIN, dst_node_id=1)
+    reply = answer(sent, update(np.ones((2, 2), np.float32), num_examples=4))
+    e = Exchange(phase=MessageType.TRAIN, partition_id=0, node_id=1, sent=sent,
+                 bytes_down=0, reply=reply)
+    checks = UpdateChecks({"f": torch.zeros(3), "w": torch.zeros(2, 2)},
+                          fixed_keys=frozenset({"f"}), immutable_keys=frozenset({"f"}))
+    # Act
+    apply_filters([e], _ctx(checks))
+    # Assert: usable, "f" back as sent (for the checks and the strategy), the norm of "w"
+    assert e.status == "ok" and e.arrays["f"].tolist() == [2.0] * 3
+    assert list(e.reply.content["arrays"].keys()) == ["f", "w"]
+    assert e.reply.content["arrays"]["f"].data is sent.content["arrays"]["f"].data  # no copy
+    assert e.update_norm == pytest.approx(2.0)
+
+
+def test_a_reply_may_not_leave_out_an_array_it_trains() -> None:
+    # "w" is trained: a reply without it is malformed, not filled in
+    e = _exchange(reply_content(metrics=metric_record({}, num_examples=4),
+                                arrays=ArrayRecord({})))
+    apply_filters([e], _ctx())
+    assert e.status == "rejected" and "missing" in e.reason
+
+
 def test_check_update_measures_the_norm_of_the_change() -> None:
     # ones(2, 2) - zeros: sqrt(4 x 1) = 2
     e = _exchange(update(np.ones((2, 2), np.float32), num_examples=4))
