@@ -25,7 +25,9 @@ DP noise, cached against uncached (frozen blocks run without stochastic depth ei
 
 ``--simulate R`` instead runs each scenario's real simulation (Ray, every client) for R
 rounds with ``train.feature_cache=off`` and then ``=auto``, and reports the mean seconds
-of a round (rounds 2..R: every worker is warm) and the final metrics of both.
+of a round (rounds 2..R: every worker is warm), the megabytes moved and the final
+metrics of both; ``--elision`` runs each also with ``fl.elide_frozen=false`` (every
+array in every message), and the ratios are then against cache off with every array.
 """
 
 from __future__ import annotations
@@ -116,23 +118,29 @@ def equality(scenario: str, *, client: int, threads: int) -> dict[str, float]:
     return {"loss_on": loss_on, "loss_plain": loss_plain, "dw": diff, "trained": len(trained)}
 
 
-def simulated(scenario: str, rounds: int) -> dict[str, dict[str, float]]:
-    """The scenario's real simulation, cache off then auto: round seconds, final metrics."""
+def simulated(scenario: str, rounds: int, *, elision: bool) -> dict[str, dict[str, float]]:
+    """The scenario's real simulation, cache off then auto: round seconds, final metrics;
+    with ``elision`` each also with ``fl.elide_frozen=false`` (every array travels), first."""
     from fedimg.build import prepare_run
     from fedimg.resolve import compose_and_check
     from fedimg.simulation.engine import simulate
 
+    variants = [(c, e) for c in ("off", "auto") for e in ((False, True) if elision else (True,))]
     out = {}
-    for cache in ("off", "auto"):
-        cfg = compose_and_check(scenario, [*COMMON, f"rounds={rounds}",
-                                           f"train.feature_cache={cache}",
-                                           f"hydra.run.dir=bench_runs/cache_sim/{scenario}_{cache}"])
+    for cache, elide in variants:
+        name = cache if elide else f"{cache}, every array"
+        cfg = compose_and_check(scenario, [
+            *COMMON, f"rounds={rounds}", f"train.feature_cache={cache}",
+            f"fl.elide_frozen={str(elide).lower()}",
+            f"hydra.run.dir=bench_runs/cache_sim/{scenario}_{cache}_{elide}"])
         results = simulate(prepare_run(cfg))
-        walls = [r["wall_s"] for r in _records(results["run_dir"])]
-        out[cache] = {"warm_round_s": sum(walls[1:]) / max(1, len(walls) - 1),
-                      "round_s": sum(walls) / len(walls),
-                      "accuracy": results["final"].get("test/accuracy", float("nan")),
-                      "auc": results["final"].get("test/auc", float("nan"))}
+        records = _records(results["run_dir"])
+        walls = [r["wall_s"] for r in records]
+        out[name] = {"warm_round_s": sum(walls[1:]) / max(1, len(walls) - 1),
+                     "round_s": sum(walls) / len(walls),
+                     "mb": sum(r["bytes/down"] + r["bytes/up"] for r in records) / 1e6,
+                     "accuracy": results["final"].get("test/accuracy", float("nan")),
+                     "auc": results["final"].get("test/auc", float("nan"))}
     return out
 
 
@@ -143,17 +151,17 @@ def _records(run_dir: str) -> list[dict[str, float]]:
     return [r for r in map(json.loads, lines) if r["round"] > 0]
 
 
-def _print_simulated(scenarios: list[str], rounds: int) -> None:
-    print(f"| scenario ({rounds} rounds, real simulation) | round s, off | round s, auto | "
-          "**off / auto (rounds 2+)** | all rounds | test acc off / auto |")
-    print("|---|---|---|---|---|---|")
+def _print_simulated(scenarios: list[str], rounds: int, *, elision: bool) -> None:
+    print(f"| scenario ({rounds} rounds, real simulation) | variant | round s (2+) | "
+          "round s (all) | MB moved | **off / this (rounds 2+)** | all rounds | test acc |")
+    print("|---|---|---|---|---|---|---|---|")
     for scenario in scenarios:
-        s = simulated(scenario, rounds)
-        off, on = s["off"], s["auto"]
-        print(f"| {scenario} | {off['warm_round_s']:.2f} | {on['warm_round_s']:.2f} | "
-              f"**{off['warm_round_s'] / on['warm_round_s']:.1f}x** | "
-              f"{off['round_s'] / on['round_s']:.1f}x | "
-              f"{off['accuracy']:.4f} / {on['accuracy']:.4f} |", flush=True)
+        s = simulated(scenario, rounds, elision=elision)
+        base = s["off, every array" if elision else "off"]
+        for name, v in s.items():
+            print(f"| {scenario} | {name} | {v['warm_round_s']:.2f} | {v['round_s']:.2f} | "
+                  f"{v['mb']:.0f} | **{base['warm_round_s'] / v['warm_round_s']:.2f}x** | "
+                  f"{base['round_s'] / v['round_s']:.2f}x | {v['accuracy']:.4f} |", flush=True)
 
 
 def main() -> None:
@@ -163,10 +171,12 @@ def main() -> None:
     parser.add_argument("--client", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--simulate", type=int, default=0, metavar="ROUNDS")
+    parser.add_argument("--elision", action="store_true",
+                        help="with --simulate: also every array in every message")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.simulate:
-        _print_simulated(args.scenarios.split(","), args.simulate)
+        _print_simulated(args.scenarios.split(","), args.simulate, elision=args.elision)
         return
     torch.set_num_threads(args.threads)
     print("| scenario | client images | K views | uncached s | cold s | warm s | "
