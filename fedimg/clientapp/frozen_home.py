@@ -15,11 +15,15 @@ pretrained model or rejects the message (the error names ``fl.elide_frozen=false
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 
 from fedimg.clientapp.environment import TaskEnvironment
+from fedimg.errors import FedimgError
+
+log = logging.getLogger(__name__)
 
 KEYWORD_WEIGHTS = ("pretrained", "none")  # built from the package, not from a path
 
@@ -31,7 +35,12 @@ def frozen_candidates(env: TaskEnvironment, keys: tuple[str, ...], *, site: bool
     yield {k: state[k].detach().cpu().numpy().copy() for k in keys}
     if site and env.cfg.weights not in KEYWORD_WEIGHTS:
         return
-    built = env.built_state
+    try:
+        built = env.built_state
+    except (FedimgError, OSError, RuntimeError) as exc:  # e.g. weights it cannot fetch here
+        log.warning("frozen arrays left out of a message: this client cannot build the "
+                    "configured weights (%s)", exc)
+        return
     yield {k: built[k].cpu().numpy().copy() for k in keys}
 
 
