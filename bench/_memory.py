@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 
@@ -63,6 +64,9 @@ class PeakMemory:
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s, self.bytes = interval_s, 0
         self.at_peak: dict[str, int] = {}  # process name (pid) -> PSS bytes, at the peak
+        self.at_s = 0.0  # seconds from the start to the peak
+        self.samples: list[tuple[float, int]] = []  # (seconds from the start, PSS bytes)
+        self._started = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -73,16 +77,26 @@ class PeakMemory:
 
     def _sample(self) -> None:
         sizes = tree_pss()
+        self.samples.append((time.perf_counter() - self._started, sum(sizes.values())))
         if sum(sizes.values()) > self.bytes:
             self.bytes = sum(sizes.values())
             self.at_peak = {f"{_name(pid)} ({pid})": b for pid, b in sizes.items() if b}
+            self.at_s = time.perf_counter() - self._started
 
     def breakdown(self) -> str:
         """The processes at the peak, largest first, one per line (MiB)."""
         rows = sorted(self.at_peak.items(), key=lambda kv: -kv[1])
         return "\n".join(f"  {b / 2**20:8.0f} MiB  {name}" for name, b in rows)
 
+    def timeline(self, step_s: float = 10.0) -> str:
+        """The highest sample of every ``step_s`` seconds, in GiB, on one line."""
+        buckets: dict[int, int] = {}
+        for t, b in self.samples:
+            buckets[int(t // step_s)] = max(buckets.get(int(t // step_s), 0), b)
+        return ", ".join(f"{k * step_s:.0f}s {v / 2**30:.2f}" for k, v in sorted(buckets.items()))
+
     def __enter__(self) -> PeakMemory:
+        self._started = time.perf_counter()
         self._thread.start()
         return self
 

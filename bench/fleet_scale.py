@@ -60,7 +60,8 @@ def main(argv: list[str]) -> None:
              f"wall: start-up {results['timing']['startup_s']:.1f}s, rounds "
              f"{results['timing']['rounds_s']:.1f}s, total {results['timing']['total_s']:.1f}s",
              f"peak memory (PSS of driver + Ray + workers) = {peak.bytes / 2**30:.2f} GiB",
-             f"at the peak:\n{peak.breakdown()}"]
+             f"memory over time (GiB, highest of each 10 s): {peak.timeline()}",
+             f"at the peak, {peak.at_s:.1f} s after the start:\n{peak.breakdown()}"]
     log.info("fleet scale benchmark\n%s", "\n".join(lines))
 
 
