@@ -248,3 +248,20 @@ def test_only_privacy_imports_opacus_and_only_the_app_of_clientapp_imports_flowe
     client_flwr = sorted(m for m in _members("fedimg.clientapp") if "flwr" in third_party(m))
     # the ClientApp's handlers and its one Flower mod (secure aggregation's stages)
     assert client_flwr == ["fedimg.clientapp.app", "fedimg.clientapp.secure"]
+
+
+def test_a_client_process_does_not_load_what_it_does_not_use() -> None:
+    """A worker or site daemon imports the ClientApp, not scikit-learn, pandas or Opacus:
+    those cost each process about 1.3 s and 140 MiB (BENCHMARKS.md 18.4). A DP run
+    imports Opacus when it first accounts or trains privately."""
+    import subprocess
+    import sys
+
+    # Act: a fresh interpreter, as a Ray worker or a SuperNode's ClientApp starts
+    code = ("import sys, fedimg.clientapp.app; "
+            "print(sorted(m for m in ('sklearn', 'pandas', 'opacus', 'matplotlib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    # Assert
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -17,9 +17,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -59,6 +56,8 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
              accountant: str) -> float:
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # noqa: PLC0415 - only runs that account
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
@@ -74,6 +73,8 @@ def calibrate_sigma(*, target_epsilon: float, delta: float, sample_rate: float, 
     prefix and steps together spend at most ``target_epsilon``.
     """
     if not prefix:
+        from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415
+
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps,
                                           accountant=accountant))

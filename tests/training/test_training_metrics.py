@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +145,46 @@ def test_a_diverged_models_nan_scores_give_a_nan_auc_not_a_crash():
     metrics = classification_metrics(logits, labels, num_classes=3)
     # Assert
     assert math.isnan(metrics["auc"])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_metric_equals_scikit_learns_definition(seed):
+    # Arrange: random logits, ties in the scores (rounded), skewed labels, some classes
+    # missing from the labels; scikit-learn as the oracle (fedimg no longer imports it)
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        f1_score,
+        roc_auc_score,
+        top_k_accuracy_score,
+    )
+
+    rng = np.random.default_rng(seed)
+    k = [2, 3, 6, 10][seed % 4]
+    n = int(rng.integers(8, 200))
+    labels = torch.from_numpy(rng.choice(k, size=n, p=rng.dirichlet(np.ones(k)) * 0.9
+                                         + 0.1 / k))
+    logits = torch.from_numpy(np.round(rng.normal(size=(n, k)), 1 if seed % 2 else 6))
+    # Act
+    got = classification_metrics(logits, labels, num_classes=k)
+    # Assert
+    y, pred = labels.numpy(), logits.argmax(1).numpy()
+    probs = torch.softmax(logits.double(), 1).numpy()
+    present = np.union1d(y, pred)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert got["accuracy"] == accuracy_score(y, pred)
+        assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred),
+                                                         abs=1e-12)
+        assert got["macro_f1"] == pytest.approx(
+            f1_score(y, pred, labels=present, average="macro", zero_division=0), abs=1e-12)
+        if k >= 5:
+            assert got["top5"] == top_k_accuracy_score(y, probs, k=5, labels=np.arange(k))
+    classes = np.unique(y)
+    if len(classes) < 2:
+        assert np.isnan(got["auc"])
+    elif k == 2:
+        assert got["auc"] == pytest.approx(roc_auc_score(y, probs[:, 1]), abs=1e-12)
+    else:
+        want = np.mean([roc_auc_score(y == c, probs[:, c]) for c in classes])
+        assert got["auc"] == pytest.approx(want, abs=1e-12)
