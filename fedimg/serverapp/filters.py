@@ -210,9 +210,10 @@ def frozen_home(e: Exchange, ctx: FilterContext) -> None:
     missing = [k for k in ctx.checks.immutable_keys if k not in e.arrays and k in start]
     if not missing:
         return
-    sent, reply = e.sent.content[ARRAYS_KEY], e.reply.content[ARRAYS_KEY]  # type: ignore[union-attr]
+    content = e.reply.content  # type: ignore[union-attr]
+    sent, reply = e.sent.content[ARRAYS_KEY], content[ARRAYS_KEY]
     order = [*sent.keys(), *(k for k in reply.keys() if k not in sent)]
-    e.reply.content[ARRAYS_KEY] = ArrayRecord(  # type: ignore[union-attr]
+    content[ARRAYS_KEY] = ArrayRecord(  # the sent Arrays themselves: no copy
         {k: reply[k] if k in reply else sent[k] for k in order if k in reply or k in missing})
     e.arrays.update({k: start[k] for k in missing})
 
@@ -234,8 +235,8 @@ def strategy_needs(e: Exchange, ctx: FilterContext) -> None:
 
 
 REPLY_FILTERS: tuple[ReplyFilter, ...] = (
-    missing_reply, error_reply, reply_size, unpack, record_names, read_metrics, keep_ledger, declined,
-    straggler, decompress, frozen_home, check_update, strategy_needs)
+    missing_reply, error_reply, reply_size, unpack, record_names, read_metrics, keep_ledger,
+    declined, straggler, decompress, frozen_home, check_update, strategy_needs)
 
 
 def norm_outliers(exchanges: list[Exchange], ctx: FilterContext) -> None:

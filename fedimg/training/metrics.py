@@ -20,11 +20,11 @@ metric defined in that case:
 * ``top5``: the label is among the 5 highest logits (only when
   ``num_classes >= 5``; with exactly 5 classes it is always 1).
 
-Each follows scikit-learn's definition (``tests/training/test_training_metrics.py`` checks them
-against it), in a few lines of NumPy: importing ``sklearn.metrics`` costs every worker
-and site daemon about 1.3 s and 80 MiB (it pulls in pandas), for five functions.
-The binary AUC is the Mann-Whitney statistic with tied scores counted half, which is
-the area under scikit-learn's ROC curve.
+Each follows scikit-learn's definition, in a few lines of NumPy
+(``tests/training/test_training_metrics.py`` checks them against it): importing
+``sklearn.metrics`` cost every worker and site daemon about 1.3 s and 80 MiB (it pulls
+in pandas), for five functions. The binary AUC is the Mann-Whitney statistic with tied
+scores counted half (Mann and Whitney 1947), the area under scikit-learn's ROC curve.
 """
 
 from __future__ import annotations
