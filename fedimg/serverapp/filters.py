@@ -192,8 +192,7 @@ def decompress(e: Exchange, ctx: FilterContext) -> None:
         if start is None:
             raise UpdateError("compressed update for a message that carried no model")
         try:
-            arrays = decompress_update(str(content[COMPRESSION_KEY]["codec"]), arrays, start,
-                                       ctx.checks.immutable_keys)
+            arrays = decompress_update(str(content[COMPRESSION_KEY]["codec"]), arrays, start)
         except FedimgError as exc:  # an unknown codec is a malformed update here
             raise UpdateError(str(exc)) from exc
         content[ARRAYS_KEY] = ArrayRecord({k: Array(np.asarray(v, order="C"))
@@ -202,8 +201,9 @@ def decompress(e: Exchange, ctx: FilterContext) -> None:
 
 
 def frozen_home(e: Exchange, ctx: FilterContext) -> None:
-    """A training reply leaves its frozen arrays out (:mod:`fedimg.transport.elision`):
-    they are the ones sent, put back here before any check or strategy reads the reply."""
+    """A training reply leaves its frozen arrays out (:mod:`fedimg.transport.elision`, and
+    a compressed one always did): they are the ones sent, put back here, without a copy,
+    before any check or strategy reads the reply."""
     start = ctx.global_arrays(e.sent.content) if e.phase == MessageType.TRAIN else None
     if start is None:
         return

@@ -3,9 +3,9 @@
 ``compression.kind`` picks a codec from :data:`CODECS`; a client then sends, for
 each parameter it trains, the compressed delta ``w_i - w_global`` instead of the
 weights, and nothing for what it cannot change (frozen weights, frozen BatchNorm
-statistics); other buffers travel as they are. The server rebuilds the full update
-(:func:`decompress_update`) before validating and aggregating it, so every strategy
-works unchanged.
+statistics); other buffers travel as they are. The server rebuilds the update
+(:func:`decompress_update`; the frozen arrays, as for every reply, from the model it
+sent) before validating and aggregating it, so every strategy works unchanged.
 
 * ``fp16``: half precision (2 bytes per value).
 * ``int8``: symmetric per-tensor quantisation, scale = max|x| / 127 (1 byte per
@@ -108,9 +108,9 @@ def compress_update(codec_name: str, fraction: float, *,
 
 
 def decompress_update(codec_name: str, arrays: Mapping[str, np.ndarray],
-                      global_arrays: Mapping[str, np.ndarray],
-                      frozen: frozenset[str]) -> dict[str, np.ndarray]:
-    """The full state a compressed update stands for: global + delta, frozen keys as sent."""
+                      global_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The state a compressed update stands for: global + delta; the frozen arrays it
+    left out are put back by the server's ``frozen_home`` reply filter, as for any reply."""
     codec = CODECS.get(codec_name)
     grouped: dict[str, Parts] = {}
     full: dict[str, np.ndarray] = {}
@@ -129,6 +129,4 @@ def decompress_update(codec_name: str, arrays: Mapping[str, np.ndarray],
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UpdateError(f"compressed update of '{key}' is malformed: {exc}") from exc
         full[key] = (start.astype(np.float32) + delta).astype(start.dtype)
-    for key in frozen:
-        full.setdefault(key, global_arrays[key])
     return full

@@ -141,12 +141,19 @@ def test_decompress_rebuilds_the_update_from_the_global_model() -> None:
         filters.decompress(_exchange(content, model=False), _ctx())
 
 
-def test_frozen_arrays_left_out_of_a_reply_are_the_ones_sent() -> None:
-    # Arrange: "f" is frozen and stays home; "w" is trained (ones)
+@pytest.mark.parametrize("compressed", [False, True])
+def test_frozen_arrays_left_out_of_a_reply_are_the_ones_sent(compressed: bool) -> None:
+    # Arrange: "f" is frozen and stays home; "w" is trained (ones; as an fp16 delta of 1
+    # from the zero model when compressed)
     sent = Message(content=RecordDict({"arrays": ArrayRecord(
         {"f": Array(np.full(3, 2.0, np.float32)), "w": Array(ZEROS)})}),
         message_type=MessageType.TRAIN, dst_node_id=1)
-    reply = answer(sent, update(np.ones((2, 2), np.float32), num_examples=4))
+    content = update(np.ones((2, 2), np.float32), num_examples=4)
+    if compressed:
+        content = reply_content(metrics=metric_record({}, num_examples=4), arrays=ArrayRecord(
+            {"w::h": Array(np.ones((2, 2), np.float16))}))
+        content[COMPRESSION_KEY] = ConfigRecord({"codec": "fp16"})
+    reply = answer(sent, content)
     e = Exchange(phase=MessageType.TRAIN, partition_id=0, node_id=1, sent=sent,
                  bytes_down=0, reply=reply)
     checks = UpdateChecks({"f": torch.zeros(3), "w": torch.zeros(2, 2)},
