@@ -38,7 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedimg.errors import UpdateError
 from fedimg.transport.records import ARRAYS_KEY
 
-ELIDED_KEY = "fedimg-elided"  # ConfigRecord {"record": ..., "keys": json list, "digest": hex}
+ELIDED_KEY = "fedimg-elided"  # ConfigRecord {"keys": json list, "digest": hex}: of ARRAYS_KEY
 
 
 def digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -63,12 +63,12 @@ class Elision:
         self.reference = {k: np.asarray(v) for k, v in reference.items()}
         self._digests: dict[tuple[str, ...], str] = {}
 
-    def elide(self, content: RecordDict, key: str) -> RecordDict:
-        """A copy of ``content`` without the frozen arrays of record ``key`` that equal the
-        initial model's (``content`` itself if none do)."""
-        if key not in content.array_records or not self.reference:
+    def elide(self, content: RecordDict) -> RecordDict:
+        """A copy of ``content`` without the frozen model arrays that equal the initial
+        model's (``content`` itself if none do)."""
+        if ARRAYS_KEY not in content.array_records or not self.reference:
             return content
-        record = content[key]
+        record = content[ARRAYS_KEY]
         left_out = tuple(sorted(k for k in record.keys() if k in self.reference
                                 and _equal(record[k].numpy(), self.reference[k])))
         if not left_out:
@@ -76,9 +76,9 @@ class Elision:
         if left_out not in self._digests:
             self._digests[left_out] = digest({k: self.reference[k] for k in left_out})
         dropped = set(left_out)
-        out = RecordDict({k: v for k, v in content.items() if k != key})
-        out[key] = ArrayRecord({k: v for k, v in record.items() if k not in dropped})
-        out[ELIDED_KEY] = ConfigRecord({"record": key, "keys": json.dumps(list(left_out)),
+        out = RecordDict({k: v for k, v in content.items() if k != ARRAYS_KEY})
+        out[ARRAYS_KEY] = ArrayRecord({k: v for k, v in record.items() if k not in dropped})
+        out[ELIDED_KEY] = ConfigRecord({"keys": json.dumps(list(left_out)),
                                         "digest": self._digests[left_out]})
         return out
 
@@ -87,14 +87,14 @@ def _equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
 
 
-def elided_keys(content: RecordDict) -> tuple[str, tuple[str, ...], str] | None:
-    """The record, names and digest a message left out (None if it left nothing out);
-    an UpdateError if the note is malformed."""
+def elided_keys(content: RecordDict) -> tuple[tuple[str, ...], str] | None:
+    """The names and digest of the model arrays a message left out (None if it left
+    nothing out); an UpdateError if the note is malformed."""
     note = content.config_records.get(ELIDED_KEY)
     if note is None:
         return None
     try:
-        record, digest_hex = str(note["record"]), str(note["digest"])
+        digest_hex = str(note["digest"])
         keys = json.loads(str(note["keys"]))
     except (KeyError, json.JSONDecodeError) as exc:
         raise UpdateError(f"the message's '{ELIDED_KEY}' note is malformed: {exc}") from exc
@@ -102,7 +102,7 @@ def elided_keys(content: RecordDict) -> tuple[str, tuple[str, ...], str] | None:
             or len(set(keys)) != len(keys):
         raise UpdateError(f"the message's '{ELIDED_KEY}' keys are not a list of distinct "
                           "names")
-    return record, tuple(keys), digest_hex
+    return tuple(keys), digest_hex
 
 
 def restore(content: RecordDict,
@@ -116,16 +116,14 @@ def restore(content: RecordDict,
     out; an UpdateError names the difference and the fix otherwise.
     """
     note = elided_keys(content)
-    record = note[0] if note is not None else ARRAYS_KEY
-    if record not in content.array_records:
+    if ARRAYS_KEY not in content.array_records:
         if note is not None:
-            raise UpdateError(f"the message left arrays of '{record}' out but carries no "
-                              f"'{record}'")
+            raise UpdateError("the message left model arrays out but carries no model")
         return None
-    arrays = {k: v.numpy() for k, v in content[record].items()}
+    arrays = {k: v.numpy() for k, v in content[ARRAYS_KEY].items()}
     if note is None:
         return arrays
-    _, keys, expected = note
+    keys, expected = note
     trained = sorted(set(keys) - allowed)
     if trained:
         raise UpdateError(f"the message left out '{trained[0]}' (and {len(trained) - 1} "

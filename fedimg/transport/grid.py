@@ -2,8 +2,8 @@
 
 :class:`Transport` wraps Flower's Grid for the round loop. One :meth:`Transport.exchange`
 sends a batch of messages (their frozen arrays left out when ``fl.elide_frozen``, their
-model arrays packed into one buffer when ``fl.pack_arrays``), polls for the replies until a deadline, and returns one
-:class:`Exchange` per message: what was sent, what came back (or nothing), and the
+model arrays packed into one buffer when ``fl.pack_arrays``), polls for the replies
+until a deadline, and returns one :class:`Exchange` per message: what was sent, what came back (or nothing), and the
 bytes each way. What a reply *means* (a failure, an absence, a straggler, a
 malformed update) is decided by the server's reply filters
 (:mod:`fedimg.serverapp.filters`), not here.
@@ -153,7 +153,7 @@ class Transport:
             if id(m.content) not in wire:
                 content = m.content
                 if self.elision is not None:
-                    content = self.elision.elide(content, ARRAYS_KEY)
+                    content = self.elision.elide(content)
                 wire[id(m.content)] = pack_content(content, ARRAYS_KEY) if self.pack \
                     else content
             content = wire[id(m.content)]

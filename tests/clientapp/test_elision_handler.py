@@ -64,7 +64,7 @@ def _train(content: RecordDict) -> Message:
 def test_a_message_without_the_frozen_trunk_trains_the_same_update() -> None:
     # Arrange: the full message and the one that travels (trunk left out, then packed)
     env, start, content, elision = _setup()
-    wire = pack_content(elision.elide(content, ARRAYS_KEY), ARRAYS_KEY)
+    wire = pack_content(elision.elide(content), ARRAYS_KEY)
     frozen = env.frozen_keys
     # Act: lean first, so this worker's model (built without weights) must build them
     lean_reply, full_reply = _train(wire), _train(content)
@@ -93,10 +93,9 @@ def test_a_message_without_the_frozen_trunk_trains_the_same_update() -> None:
 def test_a_wrong_digest_is_refused_before_training() -> None:
     # Arrange: the server claims a trunk this client does not hold
     env, start, content, elision = _setup()
-    wire = elision.elide(content, ARRAYS_KEY)
+    wire = elision.elide(content)
     note = wire[ELIDED_KEY]
-    wire[ELIDED_KEY] = ConfigRecord({"record": note["record"], "keys": note["keys"],
-                                     "digest": "0" * 64})
+    wire[ELIDED_KEY] = ConfigRecord({"keys": note["keys"], "digest": "0" * 64})
     before = {k: v.clone() for k, v in env.model.state_dict().items()}
     # Act / Assert: the message is refused, and the model is as it was
     with pytest.raises(UpdateError, match="fl.elide_frozen=false"):

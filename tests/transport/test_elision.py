@@ -46,11 +46,11 @@ def test_digest_covers_keys_dtypes_shapes_and_bytes() -> None:
 
 def test_the_server_leaves_out_frozen_arrays_that_equal_the_initial_model() -> None:
     # Act
-    wire = _elision().elide(_content(), ARRAYS_KEY)
+    wire = _elision().elide(_content())
     # Assert: the trunk and the statistics stay home; the changed head and the tail travel
     assert sorted(wire[ARRAYS_KEY].keys()) == ["head", "tail"]
-    record, keys, sent_digest = elided_keys(wire)
-    assert (record, keys) == (ARRAYS_KEY, ("bn.running_var", "trunk"))
+    keys, sent_digest = elided_keys(wire)
+    assert keys == ("bn.running_var", "trunk")
     assert sent_digest == digest({"trunk": TRUNK, "bn.running_var": STATS})
     assert wire["config"]["round"] == 1
     # the strategy's content is untouched: the round loop keeps reading it
@@ -59,12 +59,12 @@ def test_the_server_leaves_out_frozen_arrays_that_equal_the_initial_model() -> N
 
 def test_nothing_is_left_out_when_no_frozen_array_is_as_built() -> None:
     content = RecordDict({ARRAYS_KEY: ArrayRecord({"trunk": Array(TRUNK + 1)})})
-    assert _elision().elide(content, ARRAYS_KEY) is content
+    assert _elision().elide(content) is content
 
 
 def test_a_client_puts_its_own_frozen_arrays_back_to_the_bit() -> None:
     # Arrange: the client built the same trunk and statistics
-    wire = _elision().elide(_content(), ARRAYS_KEY)
+    wire = _elision().elide(_content())
     own = {"trunk": TRUNK.copy(), "bn.running_var": STATS.copy()}
     # Act
     arrays = restore(wire, lambda keys: [{k: own[k] for k in keys}],
@@ -77,7 +77,7 @@ def test_a_client_puts_its_own_frozen_arrays_back_to_the_bit() -> None:
 
 
 def test_a_client_with_other_pretrained_weights_rejects_the_message() -> None:
-    wire = _elision().elide(_content(), ARRAYS_KEY)
+    wire = _elision().elide(_content())
     own = {"trunk": TRUNK + 1e-3, "bn.running_var": STATS}
     with pytest.raises(UpdateError, match=r"digest .* fl.elide_frozen=false"):
         restore(wire, lambda keys: [{k: own[k] for k in keys}],
@@ -86,17 +86,16 @@ def test_a_client_with_other_pretrained_weights_rejects_the_message() -> None:
 
 def test_a_client_never_fills_in_an_array_it_trains() -> None:
     # A hostile server leaves out the tail, which this client trains
-    wire = _elision().elide(_content(), ARRAYS_KEY)
+    wire = _elision().elide(_content())
     with pytest.raises(UpdateError, match="which this client trains"):
         restore(wire, lambda keys: [], allowed=frozenset({"trunk"}))
 
 
 @pytest.mark.parametrize("note, match", [
-    ({"record": ARRAYS_KEY, "keys": "not json", "digest": "0"}, "malformed"),
-    ({"record": ARRAYS_KEY, "keys": json.dumps(["trunk", "trunk"]), "digest": "0"},
-     "distinct"),
-    ({"record": ARRAYS_KEY, "keys": json.dumps(["tail"]), "digest": "0"}, "both carries"),
-    ({"record": "elsewhere", "keys": json.dumps(["trunk"]), "digest": "0"}, "carries no"),
+    ({"keys": "not json", "digest": "0"}, "malformed"),
+    ({"keys": json.dumps(["trunk", "trunk"]), "digest": "0"}, "distinct"),
+    ({"keys": json.dumps({"trunk": 1}), "digest": "0"}, "distinct"),
+    ({"keys": json.dumps(["tail"]), "digest": "0"}, "both carries"),
     ({"keys": json.dumps(["trunk"])}, "malformed"),
 ])
 def test_a_malformed_note_is_a_rejected_message(note, match) -> None:  # noqa: ANN001
@@ -105,6 +104,13 @@ def test_a_malformed_note_is_a_rejected_message(note, match) -> None:  # noqa: A
     with pytest.raises(UpdateError, match=match):
         restore(content, lambda keys: [{k: TAIL for k in keys}],
                 allowed=frozenset({"trunk", "tail"}))
+
+
+def test_a_note_without_a_model_is_a_rejected_message() -> None:
+    content = RecordDict({ELIDED_KEY: ConfigRecord({"keys": json.dumps(["trunk"]),
+                                                    "digest": "0"})})
+    with pytest.raises(UpdateError, match="carries no model"):
+        restore(content, lambda keys: [], allowed=frozenset({"trunk"}))
 
 
 def test_a_message_that_left_nothing_out_is_read_as_it_is() -> None:
