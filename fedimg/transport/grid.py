@@ -3,8 +3,8 @@
 :class:`Transport` wraps Flower's Grid for the round loop. One :meth:`Transport.exchange`
 sends a batch of messages (their frozen arrays left out when ``fl.elide_frozen``, their
 model arrays packed into one buffer when ``fl.pack_arrays``), polls for the replies
-until a deadline, and returns one :class:`Exchange` per message: what was sent, what came back (or nothing), and the
-bytes each way. What a reply *means* (a failure, an absence, a straggler, a
+until a deadline, and returns one :class:`Exchange` per message: what was sent, what
+came back (or nothing), and the bytes each way. What a reply *means* (a failure, an absence, a straggler, a
 malformed update) is decided by the server's reply filters
 (:mod:`fedimg.serverapp.filters`), not here.
 
